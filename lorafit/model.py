@@ -1,0 +1,83 @@
+"""Load a causal LM, its config and tokenizer from a hub id or a local folder, with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _check_source(name: str) -> None:
+    """A local folder must hold a config.json; anything else is taken as a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LorafitError(f"model folder {name} has no config.json; point [model] name at a saved model folder")
+    elif _looks_like_path(name):
+        raise LorafitError(f"model folder {name} does not exist; fix the path or give a hub id such as 'gpt2'")
+
+
+def _hub_error(name: str) -> LorafitError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = "unset HF_HUB_OFFLINE or use a local folder" if offline else "check the id and your connection, or use a local folder"
+    return LorafitError(f"could not load model {name!r} from the Hugging Face hub ({hint})")
+
+
+def load_config(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    _check_source(name)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if Path(name).expanduser().is_dir():
+            raise LorafitError(f"{name}/config.json is not a model config ({error}); re-save the model") from error
+        raise _hub_error(name) from error
+
+
+def meta_model(config) -> nn.Module:
+    """The model's structure with no memory behind it: enough to count and wrap, nothing read or downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    load_config(name, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if Path(name).expanduser().is_dir():
+            raise LorafitError(f"could not load the weights in {name}: {error}") from error
+        raise _hub_error(name) from error
+    return model
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    """The model's tokenizer, with padding on the right and a pad token (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise LorafitError(f"could not load a tokenizer for {name!r}; save one beside the model") from error
+    if len(tokenizer) == 0:
+        raise LorafitError(f"the tokenizer of {name!r} is empty; re-save it with save_pretrained")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

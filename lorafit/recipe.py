@@ -1,0 +1,189 @@
+"""Recipe TOML -> a validated, typed Recipe. The classes below are the schema: a key they lack is an error."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafit.errors import LorafitError
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "gpt2"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class LoraSection(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_rslora: bool = False
+
+
+class DataSection(Section):
+    source: str | dict[str, str] = "glue"
+    config: str | None = None
+    task: Literal["classification", "completion", "text"] = "classification"
+    text_field: str = "sentence"
+    label_field: str = "label"
+    labels: list[str] = Field(default_factory=list)
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    template: str = "{text}"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_length: int = Field(128, gt=1)
+    max_eval_examples: int = Field(0, ge=0)
+
+
+class TrainSection(Section):
+    max_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    eval_batch_size: int = Field(32, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class OutputSection(Section):
+    dir: str = "runs/lorafit"
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+
+def is_local_data(source: str | dict[str, str]) -> bool:
+    return isinstance(source, dict) or source.endswith(DATA_SUFFIXES)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override (`section.key=value`), validate, and resolve relative paths against the recipe's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"recipe {path} does not exist; pass --recipe with a TOML file such as recipes/tiny-sst2.toml")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise LorafitError(f"{path}: TOML syntax error: {error}; fix the line it names") from error
+    except UnicodeDecodeError as error:
+        raise LorafitError(f"{path} is not UTF-8 text; save the recipe as UTF-8") from error
+    _resolve_paths(raw, path.parent)
+    override_paths: dict = {}
+    for item in overrides:
+        _apply_override(raw, item)
+        _apply_override(override_paths, item)
+    _resolve_paths(override_paths, Path.cwd())
+    _merge(raw, override_paths)
+    return validate(raw, where=str(path))
+
+
+def validate(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise LorafitError(f"{where}: {_describe(error.errors()[0])}") from error
+
+
+def _describe(problem: dict) -> str:
+    location = [str(part) for part in problem["loc"] if not str(part).startswith(("str", "dict"))]
+    key = _key_name(location)
+    if problem["type"] == "extra_forbidden":
+        return f"unknown key {key}{_suggestion(location)}; remove it or fix its spelling"
+    got = problem.get("input")
+    return f"{key}: {problem['msg'].lower()} (got {got!r}); fix the value"
+
+
+def _key_name(location: list[str]) -> str:
+    if len(location) == 1:
+        return f"section [{location[0]}]"
+    return f"[{location[0]}] {'.'.join(location[1:])}"
+
+
+def _suggestion(location: list[str]) -> str:
+    """Name the closest valid key, so a typo such as 'learning_rate' points to 'lr'."""
+    if len(location) == 1:
+        choices = list(Recipe.model_fields)
+    else:
+        section = Recipe.model_fields.get(location[0])
+        if section is None:
+            return ""
+        choices = list(section.annotation.model_fields)
+    close = difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`train.lr=1e-3`: the value is read as TOML (numbers, booleans, lists), else taken as a plain string."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise LorafitError(f"--set {item!r} is not section.key=value; write e.g. --set train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise LorafitError(f"--set {item!r}: [{parts[0]}] is not a section")
+    section[parts[1]] = value
+
+
+def _merge(raw: dict, updates: dict) -> None:
+    for section, values in updates.items():
+        raw.setdefault(section, {}).update(values)
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make file-like values absolute: the model folder, local data files and the output folder."""
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str):
+        name = model["name"]
+        if name.startswith((".", "~")) or (base / name).is_dir():
+            model["name"] = _absolute(name, base)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        source = data.get("source")
+        if isinstance(source, str) and is_local_data(source):
+            data["source"] = _absolute(source, base)
+        elif isinstance(source, dict):
+            data["source"] = {split: _absolute(file, base) if isinstance(file, str) else file for split, file in source.items()}
+    output = raw.get("output")
+    if isinstance(output, dict) and isinstance(output.get("dir"), str):
+        output["dir"] = _absolute(output["dir"], base)
+
+
+def _absolute(value: str, base: Path) -> str:
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def recipe_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML, for the run directory."""
+    return tomli_w.dumps(recipe.model_dump(exclude_none=True))

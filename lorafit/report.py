@@ -1,0 +1,115 @@
+"""Parameter counts, memory estimates and throughput, as JSON-ready dicts and as rich tables."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorafit.inject import count_parameters, inject_lora
+from lorafit.lora import LoRALinear
+from lorafit.model import DTYPES, load_config, meta_model
+
+ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
+LORA_BYTES = 4  # A and B are always kept in fp32
+
+
+def module_rows(layers: dict[str, LoRALinear]) -> list[dict]:
+    return [
+        {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params}
+        for path, layer in layers.items()
+    ]
+
+
+def adapter_tensor_bytes(layers: dict[str, LoRALinear]) -> int:
+    """Bytes of the tensors in adapter_model.safetensors, where a sliced layer's B is stored full-width."""
+    total = 0
+    for layer in layers.values():
+        stacked_rank, d_in = layer.lora_A.shape
+        d_out, _ = layer.weight_shape
+        total += stacked_rank * (d_in + d_out) * LORA_BYTES
+    return total
+
+
+def memory_estimate(total: int, trainable: int, weight_bytes: int) -> dict:
+    """Static training memory in bytes: weights + gradients + AdamW states. Activations are not counted."""
+    base = total - trainable
+    lora = {
+        "weights": base * weight_bytes + trainable * LORA_BYTES,
+        "gradients": trainable * LORA_BYTES,
+        "optimizer": trainable * ADAM_STATE_BYTES,
+    }
+    full = {
+        "weights": total * weight_bytes,
+        "gradients": total * weight_bytes,
+        "optimizer": total * ADAM_STATE_BYTES,
+    }
+    lora["total"] = sum(lora.values())
+    full["total"] = sum(full.values())
+    return {
+        "lora_estimate": lora,
+        "full_finetune_estimate": full,
+        "counted": "weights, gradients and AdamW states; not activations, buffers or framework overhead",
+    }
+
+
+def parameter_report(model: nn.Module, layers: dict[str, LoRALinear], weight_bytes: int) -> dict:
+    counts = count_parameters(model)
+    return {
+        "total_params": counts.total,
+        "trainable_params": counts.trainable,
+        "trainable_ratio": counts.ratio,
+        "adapter_bytes": adapter_tensor_bytes(layers),
+        "modules": module_rows(layers),
+        "memory": memory_estimate(counts.total, counts.trainable, weight_bytes),
+    }
+
+
+def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "float32") -> dict:
+    """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
+    config = load_config(model_name)
+    model = meta_model(config)
+    layers = inject_lora(model, targets, rank, alpha)
+    report = parameter_report(model, layers, DTYPES[dtype].itemsize)
+    report["model"] = model_name
+    report["model_type"] = config.model_type
+    report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets}
+    return report
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def info_tables(report: dict) -> list:
+    """Rich renderables for `lorafit info` and the end-of-training summary."""
+    from rich.table import Table
+
+    modules = Table(title=f"LoRA targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
+    for column in ("module", "shape (d_out x d_in)", "LoRA params"):
+        modules.add_column(column, justify="right" if column != "module" else "left")
+    rows = report["modules"]
+    shown = rows if len(rows) <= 12 else rows[:6] + [None] + rows[-3:]
+    for row in shown:
+        if row is None:
+            modules.add_row(f"... {len(rows) - 9} more", "", "")
+        else:
+            modules.add_row(row["name"], " x ".join(map(str, row["shape"])), f"{row['lora_params']:,}")
+    modules.add_row(f"[bold]{len(rows)} modules", "", f"[bold]{report['trainable_params']:,}")
+
+    totals = Table(title="Parameters and memory", show_header=False)
+    totals.add_column(justify="left")
+    totals.add_column(justify="right")
+    totals.add_row("trainable", f"{report['trainable_params']:,}")
+    totals.add_row("total", f"{report['total_params']:,}")
+    totals.add_row("trainable ratio", f"{report['trainable_ratio']:.4%}")
+    totals.add_row("adapter on disk", human_bytes(report["adapter_bytes"]))
+    memory = report["memory"]
+    for name, key in (("LoRA", "lora_estimate"), ("full fine-tuning", "full_finetune_estimate")):
+        parts = memory[key]
+        detail = ", ".join(f"{k} {human_bytes(parts[k])}" for k in ("weights", "gradients", "optimizer"))
+        totals.add_row(f"{name} memory (est.)", f"{human_bytes(parts['total'])}  [dim]({detail})")
+    totals.caption = f"Estimates count {memory['counted']}."
+    return [modules, totals]

@@ -1,0 +1,56 @@
+"""Tiny models built from configs, one per architecture in the targets table."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+VOCAB = 128
+SMALL = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+LLAMA_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+TINY_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **SMALL),
+    "llama": lambda: transformers.LlamaConfig(**LLAMA_SHAPE, **SMALL),
+    "mistral": lambda: transformers.MistralConfig(**LLAMA_SHAPE, **SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**LLAMA_SHAPE, **SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA_SHAPE, head_dim=8, **SMALL),
+    "phi3": lambda: transformers.Phi3Config(**LLAMA_SHAPE, **SMALL),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **SMALL
+    ),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **SMALL),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=64, **SMALL
+    ),
+}
+ARCHITECTURES = list(TINY_CONFIGS)
+
+
+def tiny_config(arch: str):
+    return TINY_CONFIGS[arch]()
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM in eval mode, identical for the same seed."""
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
