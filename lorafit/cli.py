@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorafit.errors import LorafitError
 
@@ -52,7 +53,7 @@ def _run(action: Callable[[], object], debug: bool) -> object:
     except LorafitError as error:
         if debug:
             stderr.print_exception()
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/]")
@@ -62,7 +63,7 @@ def _run(action: Callable[[], object], debug: bool) -> object:
             stderr.print_exception()
         else:
             stderr.print(
-                f"[bold red]error:[/] {type(error).__name__}: {error} (run again with --debug for the traceback)",
+                f"[bold red]error:[/] {type(error).__name__}: {escape(str(error))} (run again with --debug for the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -60,7 +60,8 @@ class LoRALinear(nn.Module):
         else:
             self.slice_sizes = [len(s) for s in slices]
             rows = torch.tensor([r for s in slices for r in s], dtype=torch.long)
-            if rows.numel() == 0 or rows.min() < 0 or rows.max() >= d_out or rows.unique().numel() != rows.numel():
+            empty = min(self.slice_sizes, default=0) == 0
+            if empty or rows.min() < 0 or rows.max() >= d_out or rows.unique().numel() != rows.numel():
                 raise ValueError(f"slices must be disjoint, non-empty row sets inside [0, {d_out})")
         # Output rows that each slice writes, in slice order; None means the whole projection.
         self.register_buffer("rows", rows, persistent=False)
@@ -105,10 +106,14 @@ class LoRALinear(nn.Module):
 
         This is also how PEFT sees a sliced layer: one LoRA of rank n_slices·r on the whole projection.
         """
+        return self._scatter(self.lora_B)
+
+    def _scatter(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Stacked [B_1; B_2; ...] -> the full-width block-structured B."""
         if self.rows is None:
-            return self.lora_B
+            return stacked
         d_out, _ = self.weight_shape
-        blocks = torch.block_diag(*self.lora_B.split(self.slice_sizes))
+        blocks = torch.block_diag(*stacked.split(self.slice_sizes))
         return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self.rows, blocks)
 
     def delta_weight(self) -> torch.Tensor:
@@ -159,17 +164,17 @@ class LoRALinear(nn.Module):
         d_out, _ = self.weight_shape
         if b.shape != (d_out, self.lora_A.shape[0]):
             raise ValueError(f"lora_B has shape {tuple(b.shape)}, expected {(d_out, self.lora_A.shape[0])}")
+        stacked = b
+        if self.rows is not None:
+            stacked = torch.cat([
+                b[rows, i * self.rank : (i + 1) * self.rank]
+                for i, rows in enumerate(self.rows.split(self.slice_sizes))
+            ])
+            # Check before copying, so a refused B leaves the layer as it was.
+            if not torch.equal(self._scatter(stacked), b):
+                raise ValueError("lora_B has non-zero entries outside the adapted rows")
         self.lora_A.copy_(a)
-        if self.rows is None:
-            self.lora_B.copy_(b)
-            return
-        blocks = [
-            b[rows, i * self.rank : (i + 1) * self.rank]
-            for i, rows in enumerate(self.rows.split(self.slice_sizes))
-        ]
-        self.lora_B.copy_(torch.cat(blocks))
-        if not torch.equal(self.full_B().to(b.dtype), b):
-            raise ValueError("lora_B has non-zero entries outside the adapted rows")
+        self.lora_B.copy_(stacked)
 
     def extra_repr(self) -> str:
         parts = f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -171,7 +171,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict):
         source = data.get("source")
-        if isinstance(source, str) and is_local_data(source):
+        if isinstance(source, str) and (is_local_data(source) or source.startswith((".", "~")) or (base / source).is_dir()):
             data["source"] = _absolute(source, base)
         elif isinstance(source, dict):
             data["source"] = {split: _absolute(file, base) if isinstance(file, str) else file for split, file in source.items()}

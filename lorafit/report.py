@@ -37,10 +37,11 @@ def memory_estimate(total: int, trainable: int, weight_bytes: int) -> dict:
         "gradients": trainable * LORA_BYTES,
         "optimizer": trainable * ADAM_STATE_BYTES,
     }
+    # Full fine-tuning trains the base model itself: the LoRA parameters would not exist.
     full = {
-        "weights": total * weight_bytes,
-        "gradients": total * weight_bytes,
-        "optimizer": total * ADAM_STATE_BYTES,
+        "weights": base * weight_bytes,
+        "gradients": base * weight_bytes,
+        "optimizer": base * ADAM_STATE_BYTES,
     }
     lora["total"] = sum(lora.values())
     full["total"] = sum(full.values())
@@ -113,3 +114,44 @@ def info_tables(report: dict) -> list:
         totals.add_row(f"{name} memory (est.)", f"{human_bytes(parts['total'])}  [dim]({detail})")
     totals.caption = f"Estimates count {memory['counted']}."
     return [modules, totals]
+
+
+def eval_table(result: dict, title: str = "Evaluation"):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for key in ("loss", "perplexity", "accuracy"):
+        if key in result:
+            table.add_row(key, f"{result[key]:.4f}")
+    table.add_row("examples", f"{result['examples']:,}")
+    return table
+
+
+def summary_tables(report: dict, run_dir) -> list:
+    """The end-of-run box: what was trained, how fast, how much memory, and how it scores."""
+    from rich.table import Table
+
+    table = Table(title=f"lorafit run: {run_dir}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("trainable / total params", f"{report['trainable_params']:,} / {report['total_params']:,} ({report['trainable_ratio']:.3%})")
+    table.add_row("adapter on disk", human_bytes(report["adapter_bytes"]))
+    throughput = report["throughput"]
+    table.add_row("steps", f"{throughput['steps']:,} in {throughput['wall_s']:.1f} s")
+    table.add_row("throughput", f"{throughput['tokens_per_s']:,.0f} tokens/s")
+    memory = report["memory"]
+    table.add_row(f"peak memory ({memory['peak_kind']})", human_bytes(memory["peak_bytes"]))
+    table.add_row(
+        "static estimate LoRA / full FT",
+        f"{human_bytes(memory['lora_estimate']['total'])} / {human_bytes(memory['full_finetune_estimate']['total'])}",
+    )
+    evaluation = report["eval"]
+    before = evaluation.get("before") or {}
+    for key in ("loss", "perplexity", "accuracy"):
+        if key in evaluation:
+            was = f"{before[key]:.4f} -> " if key in before else ""
+            table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
+    table.add_row("device", report["device"])
+    return [table]

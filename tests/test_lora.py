@@ -1,0 +1,423 @@
+"""LoRALinear against an independent dense computation: y = x·(W0 + scaling·B·A)ᵀ + bias."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.pytorch_utils import Conv1D
+
+from lorafit.lora import LoRALinear
+
+D_IN, D_OUT, RANK, ALPHA = 12, 20, 4, 8.0
+
+
+def dense_weight(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    """The base weight as [d_out, d_in], whatever the module stores."""
+    weight = base.weight.detach().clone()
+    return weight.t().contiguous() if fan_in_fan_out else weight
+
+
+def dense_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x @ weight.t()
+    return out if bias is None else out + bias
+
+
+def randomize_b(layer: LoRALinear, seed: int = 1) -> None:
+    """B starts at zero; give it values so the update is visible."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
+
+
+def slice_pairs(layer: LoRALinear, slices: list[list[int]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(rows, A_s, B_s) per slice, read out of the stacked lora_A / lora_B as the class documents."""
+    pairs, offset = [], 0
+    for index, rows in enumerate(slices):
+        a = layer.lora_A[index * layer.rank : (index + 1) * layer.rank].detach()
+        b = layer.lora_B[offset : offset + len(rows)].detach()
+        pairs.append((rows, a, b))
+        offset += len(rows)
+    return pairs
+
+
+def dense_update(layer: LoRALinear, slices: list[list[int]] | None) -> torch.Tensor:
+    """ΔW [d_out, d_in]: each slice's rows moved by its own scaling·B_s·A_s, every other row zero."""
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    if slices is None:
+        return layer.scaling * b @ a
+    update = torch.zeros(layer.weight_shape)
+    for rows, a_s, b_s in slice_pairs(layer, slices):
+        update[torch.tensor(rows)] = layer.scaling * (b_s @ a_s)
+    return update
+
+
+def sliced_dense_weight(layer: LoRALinear, slices: list[list[int]]) -> torch.Tensor:
+    """W0 + ΔW, from the layer's current (unmerged) base weight."""
+    return dense_weight(layer.base, layer.fan_in_fan_out) + dense_update(layer, slices)
+
+
+def make_base(kind: str, d_in: int = D_IN, d_out: int = D_OUT) -> tuple[nn.Module, bool]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(d_in, d_out), False
+    base = Conv1D(d_out, d_in)  # weight stored [d_in, d_out]
+    nn.init.normal_(base.weight, std=0.2)
+    nn.init.normal_(base.bias, std=0.2)
+    return base, True
+
+
+def inputs(d_in: int = D_IN) -> torch.Tensor:
+    return torch.randn(3, 5, d_in, generator=torch.Generator().manual_seed(2))
+
+
+def per_head_rows(part: int, heads: int, head_dim: int) -> list[int]:
+    """Rows of part `part` in a projection laid out [head, (q, k, v), head_dim]."""
+    return [(head * 3 + part) * head_dim + i for head in range(heads) for i in range(head_dim)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_output_matches_dense_w0_plus_scaled_ba(kind):
+    base, fan_in_fan_out = make_base(kind)
+    layer = LoRALinear(base, RANK, ALPHA, fan_in_fan_out=fan_in_fan_out)
+    randomize_b(layer)
+    x = inputs()
+    delta = (ALPHA / RANK) * layer.lora_B.detach() @ layer.lora_A.detach()
+    expected = dense_output(x, dense_weight(base, fan_in_fan_out) + delta, base.bias.detach())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_weight_shape_is_read_transposed():
+    base, _ = make_base("conv1d")
+    assert tuple(base.weight.shape) == (D_IN, D_OUT)
+    layer = LoRALinear(base, RANK, ALPHA, fan_in_fan_out=True)
+    assert layer.weight_shape == (D_OUT, D_IN)
+    assert tuple(layer.lora_A.shape) == (RANK, D_IN)
+    assert tuple(layer.lora_B.shape) == (D_OUT, RANK)
+
+
+FUSED_D = 8  # a [3d, d] projection with d = 8: two heads of size 4
+FUSED_SLICES = {
+    "contiguous q,v": [list(range(0, FUSED_D)), list(range(2 * FUSED_D, 3 * FUSED_D))],
+    "per-head q,v": [per_head_rows(0, 2, 4), per_head_rows(2, 2, 4)],
+    "per-head k only": [per_head_rows(1, 2, 4)],
+    "rows out of order": [[5, 0, 3], [23, 9, 16, 12]],
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", FUSED_SLICES.values(), ids=FUSED_SLICES.keys())
+def test_fused_slices_move_only_their_own_rows(kind, slices):
+    base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
+    layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
+    randomize_b(layer)
+    x = inputs(FUSED_D)
+
+    out = layer(x)
+    expected = dense_output(x, sliced_dense_weight(layer, slices), base.bias.detach())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    untouched = sorted(set(range(3 * FUSED_D)) - {row for rows in slices for row in rows})
+    assert torch.equal(out[..., untouched], base(x)[..., untouched])
+    adapted = sorted(row for rows in slices for row in rows)
+    assert not torch.allclose(out[..., adapted], base(x)[..., adapted])
+
+
+def test_fused_slices_have_one_rank_r_pair_each():
+    slices = FUSED_SLICES["contiguous q,v"]
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    assert tuple(layer.lora_A.shape) == (2 * RANK, FUSED_D)
+    assert tuple(layer.lora_B.shape) == (2 * FUSED_D, RANK)
+    assert layer.lora_params == 2 * RANK * (FUSED_D + FUSED_D)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", [None, FUSED_SLICES["per-head q,v"]], ids=["whole", "sliced"])
+def test_output_equals_base_at_init(kind, slices):
+    base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
+    layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.count_nonzero(layer.lora_A) > 0
+    x = inputs(FUSED_D)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_kaiming_and_gaussian_inits_differ():
+    d_in, rank = 1024, 8
+    torch.manual_seed(0)
+    kaiming = LoRALinear(nn.Linear(d_in, 16), rank, ALPHA, init="kaiming").lora_A.detach()
+    gaussian = LoRALinear(nn.Linear(d_in, 16), rank, ALPHA, init="gaussian").lora_A.detach()
+
+    # nn.Linear's default: uniform on ±1/sqrt(fan_in), so std = bound/sqrt(3).
+    bound = 1 / math.sqrt(d_in)
+    assert kaiming.abs().max() <= bound
+    assert kaiming.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+    assert gaussian.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert gaussian.std().item() == pytest.approx(1 / rank, rel=0.05)
+    within_one_std = (gaussian.abs() <= 1 / rank).float().mean().item()
+    assert within_one_std == pytest.approx(0.6827, abs=0.02)  # normal, not uniform (0.577)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("slices", [None, FUSED_SLICES["per-head q,v"]], ids=["whole", "sliced"])
+def test_merge_matches_unmerged_output_and_unmerge_restores_w0(kind, slices):
+    base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
+    layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
+    randomize_b(layer)
+    x = inputs(FUSED_D)
+    w0 = base.weight.detach().clone()
+    unmerged = layer(x)
+
+    layer.merge()
+    assert layer.merged
+    expected = (w0.t() if fan_in_fan_out else w0) + dense_update(layer, slices)
+    torch.testing.assert_close(dense_weight(base, fan_in_fan_out), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.allclose(base.weight, w0, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_twice_adds_the_update_once():
+    base, _ = make_base("linear")
+    layer = LoRALinear(base, RANK, ALPHA)
+    randomize_b(layer)
+    layer.merge()
+    once = base.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(base.weight, once)
+    layer.unmerge()
+    restored = base.weight.detach().clone()
+    layer.unmerge()
+    assert torch.equal(base.weight, restored)
+
+
+def test_dropout_with_zero_b_leaves_output_unchanged_in_train_mode():
+    base, _ = make_base("linear")
+    layer = LoRALinear(base, RANK, ALPHA, dropout=0.5).train()
+    x = inputs()
+    assert torch.equal(layer(x), base(x))
+    assert torch.equal(layer(x), base(x))
+
+
+def test_dropout_is_random_in_train_mode_and_off_in_eval_mode():
+    base, _ = make_base("linear")
+    layer = LoRALinear(base, RANK, ALPHA, dropout=0.5)
+    randomize_b(layer)
+    x = inputs()
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    first, second = layer(x), layer(x)
+    assert torch.equal(first, second)
+    delta = layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(first, dense_output(x, base.weight.detach() + delta, base.bias.detach()))
+
+
+def test_dropout_applies_to_the_lora_input_only():
+    base, _ = make_base("linear")
+    layer = LoRALinear(base, RANK, ALPHA, dropout=0.5).train()
+    randomize_b(layer)
+    x = inputs()
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, p=0.5, training=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    expected = base(x) + layer.scaling * dropped @ a.t() @ b.t()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_gradients_reach_only_lora_and_match_dense(kind):
+    base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
+    base.requires_grad_(False)
+    slices = FUSED_SLICES["contiguous q,v"]
+    layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
+    randomize_b(layer)
+    x = inputs(FUSED_D)
+    target = torch.randn(3, 5, 3 * FUSED_D, generator=torch.Generator().manual_seed(3))
+    ((layer(x) - target) ** 2).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+
+    # The same loss written densely, with per-slice leaves copied from the layer.
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    weight = dense_weight(base, fan_in_fan_out)
+    q_rows, v_rows = (torch.tensor(rows) for rows in slices)
+    update = torch.zeros_like(weight)
+    update = update.index_add(0, q_rows, b[:FUSED_D] @ a[:RANK]).index_add(0, v_rows, b[FUSED_D:] @ a[RANK:])
+    out = dense_output(x, weight + layer.scaling * update, base.bias)
+    ((out - target) ** 2).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_never_calls_delta_weight(monkeypatch):
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=FUSED_SLICES["per-head q,v"])
+    randomize_b(layer)
+
+    def forbidden(self):
+        raise AssertionError("delta_weight called during the forward pass")
+
+    monkeypatch.setattr(LoRALinear, "delta_weight", forbidden)
+    layer.train()
+    layer(inputs(FUSED_D)).sum().backward()
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every new tensor an aten op returns (views of `ignore`, such as Wᵀ, are skipped)."""
+
+    def __init__(self, ignore: torch.Tensor):
+        super().__init__()
+        self.ignored_storage = ignore.untyped_storage().data_ptr()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for item in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(item, torch.Tensor) and item.untyped_storage().data_ptr() != self.ignored_storage:
+                self.shapes.add(tuple(item.shape))
+        return result
+
+
+def test_training_step_never_forms_a_dense_update():
+    d_in, d_out = 48, 80  # distinct from every other size in play, so a [d_out, d_in] tensor means B·A
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    layer = LoRALinear(base, RANK, ALPHA, dropout=0.1, slices=[list(range(0, 16)), list(range(40, 72))]).train()
+    randomize_b(layer)
+    x = torch.randn(2, 5, d_in)
+    with ShapeRecorder(ignore=base.weight) as recorder:
+        layer(x).pow(2).mean().backward()
+    assert (d_out, d_in) not in recorder.shapes
+    assert (d_in, d_out) not in recorder.shapes
+    assert (2 * RANK, d_in) in recorder.shapes  # the recorder does see the LoRA gradients
+
+
+def test_peft_weights_round_trip():
+    slices = FUSED_SLICES["per-head q,v"]
+    source = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    randomize_b(source)
+    a, b = source.peft_weights()
+    target = LoRALinear(source.base, RANK, ALPHA, slices=slices)
+    target.load_peft_weights(a, b)
+    assert torch.equal(target.lora_A, source.lora_A)
+    assert torch.equal(target.lora_B, source.lora_B)
+    x = inputs(FUSED_D)
+    assert torch.equal(target(x), source(x))
+
+
+def test_peft_weights_are_one_plain_lora_of_stacked_rank():
+    slices = FUSED_SLICES["per-head q,v"]
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    randomize_b(layer)
+    a, b = layer.peft_weights()
+    assert tuple(a.shape) == (2 * RANK, FUSED_D)
+    assert tuple(b.shape) == (3 * FUSED_D, 2 * RANK)
+    k_rows = per_head_rows(1, 2, 4)
+    assert torch.count_nonzero(b[k_rows]) == 0
+    # PEFT would hold rank 2r with lora_alpha 2·alpha: the same scaling alpha/r.
+    plain = (2 * ALPHA) / (2 * RANK) * b @ a
+    torch.testing.assert_close(plain, dense_update(layer, slices), rtol=1e-6, atol=1e-6)
+
+
+def test_load_peft_weights_refuses_non_zero_k_rows():
+    slices = FUSED_SLICES["contiguous q,v"]
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    randomize_b(layer)
+    a, b = layer.peft_weights()
+    b = b.clone()
+    b[FUSED_D + 1, 0] = 0.5  # a k row
+    fresh = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    with pytest.raises(ValueError, match="outside"):
+        fresh.load_peft_weights(a, b)
+
+
+def test_load_peft_weights_refuses_cross_slice_entries():
+    slices = FUSED_SLICES["contiguous q,v"]
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    a, b = layer.peft_weights()
+    b = b.clone()
+    b[0, RANK] = 1.0  # a q row reading v's half of A
+    with pytest.raises(ValueError, match="outside"):
+        layer.load_peft_weights(a, b)
+
+
+def test_load_peft_weights_refuses_wrong_shapes():
+    layer = LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA)
+    a, b = layer.peft_weights()
+    with pytest.raises(ValueError, match="lora_A"):
+        layer.load_peft_weights(a[:-1], b)
+    with pytest.raises(ValueError, match="lora_B"):
+        layer.load_peft_weights(a, b[:-1])
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank():
+    base, _ = make_base("linear")
+    layer = LoRALinear(base, 16, ALPHA, use_rslora=True)
+    assert layer.scaling == pytest.approx(ALPHA / 4)
+    randomize_b(layer)
+    x = inputs()
+    delta = ALPHA / math.sqrt(16) * layer.lora_B.detach() @ layer.lora_A.detach()
+    expected = dense_output(x, base.weight.detach() + delta, base.bias.detach())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_scaling_is_alpha_over_rank():
+    assert LoRALinear(nn.Linear(D_IN, D_OUT), 16, ALPHA).scaling == pytest.approx(ALPHA / 16)
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_non_positive_rank_raises(rank):
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(D_IN, D_OUT), rank, ALPHA)
+
+
+def test_unknown_init_raises():
+    with pytest.raises(ValueError, match="init"):
+        LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA, init="xavier")
+
+
+BAD_SLICES = {
+    "overlapping": [[0, 1, 2], [2, 3]],
+    "negative row": [[-1, 0]],
+    "row past d_out": [[0, D_OUT]],
+    "no rows at all": [[]],
+    "one empty slice": [[0, 1], []],
+}
+
+
+@pytest.mark.parametrize("slices", BAD_SLICES.values(), ids=BAD_SLICES.keys())
+def test_invalid_slices_raise(slices):
+    with pytest.raises(ValueError, match="slices"):
+        LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA, slices=slices)
+
+
+def test_low_precision_base_keeps_its_dtype_and_starts_at_base():
+    base = nn.Linear(D_IN, D_OUT).to(torch.bfloat16)
+    layer = LoRALinear(base, RANK, ALPHA)
+    assert layer.lora_A.dtype == torch.float32
+    x = inputs().to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, base(x))
+
+
+def test_refused_load_leaves_the_layer_unchanged():
+    slices = FUSED_SLICES["contiguous q,v"]
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    randomize_b(layer)
+    before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    a, b = (t.clone() for t in layer.peft_weights())
+    a += 1.0
+    b[FUSED_D, 0] = 0.5  # a k row
+    with pytest.raises(ValueError):
+        layer.load_peft_weights(a, b)
+    assert torch.equal(layer.lora_A, before[0])
+    assert torch.equal(layer.lora_B, before[1])
