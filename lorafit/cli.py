@@ -36,12 +36,14 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _run(action: Callable[[], object], debug: bool) -> object:
@@ -156,6 +158,8 @@ def merge(
             f"{result['max_logit_diff']:.3g}",
             highlight=False,
         )
+        for note in result.get("notes", []):
+            stderr.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @app.command()

@@ -75,9 +75,15 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise LorafitError(f"could not load a tokenizer for {name!r}; save one beside the model") from error
-    if len(tokenizer) == 0:
-        raise LorafitError(f"the tokenizer of {name!r} is empty; re-save it with save_pretrained")
+    if knows_only_special_tokens(tokenizer):
+        raise LorafitError(f"{name!r} has no tokenizer files (or an empty tokenizer); save the model's tokenizer beside it")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def knows_only_special_tokens(tokenizer) -> bool:
+    """transformers 5 builds a tokenizer of special tokens alone for a folder without tokenizer files."""
+    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    return all(token in added for token in tokenizer.get_vocab())

@@ -11,6 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile creates private (0600/0700) entries; give the final ones the modes a plain write would.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
     path = Path(path)
@@ -21,6 +32,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             file.write(data.encode("utf-8") if isinstance(data, str) else data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temp, FILE_MODE)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -34,19 +46,28 @@ def write_json(path: Path, data: object) -> None:
 
 @contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `final`; on success it replaces `final` in one rename."""
+    """Yield an empty temporary folder beside `final`; on success it replaces `final` whole.
+
+    An existing `final` is renamed aside first and put back if the swap fails, so at every moment
+    the old folder or the new one is in place, never a mix.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield temp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
-            os.replace(final, old / final.name)
+        os.chmod(temp, DIR_MODE)
+        if not (final.exists() or final.is_symlink()):
             os.replace(temp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / final.name
+        os.replace(final, aside)
+        try:
             os.replace(temp, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        shutil.rmtree(aside.parent, ignore_errors=True)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

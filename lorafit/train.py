@@ -109,7 +109,7 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
 
     model = load_model(recipe.model.name, recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     lora = recipe.lora
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+    inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
