@@ -511,4 +511,5 @@ def _build_layer(plan: ModulePlan) -> LoRALinear:
             use_rslora=plan.use_rslora,
         )
     layer.load_peft_weights(plan.a.to(layer.lora_A.device), plan.b.to(layer.lora_A.device))
+    layer.train(plan.module.training)  # a new module starts in training mode; follow the module it wraps
     return layer

@@ -199,6 +199,9 @@ def _read_hub(data: DataSection, split: str) -> datasets.Dataset:
     try:
         splits = datasets.load_dataset(source, data.config)
     except Exception as error:  # network, offline mode, missing config, bad files: all end the same way for a user
+        if path.is_dir():
+            hint = "clear [data] config for a plain folder of split files" if data.config else "check its files"
+            raise LorafitError(f"could not load dataset folder {source} ({_root_cause(error)}); {hint}") from error
         offline = "offline mode is on; " if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise LorafitError(
             f"could not load dataset {name!r} split {split!r} from the hub ({offline}{_root_cause(error)}); "

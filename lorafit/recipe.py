@@ -13,6 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lorafit.errors import LorafitError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Names users bring from peft and transformers, pointed at ours in error messages.
+ALIASES = {
+    "learning_rate": "lr",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+}
 
 
 class Section(BaseModel):
@@ -136,7 +147,8 @@ def _suggestion(location: list[str]) -> str:
         if section is None:
             return ""
         choices = list(section.annotation.model_fields)
-    close = difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
+    alias = ALIASES.get(location[-1])
+    close = [alias] if alias in choices else difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
 
 

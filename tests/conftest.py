@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per xdist worker: 2 cores, -n 2
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -54,3 +56,39 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = REPO / "data" / "tiny-gpt2"
+TINY_DATA = REPO / "data" / "sst-tiny"
+
+
+def write_recipe(folder, **sections):
+    """A small, fast recipe on the shipped tiny model and data; `sections` override keys, e.g. train={"lr": 1e-3}."""
+    import tomli_w
+
+    recipe = {
+        "model": {"name": str(TINY_MODEL)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.05, "targets": ["q", "v"]},
+        "data": {
+            "source": {"train": str(TINY_DATA / "train.jsonl"), "validation": str(TINY_DATA / "validation.jsonl")},
+            "task": "classification",
+            "labels": ["negative", "positive"],
+            "template": "Review: {text}\nSentiment:",
+            "max_length": 64,
+            "max_eval_examples": 16,
+        },
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "log_every": 2, "seed": 7},
+        "output": {"dir": str(folder / "run")},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = folder / "recipe.toml"
+    path.write_text(tomli_w.dumps(recipe))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Factory: tiny_recipe(**sections) -> path of a recipe whose run folder is tmp_path/run."""
+    return lambda **sections: write_recipe(tmp_path, **sections)

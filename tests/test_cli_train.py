@@ -1,0 +1,73 @@
+"""`lorafit train` on the command line: help, --set, --output, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lorafit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("train", ["--recipe", "--output", "--resume", "--set", "--json"]),
+        ("eval", ["--recipe", "--adapter", "--model", "--split", "--json"]),
+        ("merge", ["base", "adapter", "out", "--force", "--json"]),
+        ("info", ["--recipe", "--model", "--rank", "--alpha", "--targets", "--json"]),
+    ],
+)
+def test_help_exits_zero_and_lists_the_documented_options(command, options):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert [option for option in options if option not in result.stdout.lower()] == []
+
+
+def test_set_changes_the_run(tiny_recipe, tmp_path):
+    path = tiny_recipe(train={"max_steps": 6})
+    result = runner.invoke(
+        app, ["train", "--recipe", str(path), "--set", "train.max_steps=2", "--set", "train.log_every=1"]
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["throughput"]["steps"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_output_overrides_the_recipes_output_dir_relative_to_the_cwd(tiny_recipe, tmp_path, monkeypatch):
+    path = tiny_recipe(train={"max_steps": 1})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    result = runner.invoke(app, ["train", "--recipe", str(path), "--output", "elsewhere/run"])
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "cwd" / "elsewhere" / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "report.json").is_file()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "train.lr"], "section.key=value"),
+        (["--set", "train.learning_rat=1e-3"], "learning_rat"),
+        (["--set", "lora.rank=0"], "[lora] rank"),
+    ],
+)
+def test_bad_set_is_one_line_and_exit_two(tiny_recipe, tmp_path, args, named):
+    result = runner.invoke(app, ["train", "--recipe", str(tiny_recipe()), *args], terminal_width=400)
+    assert result.exit_code == 2
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_is_exit_two(tmp_path):
+    result = runner.invoke(app, ["train", "--recipe", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr
