@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +35,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     steps = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return max(steps)[1] if steps else None
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete checkpoint folders that a killed run left half-built under their temporary names."""
+    for folder in (Path(run_dir) / "checkpoints").glob(".step-*.tmp"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -98,8 +106,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     try:
         plain = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS))
-    except (OSError, ValueError) as error:
-        raise LorafitError(f"checkpoint {folder} is unreadable ({error}); delete it to resume from an earlier one")
+    except (OSError, ValueError, SafetensorError) as error:
+        raise LorafitError(
+            f"checkpoint {folder} is unreadable ({error}); delete it to resume from an earlier one"
+        ) from error
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():

@@ -87,7 +87,11 @@ def train(
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
-    """Fine-tune with LoRA as the recipe says; writes the adapter, checkpoints and report.json."""
+    """Fine-tune with LoRA as the recipe says; writes the adapter, checkpoints and report.json.
+
+    Ctrl-C or SIGTERM stops after the current step, saves a checkpoint and exits with code 130;
+    continue with --resume. A second Ctrl-C stops at once.
+    """
 
     def action():
         from lorafit.recipe import load_recipe

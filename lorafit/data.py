@@ -153,6 +153,8 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict:
 
 def _rows_to_dataset(path: Path, rows: list[dict], lines: list[int], needed: dict[str, str]) -> datasets.Dataset:
     """Columns typed by pyarrow; a field the task reads must have one type in every row."""
+    if not rows:
+        return datasets.Dataset(InMemoryTable(pa.table({})))  # load_rows reports the empty split
     names = list(dict.fromkeys(key for row in rows for key in row))
     columns = {}
     for name in names:

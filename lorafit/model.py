@@ -71,9 +71,12 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The model's tokenizer, with padding on the right and a pad token (eos when the model has none)."""
     from transformers import AutoTokenizer
 
+    _check_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if not Path(name).expanduser().is_dir():
+            raise _hub_error(name) from error
         raise LorafitError(f"could not load a tokenizer for {name!r}; save one beside the model") from error
     if knows_only_special_tokens(tokenizer):
         raise LorafitError(f"{name!r} has no tokenizer files (or an empty tokenizer); save the model's tokenizer beside it")

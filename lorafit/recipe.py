@@ -23,6 +23,9 @@ ALIASES = {
     "num_train_epochs": "epochs",
     "gradient_accumulation_steps": "grad_accum",
     "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "schedule",
+    "model_name_or_path": "name",
+    "output_dir": "dir",
 }
 
 

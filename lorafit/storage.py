@@ -66,6 +66,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
             os.replace(temp, final)
         except BaseException:
             os.replace(aside, final)
+            aside.parent.rmdir()
             raise
         shutil.rmtree(aside.parent, ignore_errors=True)
     except BaseException:

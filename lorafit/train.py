@@ -95,6 +95,7 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
     console = console or Console(stderr=True)
     run_dir = Path(recipe.output.dir)
     resume_from = _check_run_dir(run_dir, recipe, resume)
+    checkpoint.remove_partial(run_dir)
     settings = recipe.train
     set_seed(settings.seed)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)

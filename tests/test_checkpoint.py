@@ -1,0 +1,231 @@
+"""Checkpoints restore training exactly, are never read with pickle, and only complete ones are ever picked."""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import REPO, tiny_model
+from safetensors.torch import load_file
+from torch.optim.lr_scheduler import LambdaLR
+
+from lorafit.adapter import save_adapter
+from lorafit.checkpoint import STATE_TENSORS, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.errors import LorafitError
+from lorafit.inject import inject_lora
+from lorafit.recipe import load_recipe
+from lorafit.train import train
+
+PROGRESS = {"eval_before": {"loss": 1.25}, "tokens": 96, "train_seconds": 0.5}
+
+
+def training_setup(seed: int):
+    """Tiny GPT-2 with LoRA (dropout on, so steps draw random numbers), AdamW and a decaying schedule."""
+    model = tiny_model("gpt2")
+    torch.manual_seed(seed)  # a different seed gives different LoRA A, so a restore must overwrite it
+    inject_lora(model, ["q", "v"], rank=4, alpha=8.0, dropout=0.2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return model.train(), optimizer, scheduler
+
+
+def one_step(model, optimizer, scheduler) -> None:
+    tokens = torch.randint(2, 128, (2, 10))  # drawn from the global RNG, like dropout
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_moments(optimizer) -> dict[tuple[int, str], torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {(i, key): torch.as_tensor(value).clone() for i, values in state.items() for key, value in values.items()}
+
+
+def random_draws() -> tuple:
+    return torch.rand(5), random.random(), np.random.rand(3)
+
+
+def mark_adapter(folder: Path) -> int:
+    folder.mkdir()
+    (folder / "marker.json").write_text("{}")
+    return 2
+
+
+def assert_same_tensors(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for key, tensor in left.items():
+        assert torch.equal(tensor, right[key]), key
+
+
+def test_restore_continues_exactly_like_the_uninterrupted_run(tmp_path):
+    """Weights, AdamW moments, schedule and every RNG come back, so the next step matches bit for bit."""
+    model, optimizer, scheduler = training_setup(seed=1)
+    for _ in range(3):
+        one_step(model, optimizer, scheduler)
+    folder = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    saved_weights, saved_moments = lora_state(model), optimizer_moments(optimizer)
+    saved_schedule = scheduler.state_dict()
+    one_step(model, optimizer, scheduler)
+    expected_weights, expected_draws = lora_state(model), random_draws()
+
+    model2, optimizer2, scheduler2 = training_setup(seed=2)
+    some_a = "transformer.h.0.attn.c_attn.lora_A"
+    assert not torch.equal(lora_state(model2)[some_a], saved_weights[some_a])  # so the restore must overwrite it
+    progress = load_checkpoint(folder, model2, optimizer2, scheduler2)
+
+    assert progress == {"step": 3, **PROGRESS}
+    assert_same_tensors(lora_state(model2), saved_weights)
+    assert_same_tensors(optimizer_moments(optimizer2), saved_moments)
+    assert {key for _, key in saved_moments} == {"step", "exp_avg", "exp_avg_sq"}
+    assert scheduler2.state_dict() == saved_schedule
+    assert scheduler2.get_last_lr() == pytest.approx([1e-2 / 4])
+    one_step(model2, optimizer2, scheduler2)
+    assert_same_tensors(lora_state(model2), expected_weights)
+    draws = random_draws()
+    assert torch.equal(draws[0], expected_draws[0])
+    assert draws[1] == expected_draws[1]
+    assert np.array_equal(draws[2], expected_draws[2])
+
+
+def test_checkpoint_folder_holds_the_adapter_and_no_pickles(tmp_path):
+    model, optimizer, scheduler = training_setup(seed=1)
+    one_step(model, optimizer, scheduler)
+
+    def write_adapter(folder: Path) -> int:
+        return save_adapter(model, folder, base_model="tiny", targets=["q", "v"])
+
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, write_adapter)
+    assert folder == tmp_path / "checkpoints" / "step-000001"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/lorafit.json",
+        "training_state.json",
+        "training_state.safetensors",
+    ]
+    for path in folder.rglob("*"):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]  # no temp folder left
+
+
+def test_unreadable_checkpoint_is_refused_with_a_way_out(tmp_path):
+    model, optimizer, scheduler = training_setup(seed=1)
+    one_step(model, optimizer, scheduler)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    state = folder / STATE_TENSORS
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(LorafitError, match="unreadable.*delete it"):
+        load_checkpoint(folder, *training_setup(seed=1))
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    model, optimizer, scheduler = training_setup(seed=1)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    other = tiny_model("gpt2")
+    inject_lora(other, ["q", "v"], rank=2, alpha=8.0)
+    other_optimizer = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    with pytest.raises(LorafitError, match="does not fit"):
+        load_checkpoint(folder, other, other_optimizer, LambdaLR(other_optimizer, lambda step: 1.0))
+
+
+def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step-000003", "step-999999", "step-1000000", "step-000012"):
+        (checkpoints / name).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) == checkpoints / "step-1000000"  # by number, not by spelling
+
+
+def test_latest_checkpoint_ignores_temporary_and_foreign_entries(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-000006").mkdir(parents=True)
+    for name in (".step-000009.k2j3h4.tmp", ".step-000009.x8y7.old", "step-12", "step-abcdef", "step-000010-copy"):
+        (checkpoints / name).mkdir()
+    (checkpoints / "step-000015").write_text("a file, not a checkpoint folder")
+    assert latest_checkpoint(tmp_path) == checkpoints / "step-000006"
+
+
+def test_latest_checkpoint_of_a_fresh_run_is_none(tmp_path):
+    assert latest_checkpoint(tmp_path / "never-created") is None
+    (tmp_path / "checkpoints").mkdir()
+    assert latest_checkpoint(tmp_path) is None
+
+
+# ---------------------------------------------------------------- nothing is unpickled, no remote code by default
+
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Calls and imports in `source` that would unpickle data: torch.load, pickle & co., np.load(allow_pickle=True)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = {alias.name for alias in node.names}
+            if module.split(".")[0] in PICKLE_MODULES or (module == "torch" and "load" in names):
+                found.append(f"from {module} import {', '.join(sorted(names))}")
+            if module == "torch.serialization":
+                found.append("from torch.serialization import ...")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            if node.func.attr == "load" and isinstance(owner, ast.Name) and owner.id == "torch":
+                found.append("torch.load(...)")
+            if any(k.arg == "allow_pickle" for k in node.keywords):
+                found.append(f"{node.func.attr}(allow_pickle=...)")
+    return found
+
+
+def test_the_unsafe_load_scanner_finds_pickle_loads():
+    source = "import pickle\nfrom torch import load\nx = torch.load('a')\nnp.load('b', allow_pickle=True)\n"
+    assert len(unsafe_loads(source)) == 4
+
+
+def test_lorafit_never_unpickles():
+    package = REPO / "lorafit"
+    found = {path.name: unsafe_loads(path.read_text()) for path in sorted(package.glob("*.py"))}
+    assert len(found) > 10
+    assert {name: calls for name, calls in found.items() if calls} == {}
+
+
+@pytest.fixture
+def loader_calls(monkeypatch) -> list[tuple[str, dict]]:
+    """Record the keyword arguments of every AutoConfig/AutoTokenizer/AutoModelForCausalLM.from_pretrained."""
+    calls: list[tuple[str, dict]] = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        real = cls.from_pretrained
+
+        def recording(name, *args, _real=real, _cls=cls.__name__, **kwargs):
+            calls.append((_cls, kwargs))
+            return _real(name, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", recording)
+    return calls
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_remote_code_is_trusted_only_when_the_recipe_says_so(tiny_recipe, loader_calls, allowed):
+    model_section = {"trust_remote_code": True} if allowed else {}
+    recipe = load_recipe(
+        tiny_recipe(model=model_section, train={"max_steps": 1, "batch_size": 2}, data={"max_eval_examples": 2})
+    )
+    train(recipe)
+    assert {cls for cls, _ in loader_calls} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert [kwargs.get("trust_remote_code") for _, kwargs in loader_calls] == [allowed] * len(loader_calls)
