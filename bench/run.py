@@ -1,0 +1,635 @@
+"""`make bench`: lorafit's training step side by side with peft + a plain AdamW loop, and full fine-tuning.
+
+The three methods train copies of one randomly initialised GPT-2-small-shaped model on the same synthetic
+rows, one measured step of each in turn (lorafit, peft, full, lorafit, ...), so that noise from other
+work on the machine falls on all three alike. Peak memory is measured per method in a fresh child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lorafit.data import collate
+from lorafit.inject import inject_lora
+from lorafit.loss import loss_sum
+from lorafit.recipe import LoraSection
+from lorafit.train import Plan, _optimizer_step
+
+try:  # the model setup lorafit.train.train() runs (LoRA, fused activations), where this lorafit has one
+    from lorafit.train import prepare_model
+except ImportError:
+    prepare_model = None
+
+SEED = 0
+RANK, ALPHA, DROPOUT = 8, 16, 0.05
+LR_LORA, LR_FULL = 2e-4, 2e-5
+MAX_GRAD_NORM = 1.0  # lorafit's recipe default; the plain loops clip too, so every method does the same work
+LOSS_TOLERANCE = 1e-4  # relative, first-step loss of lorafit vs peft vs full (fp32, dropout off)
+NO_LOSS = -100  # the label transformers' loss ignores
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("lorafit", "peft", "full")
+LABELS = {"lorafit": "lorafit LoRA q,v", "peft": "peft LoRA c_attn", "full": "full fine-tuning"}
+# FLOPs per token in units of N: forward 2N + activation gradients 2N, + weight gradients 2N when all train.
+FLOPS_FACTOR = {"lorafit": 4, "peft": 4, "full": 6}
+# Dense bf16 tensor-core peaks in TFLOP/s; the first key found in the device name wins (specific names first).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
+NOTES = [
+    (
+        "peft's target c_attn adapts q, k and v (the usual peft setup for GPT-2) with one rank-8 pair on the fused "
+        "projection; lorafit gives the q rows and the v rows of c_attn a rank-8 pair each and leaves k alone. Both "
+        "train 4·r·d parameters per layer."
+    ),
+    (
+        "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
+        "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
+        "default implementation. lorafit runs lorafit.train._optimizer_step on its length-grouped batches."
+    ),
+    (
+        "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
+        "groups among 50 batches), so its padding saving here is if anything understated."
+    ),
+    "tokens/s counts non-padding input tokens; step times include collating the batch.",
+    (
+        "Steps alternate lorafit, peft, full per round, so a noisy neighbour on the machine slows all three alike; "
+        "timings on a shared machine still vary from run to run."
+    ),
+]
+
+
+# --------------------------------------------------------------------------- jobs and data
+
+
+@dataclass(frozen=True)
+class Job:
+    """One workload: `classification` puts the loss on the label token only, `text` on every token."""
+
+    key: str
+    title: str
+    task: str
+    batch_size: int
+    max_length: int
+    target_ratios: tuple[str, ...]
+
+
+def define_jobs(quick: bool) -> dict[str, Job]:
+    return {
+        "a": Job("a", "SST-2-style classification", "classification", 16, 128, ("tokens_per_s", "memory")),
+        "b": Job("b", "language modelling, every token supervised", "text", 4, 128 if quick else 512,
+                 ("step_time", "memory")),
+    }
+
+
+def model_config(quick: bool):
+    """GPT-2 small's shape (random weights are enough to time it), or a tiny one for a smoke test."""
+    if quick:
+        return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1024, n_positions=512, bos_token_id=1023,
+                          eos_token_id=1023)
+    return GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+
+
+def make_rows(job: Job, vocab: int, count: int, pool: str) -> list[dict]:
+    """Synthetic token rows, deterministic for (job, pool): ids stand in for text, lengths are what matter."""
+    rng = random.Random(f"lorafit-bench:{job.key}:{pool}")
+    if job.task == "text":
+        rows = [[rng.randrange(vocab) for _ in range(job.max_length)] for _ in range(count)]
+        return [{"input_ids": ids, "labels": list(ids)} for ids in rows]
+    template = random.Random("lorafit-bench:template")
+    prefix = [template.randrange(vocab) for _ in range(2)]  # "Review:"
+    suffix = [template.randrange(vocab) for _ in range(4)]  # "\nSentiment:"
+    label_ids = [template.randrange(vocab) for _ in range(2)]  # " negative", " positive"
+    rows = []
+    for _ in range(count):
+        prompt = prefix + [rng.randrange(vocab) for _ in range(review_tokens(rng, job.max_length - 7))] + suffix
+        label = rng.choice(label_ids)
+        rows.append({"input_ids": prompt + [label], "labels": [NO_LOSS] * len(prompt) + [label]})
+    return rows
+
+
+def review_tokens(rng: random.Random, most: int) -> int:
+    """Review length in tokens: lognormal words like SST-2 sentences (median 19, ~3-70), 1.3 tokens a word."""
+    words = min(max(rng.lognormvariate(math.log(19), 0.6), 3), 70)
+    return min(math.ceil(words * 1.3), most)
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """What DataCollatorWithPadding does for causal LM rows: right-pad to the longest, labels -100 there."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    padding = [longest - len(row["input_ids"]) for row in rows]
+    return {
+        "input_ids": torch.tensor([row["input_ids"] + [pad_id] * n for row, n in zip(rows, padding)]),
+        "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, padding)]),
+        "labels": torch.tensor([row["labels"] + [NO_LOSS] * n for row, n in zip(rows, padding)]),
+    }
+
+
+def shuffled_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
+    order = list(range(len(rows)))
+    random.Random(SEED).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def lorafit_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
+    """The batches lorafit's training loop would form from these rows (length-grouped, shuffled)."""
+    plan = Plan([len(row["input_ids"]) for row in rows], batch_size, 1, SEED)
+    return [plan.micro_batches(step)[0] for step in range(plan.steps_per_epoch)]
+
+
+def worst_case_batch(rows: list[dict], batch_size: int) -> list[int]:
+    """The longest rows: padded to the longest, the batch that sets an epoch's memory peak for every method."""
+    return sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]), reverse=True)[:batch_size]
+
+
+# --------------------------------------------------------------------------- the three methods
+
+
+@dataclass
+class Method:
+    """A model with its training step: `step(rows)` trains on one batch and returns (loss, input tokens)."""
+
+    key: str
+    model: nn.Module
+    step: Callable[[list[dict]], tuple[float, int]]
+    arrange: Callable[[list[dict], int], list[list[int]]]
+    first_loss: Callable[[dict], float]
+    trainable: int
+
+
+def build_method(key: str, base: nn.Module, device: torch.device, accelerator_factory) -> Method:
+    if key == "lorafit":
+        return build_lorafit(base, device, accelerator_factory())
+    return build_plain(key, base, device)
+
+
+def build_lorafit(model: nn.Module, device: torch.device, accelerator) -> Method:
+    """LoRA on q and v (r=8, alpha=16, dropout 0.05), trained by lorafit's own optimizer step."""
+    if prepare_model is not None:
+        prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]))
+    else:
+        inject_lora(model, ["q", "v"], RANK, ALPHA, DROPOUT)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer and scheduler exactly as lorafit.train.train builds them.
+    optimizer = torch.optim.AdamW(trainable, lr=LR_LORA, weight_decay=0.0, foreach=True)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    pad_id = model.config.eos_token_id
+
+    def step(rows: list[dict]) -> tuple[float, int]:
+        return _optimizer_step(accelerator, model, optimizer, scheduler, [collate(rows, pad_id)], MAX_GRAD_NORM)
+
+    def first_loss(batch: dict) -> float:
+        summed, count = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        return float(summed) / count
+
+    return Method("lorafit", model, step, lorafit_batches, first_loss, sum(p.numel() for p in trainable))
+
+
+def build_plain(key: str, model: nn.Module, device: torch.device) -> Method:
+    """peft LoRA on c_attn, or every parameter trainable; a plain forward/backward/AdamW loop either way."""
+    if key == "peft":
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["c_attn"],
+                            fan_in_fan_out=True, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR_LORA if key == "peft" else LR_FULL, weight_decay=0.0)
+    pad_id = model.config.eos_token_id
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step(rows: list[dict]) -> tuple[float, int]:
+        batch = {k: v.to(device, non_blocking=True) for k, v in pad_batch(rows, pad_id).items()}
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), int(batch["attention_mask"].sum())
+
+    def first_loss(batch: dict) -> float:
+        return float(model(**{k: v.to(device) for k, v in batch.items()}).loss)
+
+    return Method(key, model, step, shuffled_batches, first_loss, sum(p.numel() for p in trainable))
+
+
+def base_model(config, seed: int = SEED) -> nn.Module:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def flop_params(model: nn.Module) -> int:
+    """N for the FLOPs per token: every weight a token passes through in a matmul; the tied wte counts once
+    (as the head), position embeddings (a lookup) not at all."""
+    distinct = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return sum(distinct.values()) - model.transformer.wpe.weight.numel()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_first_loss(methods: list[Method], batch: dict) -> dict:
+    """With B = 0 every method is the base model: their losses on one batch must agree (fp32, no dropout)."""
+    losses = {}
+    with torch.no_grad():
+        for method in methods:
+            method.model.eval()
+            losses[method.key] = method.first_loss(batch)
+            method.model.train()
+    reference = losses.get("peft", next(iter(losses.values())))
+    worst = max(abs(value - reference) / abs(reference) for value in losses.values())
+    return {"losses": losses, "max_relative_difference": worst, "tolerance": LOSS_TOLERANCE,
+            "agree": worst <= LOSS_TOLERANCE}
+
+
+def run_rounds(methods: list[Method], rows: list[dict], batch_size: int, device: torch.device, console, what) -> dict:
+    """One step of each method in turn per round; each method walks its own arrangement of the same rows."""
+    schedules = {m.key: m.arrange(rows, batch_size) for m in methods}
+    times = {m.key: [] for m in methods}
+    tokens = {m.key: 0 for m in methods}
+    padded = {m.key: 0 for m in methods}
+    for index in range(len(next(iter(schedules.values())))):
+        for method in methods:
+            batch_rows = [rows[i] for i in schedules[method.key][index]]
+            synchronize(device)
+            start = time.perf_counter()
+            loss, count = method.step(batch_rows)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            times[method.key].append(elapsed)
+            tokens[method.key] += count
+            padded[method.key] += len(batch_rows) * max(len(r["input_ids"]) for r in batch_rows)
+            line = f"  {what} step {index + 1} {method.key:8s} {elapsed:7.2f} s  loss {loss:.4f}"
+            console.print(line, highlight=False)
+    return {"times": times, "tokens": tokens, "padded": padded}
+
+
+def read_status_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) in KiB; without /proc (macOS), 0 for now and the lifetime peak for the peak."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return 0 if field == "VmRSS" else peak // (1024 if sys.platform == "darwin" else 1)
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Linux resets the peak RSS (VmHWM) to the current RSS when 5 is written to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(args, job: Job, key: str) -> dict:
+    """In this (fresh) process: the peak memory of one steady-state step of `key` on the worst-case batch."""
+    device = torch.device(args.device)
+    config = model_config(args.quick)
+    rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
+    batch = [rows[i] for i in worst_case_batch(rows, job.batch_size)]
+    baseline_kib = read_status_kib("VmRSS") if device.type == "cpu" else 0
+    method = build_method(key, base_model(config), device, lambda: make_accelerator(device))
+    method.step([min(rows, key=lambda row: len(row["input_ids"]))])  # creates the AdamW state cheaply
+    gc.collect()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        method.step(batch)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "CUDA max_memory_allocated"}
+    was_reset = reset_peak_rss()
+    method.step(batch)
+    peak = (read_status_kib("VmHWM") - baseline_kib) * 1024
+    if not baseline_kib:
+        return {"peak_bytes": peak, "kind": "peak RSS of a fresh process, libraries included"}
+    kind = "peak RSS of a fresh process above its RSS before the model was built"
+    return {"peak_bytes": peak, "kind": kind if was_reset else kind + " (peak not reset after model build)"}
+
+
+def memory_in_child(args, job: Job, key: str) -> dict:
+    command = [sys.executable, __file__, "--memory-child", f"{job.key}:{key}", "--steps", str(args.steps),
+               "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory pass for {key} on job {job.key} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_accelerator(device: torch.device):
+    return Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+
+
+# --------------------------------------------------------------------------- one job
+
+
+def run_job(args, job: Job, console: Console) -> dict:
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    config = model_config(args.quick)
+    warmup_rows = make_rows(job, config.vocab_size, args.warmup * job.batch_size, "warmup")
+    rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
+    base = base_model(config)
+    accelerator = make_accelerator(device)
+    methods = [build_method(key, copy.deepcopy(base), device, lambda: accelerator) for key in METHODS]
+    n_flop = flop_params(base)
+    del base
+
+    first_batch = pad_batch([rows[i] for i in shuffled_batches(rows, job.batch_size)[0]], config.eos_token_id)
+    numerics = check_first_loss(methods, first_batch)
+    console.print(f"job {job.key}: first-step loss {numerics['losses']} "
+                  f"(max relative difference {numerics['max_relative_difference']:.2e})", highlight=False)
+    if args.warmup:
+        run_rounds(methods, warmup_rows, job.batch_size, device, console, "warmup")
+    measured = run_rounds(methods, rows, job.batch_size, device, console, "measured")
+    trainable = {m.key: m.trainable for m in methods}
+    del methods
+    gc.collect()
+
+    memory = {}
+    for key in METHODS:
+        console.print(f"  memory pass {key} (fresh process)", highlight=False)
+        memory[key] = memory_in_child(args, job, key)
+    result = summarize(args, job, measured, memory, trainable, numerics, n_flop, device)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) -> dict:
+    peak = peak_tflops(args, device) if device.type == "cuda" else None
+    peak_flops = peak * 1e12 if peak else None
+    methods = {}
+    for key in METHODS:
+        times = measured["times"][key]
+        tokens_per_s = measured["tokens"][key] / sum(times)
+        factor = FLOPS_FACTOR[key]
+        methods[key] = {
+            "label": LABELS[key],
+            "trainable_params": trainable[key],
+            "tokens_per_s": tokens_per_s,
+            "median_step_s": statistics.median(times),
+            "step_s": times,
+            "tokens": measured["tokens"][key],
+            "padded_tokens": measured["padded"][key],
+            "padding_efficiency": measured["tokens"][key] / measured["padded"][key],
+            "peak_memory_bytes": memory[key]["peak_bytes"],
+            "memory_kind": memory[key]["kind"],
+            "flops_per_token": factor * n_flop,
+            "mfu": factor * n_flop * tokens_per_s / peak_flops if peak_flops else None,
+        }
+    return {
+        "job": {"key": job.key, "title": job.title, "task": job.task, "batch_size": job.batch_size,
+                "max_length": job.max_length, "measured_rows": args.steps * job.batch_size},
+        "machine": machine(device),
+        "settings": {"warmup_steps": args.warmup, "measured_steps": args.steps, "quick": args.quick, "seed": SEED,
+                     "mixed_precision": "bf16" if device.type == "cuda" else "no (fp32)",
+                     "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "max_grad_norm": MAX_GRAD_NORM,
+                     "lorafit_setup": lorafit_setup(), "flop_params_N": n_flop, "peak_tflops": peak},
+        "methods": methods,
+        "numerics": numerics,
+        "ratios": ratios(job, methods, device),
+        "notes": NOTES,
+    }
+
+
+def lorafit_setup() -> str:
+    if prepare_model is None:
+        return "lorafit.inject.inject_lora (this lorafit has no lorafit.train.prepare_model)"
+    return "lorafit.train.prepare_model, as lorafit.train.train runs it"
+
+
+def ratios(job: Job, methods: dict, device: torch.device) -> list[dict]:
+    """The issue's ratios; those the issue sets a target for on this job carry it and a verdict."""
+    lora, peft, full = methods["lorafit"], methods["peft"], methods["full"]
+    speed_target = 1.5 if device.type == "cuda" else 1.3
+    rows = [
+        ("tokens_per_s", "tokens/s lorafit / peft", lora["tokens_per_s"] / peft["tokens_per_s"], ">=", speed_target),
+        ("memory", "peak memory lorafit / peft", lora["peak_memory_bytes"] / peft["peak_memory_bytes"], "<=", 0.75),
+        ("step_time", "median step time lorafit / full", lora["median_step_s"] / full["median_step_s"], "<=", 0.70),
+        ("peft_step_time", "median step time peft / full", peft["median_step_s"] / full["median_step_s"], None, None),
+    ]
+    out = []
+    for key, name, value, sense, target in rows:
+        if key not in job.target_ratios:
+            sense = target = None
+        verdict = None if target is None else (value >= target if sense == ">=" else value <= target)
+        out.append({"key": key, "name": name, "value": value, "target": f"{sense} {target}" if target else None,
+                    "pass": verdict})
+    return out
+
+
+def peak_tflops(args, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def machine(device: torch.device) -> dict:
+    info = {"device": device.type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    info.update(transformers=transformers.__version__, peft=peft.__version__)
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def job_table(result: dict) -> Table:
+    job, settings = result["job"], result["settings"]
+    table = Table(title=f"job {job['key']}: {job['title']} — batch {job['batch_size']}, up to {job['max_length']} "
+                  f"tokens, {settings['measured_steps']} measured steps each")
+    for column in ("method", "trainable", "tokens/s", "median step", "padding eff.", "peak memory", "first loss"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    gpu = result["machine"]["device"] == "cuda"
+    if gpu:
+        table.add_column("MFU", justify="right")
+    for key, m in result["methods"].items():
+        loss = result["numerics"]["losses"][key]
+        cells = [m["label"], f"{m['trainable_params']:,}", f"{m['tokens_per_s']:,.0f}", f"{m['median_step_s']:.3f} s",
+                 f"{m['padding_efficiency']:.0%}", mib(m["peak_memory_bytes"]), f"{loss:.6f}"]
+        if gpu:
+            cells.append(f"{m['mfu']:.1%}" if m["mfu"] is not None else "n/a")
+        table.add_row(*cells)
+    return table
+
+
+def ratio_table(result: dict) -> Table:
+    table = Table(title=f"job {result['job']['key']}: ratios")
+    for column in ("ratio", "value", "target", "verdict"):
+        table.add_column(column, justify="left" if column == "ratio" else "right")
+    for ratio in result["ratios"]:
+        verdict = "" if ratio["pass"] is None else ("[green]PASS[/]" if ratio["pass"] else "[red]MISS[/]")
+        table.add_row(ratio["name"], f"{ratio['value']:.2f}x", ratio["target"] or "—", verdict)
+    numerics = result["numerics"]
+    verdict = "[green]PASS[/]" if numerics["agree"] else "[red]FAIL[/]"
+    table.add_row("first-step loss, max relative difference", f"{numerics['max_relative_difference']:.1e}",
+                  f"<= {numerics['tolerance']:.0e}", verdict)
+    return table
+
+
+def describe_machine(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['threads']} torch threads of {info['cpu_count']} cores"
+    return f"{info['device']}: {where}; torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
+
+
+def markdown(results: list[dict]) -> str:
+    """The run's tables in Markdown, ready for the README's Performance section."""
+    lines = [f"Machine: {describe_machine(results[0]['machine'])}.", f"lorafit model setup: {lorafit_setup()}.", ""]
+    for result in results:
+        job = result["job"]
+        steps = result["settings"]["measured_steps"]
+        title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
+        lines += [f"{title}, {steps} measured steps each.", ""]
+        lines += ["| method | tokens/s | median step | peak memory |", "|---|---:|---:|---:|"]
+        for m in result["methods"].values():
+            lines.append(f"| {m['label']} | {m['tokens_per_s']:,.0f} | {m['median_step_s']:.2f} s "
+                         f"| {mib(m['peak_memory_bytes'])} |")
+        lines += ["", "| ratio | measured | target |", "|---|---:|---|"]
+        for ratio in result["ratios"]:
+            if ratio["target"]:
+                verdict = "PASS" if ratio["pass"] else "MISS"
+                lines.append(f"| {ratio['name']} | {ratio['value']:.2f}x | {ratio['target']} ({verdict}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(results: list[dict], console: Console) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        path = RESULTS / f"bench-{result['job']['key']}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    combined = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "jobs": results}
+    (RESULTS / "bench.json").write_text(json.dumps(combined, indent=2) + "\n")
+    (RESULTS / "bench.md").write_text(markdown(results))
+    console.print(f"results: {RESULTS}/bench.json, bench-<job>.json and bench.md", highlight=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="a,b", help="comma-separated: a (classification), b (LM at 512 tokens)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per method, not measured")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, all cores)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model: a smoke test in seconds")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 4)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    quiet_libraries()
+    jobs = define_jobs(args.quick)
+    if args.memory_child:
+        job_key, method = args.memory_child.split(":")
+        print(json.dumps(measure_memory(args, jobs[job_key], method)))
+        return 0
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log file gets the tables unwrapped
+    unknown = [key for key in args.jobs.split(",") if key not in jobs]
+    if unknown:
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a, b or a,b")
+        return 2
+    results = []
+    for key in args.jobs.split(","):
+        results.append(run_job(args, jobs[key], console))
+    console.print(describe_machine(results[0]["machine"]), highlight=False)
+    console.print(f"lorafit model setup: {lorafit_setup()}", highlight=False)
+    for result in results:
+        console.print(job_table(result))
+        console.print(ratio_table(result))
+    for note in NOTES:
+        console.print(f"• {note}", highlight=False)
+    if args.quick:
+        console.print("[yellow]--quick runs a tiny model: a smoke test whose timings and ratios mean nothing[/]")
+    write_results(results, console)
+    if not all(result["numerics"]["agree"] for result in results):
+        console.print("[red]lorafit's and peft's first-step losses disagree: the comparison is not like for like[/]")
+        return 1
+    missed = [r for result in results for r in result["ratios"] if r["pass"] is False]
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
