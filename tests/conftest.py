@@ -92,3 +92,32 @@ def write_recipe(folder, **sections):
 def tiny_recipe(tmp_path):
     """Factory: tiny_recipe(**sections) -> path of a recipe whose run folder is tmp_path/run."""
     return lambda **sections: write_recipe(tmp_path, **sections)
+
+
+EOS = "<|endoftext|>"
+WORDS = ["the", "film", "was", "good", "bad", "plot", "story", "acting", "great", "dull", "and", "but",
+         "I", "loved", "hated", "it", "a", "very", "positive", "negative", "review", "sentiment", "question", "answer"]
+
+
+def build_tokenizer():
+    """A small byte-level BPE (GPT-2 style), trained here on generated sentences."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(400)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()

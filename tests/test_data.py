@@ -16,8 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from lorafit.data import (
     IGNORE,
@@ -31,30 +29,7 @@ from lorafit.data import (
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 
-EOS = "<|endoftext|>"
-WORDS = ["the", "film", "was", "good", "bad", "plot", "story", "acting", "great", "dull", "and", "but",
-         "I", "loved", "hated", "it", "a", "very", "positive", "negative", "review", "sentiment", "question", "answer"]
 TEMPLATE = "Review: {text}\nSentiment:"
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE (GPT-2 style), trained here on generated sentences."""
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "." for _ in range(400)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=alphabet)
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
 
 
 @pytest.fixture(autouse=True)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from pathlib import Path
 
-import pytest
+from conftest import EOS  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from lorafit.data import IGNORE, collate, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 
-EOS = "<|endoftext|>"
 LABELS = ["negative", "positive"]
 FIELDS = {"classification": ("text", "label"), "completion": ("prompt", "response"), "text": ("text",)}
 ODD_TEXT = [
@@ -25,27 +21,6 @@ ODD_TEXT = [
     "\u2028\u2029", "\ufeff", "\U0010fffd", "{text}", "{}", EOS, "a\r\nb\tc", "word " * 300,
 ]
 MISSING = object()
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE, the shape of GPT-2's tokenizer, trained on generated words."""
-    rng = random.Random(0)
-    words = ["the", "film", "good", "bad", "plot", "was", "and", "very", "positive", "negative"]
-    corpus = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], initial_alphabet=alphabet)
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
 
 
 texts = st.one_of(
