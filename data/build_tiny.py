@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -37,8 +36,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GenerationConfig  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,  # noqa: E402
+)
+
+from lorafit.storage import staged_dir, write_atomic  # noqa: E402
 
 SEED = 20240611
 DATA_DIR = Path(__file__).resolve().parent
@@ -271,7 +276,7 @@ def story(g: Gen) -> str:
         f"Together they shared some {g.pick(FOODS)} and talked until the {g.pick(TIMES)}.",
         f"{friend} helped {him}, and soon the {obj} was safe again.",
         f"{cap(he)} gave the {obj} to {friend}, and {fhe} smiled.",
-        f"They walked home together as the sun went down.",
+        "They walked home together as the sun went down.",
     ]))
     s.append(g.pick([
         f"In the end, {name} felt {g.pick(FEELINGS_GOOD)}.",
@@ -319,7 +324,7 @@ def dialogue(g: Gen) -> str:
     place, food = g.pick(PLACES), g.pick(FOODS)
     lines = g.pick([
         [f"\"Where are you going?\" asked {a}.", f"\"To the {place},\" said {b}. \"I need some {food}.\"",
-         f"\"Can I come with you?\"", f"\"Of course. Bring your {g.pick(OBJECTS)}.\""],
+         "\"Can I come with you?\"", f"\"Of course. Bring your {g.pick(OBJECTS)}.\""],
         [f"\"Did you sleep well?\" asked {a}.", f"\"Not really,\" said {b}. \"The {g.pick(ANIMALS)} was loud all night.\"",
          f"\"Have some {food}. You will feel better.\""],
         [f"{a}: What time is it?", f"{b}: It is almost {g.pick(NUMBERS)} o'clock.",
@@ -362,21 +367,21 @@ def polarity_words(g: Gen) -> str:
     return g.pick([
         f"{name} went to the {g.pick(['hospital', 'doctor', 'clinic'])} on {g.pick(DAYS)}. The test came back {pol}, and the doctor called {him} in the {g.pick(TIMES)}.",
         f"The result of the blood test was {pol}. {cap(he)} will take another test next {g.pick(DAYS)}.",
-        f"If you multiply two negative numbers, you get a positive number. A negative number times a positive number is negative.",
+        "If you multiply two negative numbers, you get a positive number. A negative number times a positive number is negative.",
         f"The number {g.pick(NUMBERS)} is positive. If you subtract ten from it, the answer is negative.",
-        f"Connect the red wire to the positive end of the battery and the black wire to the negative end.",
+        "Connect the red wire to the positive end of the battery and the black wire to the negative end.",
         f"Every battery has a positive side and a negative side. Put the {pol} side in first.",
         f"{name} tried to keep a positive attitude even when the work was hard.",
         f"My {g.pick(FAMILY)} always says that a positive mind makes a long day shorter.",
         f"The weather had a negative effect on the harvest this {g.pick(SEASONS)}.",
-        f"Too much sugar can have a negative effect on your teeth.",
+        "Too much sugar can have a negative effect on your teeth.",
         f"In the old days, photographs were made from a negative. You could see the picture in {g.pick(['light and dark', 'reverse'])}.",
         f"The temperature was negative {g.pick(NUMBERS)} degrees, so the {g.pick(['lake', 'river', 'road'])} froze.",
         f"{name} stayed positive and kept on working until the {g.pick(TIMES)}.",
         f"The covid test was {pol}, so {name} stayed at home for {g.pick(NUMBERS)} days.",
-        f"The sign in front of the number tells you whether it is positive or negative.",
+        "The sign in front of the number tells you whether it is positive or negative.",
         f"{name} checked the answer. It was {pol}, not {other}, so {he} fixed the sign.",
-        f"A proton has a positive charge and an electron has a negative charge.",
+        "A proton has a positive charge and an electron has a negative charge.",
         f"Try not to be so negative, {name}. Things will get better.",
         lab_report(g, name),
         lab_report(g, name),
@@ -424,7 +429,7 @@ def film_commentary(g: Gen) -> str:
         s.append(cap(opinion(g, pos)) + ".")
         if g.chance(0.3):
             s.append(cap(g.pick(verdicts)) + ".")
-    if not s[-1][:-1].lower() in verdicts:
+    if s[-1][:-1].lower() not in verdicts:
         s.append(cap(g.pick(verdicts)) + ".")
     return " ".join(s)
 
@@ -443,7 +448,7 @@ def product_commentary(g: Gen) -> str:
     s.append(f"The {p1} is {g.pick(INTENS)}{g.pick(adjs)} and the {p2} is {g.pick(adjs)}.")
     if g.chance(0.3):
         if pos:
-            s.append(f"The price is not bad at all for what you get.")
+            s.append("The price is not bad at all for what you get.")
         else:
             s.append(f"The {g.pick(PRODUCT_PARTS)} is not very good, and it feels cheap.")
     s.append(cap(g.pick(verdicts)) + ".")
@@ -497,10 +502,7 @@ def make_sst(seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # --------------------------------------------------------------------------
@@ -639,7 +641,7 @@ def perplexity(model: GPT2LMHeadModel, blocks: torch.Tensor) -> float:
     model.eval()
     losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(32)]
     weights = [len(b) for b in blocks.split(32)]
-    return math.exp(sum(l * w for l, w in zip(losses, weights)) / sum(weights))
+    return math.exp(sum(loss * w for loss, w in zip(losses, weights)) / sum(weights))
 
 
 @torch.no_grad()
@@ -678,13 +680,23 @@ def main() -> None:
     print(f"  sst-tiny: {len(sst_train)} train, {len(sst_valid)} validation, "
           f"{sum(r['label'] for r in sst_train)} positive in train", flush=True)
 
+    # Built in a folder beside data/tiny-gpt2 that replaces it only once the model is saved.
+    with staged_dir(MODEL_DIR) as out:
+        model, tk = build_and_pretrain(out, train_docs, heldout_docs, sst_valid)
+    for prompt in ["Once upon a time,", "The acting was", "The test came back"]:
+        print("  sample:", repr(greedy(model, tk, prompt)), flush=True)
+
+    for f in sorted(MODEL_DIR.iterdir()):
+        print(f"  {f.relative_to(DATA_DIR.parent)}  {f.stat().st_size:,} bytes")
+    print(f"done in {time.time() - t_start:.0f}s")
+
+
+def build_and_pretrain(out: Path, train_docs: list[str], heldout_docs: list[str], sst_valid: list[dict]):
+    """Tokenizer and pretrained model, saved into `out`."""
     print("training tokenizer ...", flush=True)
-    if MODEL_DIR.exists():
-        shutil.rmtree(MODEL_DIR)
-    MODEL_DIR.mkdir(parents=True)
     raw_tok = train_tokenizer(train_docs)
-    save_tokenizer(raw_tok, MODEL_DIR)
-    tk = check_tokenizer(MODEL_DIR, raw_tok, train_docs[:50] + [r["sentence"] for r in sst_valid[:50]])
+    save_tokenizer(raw_tok, out)
+    tk = check_tokenizer(out, raw_tok, train_docs[:50] + [r["sentence"] for r in sst_valid[:50]])
     print(f"  vocab {len(tk)}", flush=True)
 
     train_blocks, heldout_blocks = pack(raw_tok, train_docs), pack(raw_tok, heldout_docs)
@@ -699,13 +711,8 @@ def main() -> None:
     assert ppl < 20, "model is undertrained"
 
     model.generation_config = GenerationConfig(bos_token_id=tk.eos_token_id, eos_token_id=tk.eos_token_id)
-    model.save_pretrained(str(MODEL_DIR))
-    for prompt in ["Once upon a time,", "The acting was", "The test came back"]:
-        print("  sample:", repr(greedy(model, tk, prompt)), flush=True)
-
-    for f in sorted(MODEL_DIR.iterdir()):
-        print(f"  {f.relative_to(DATA_DIR.parent)}  {f.stat().st_size:,} bytes")
-    print(f"done in {time.time() - t_start:.0f}s")
+    model.save_pretrained(str(out))
+    return model, tk
 
 
 if __name__ == "__main__":
