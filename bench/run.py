@@ -39,15 +39,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorafit.data import collate
-from lorafit.inject import inject_lora
 from lorafit.loss import loss_sum
 from lorafit.recipe import LoraSection
-from lorafit.train import Plan, _optimizer_step
-
-try:  # the model setup lorafit.train.train() runs (LoRA, fused activations), where this lorafit has one
-    from lorafit.train import prepare_model
-except ImportError:
-    prepare_model = None
+from lorafit.train import Plan, _optimizer_step, prepare_model
 
 SEED = 0
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
@@ -200,10 +194,7 @@ def build_method(key: str, base: nn.Module, device: torch.device, accelerator_fa
 
 def build_lorafit(model: nn.Module, device: torch.device, accelerator) -> Method:
     """LoRA on q and v (r=8, alpha=16, dropout 0.05), trained by lorafit's own optimizer step."""
-    if prepare_model is not None:
-        prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]))
-    else:
-        inject_lora(model, ["q", "v"], RANK, ALPHA, DROPOUT)
+    prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The optimizer and scheduler exactly as lorafit.train.train builds them.
     optimizer = torch.optim.AdamW(trainable, lr=LR_LORA, weight_decay=0.0, foreach=True)
@@ -346,17 +337,26 @@ def measure_memory(args, job: Job, key: str) -> dict:
     peak = (read_status_kib("VmHWM") - baseline_kib) * 1024
     if not baseline_kib:
         return {"peak_bytes": peak, "kind": "peak RSS of a fresh process, libraries included"}
-    kind = "peak RSS of a fresh process above its RSS before the model was built"
+    kind = "peak RSS of a fresh process above its RSS before the model was built, large blocks unmapped at free"
     return {"peak_bytes": peak, "kind": kind if was_reset else kind + " (peak not reset after model build)"}
 
 
 def memory_in_child(args, job: Job, key: str) -> dict:
     command = [sys.executable, __file__, "--memory-child", f"{job.key}:{key}", "--steps", str(args.steps),
                "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=live_memory_env())
     if done.returncode != 0:
         raise RuntimeError(f"memory pass for {key} on job {job.key} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def live_memory_env() -> dict[str, str]:
+    """glibc unmaps every block of 128 KiB or more when it is freed, instead of caching it for reuse.
+
+    Then peak RSS follows the memory tensors actually hold (as max_memory_allocated does on a GPU), not
+    what malloc happened to keep: with the default, the same step's peak varies by hundreds of MiB.
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def make_accelerator(device: torch.device):
@@ -426,19 +426,12 @@ def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) 
         "machine": machine(device),
         "settings": {"warmup_steps": args.warmup, "measured_steps": args.steps, "quick": args.quick, "seed": SEED,
                      "mixed_precision": "bf16" if device.type == "cuda" else "no (fp32)",
-                     "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "max_grad_norm": MAX_GRAD_NORM,
-                     "lorafit_setup": lorafit_setup(), "flop_params_N": n_flop, "peak_tflops": peak},
+                     "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "max_grad_norm": MAX_GRAD_NORM, "flop_params_N": n_flop, "peak_tflops": peak},
         "methods": methods,
         "numerics": numerics,
         "ratios": ratios(job, methods, device),
         "notes": NOTES,
     }
-
-
-def lorafit_setup() -> str:
-    if prepare_model is None:
-        return "lorafit.inject.inject_lora (this lorafit has no lorafit.train.prepare_model)"
-    return "lorafit.train.prepare_model, as lorafit.train.train runs it"
 
 
 def ratios(job: Job, methods: dict, device: torch.device) -> list[dict]:
@@ -534,7 +527,7 @@ def describe_machine(info: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     """The run's tables in Markdown, ready for the README's Performance section."""
-    lines = [f"Machine: {describe_machine(results[0]['machine'])}.", f"lorafit model setup: {lorafit_setup()}.", ""]
+    lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
         steps = result["settings"]["measured_steps"]
@@ -614,7 +607,6 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.jobs.split(","):
         results.append(run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
-    console.print(f"lorafit model setup: {lorafit_setup()}", highlight=False)
     for result in results:
         console.print(job_table(result))
         console.print(ratio_table(result))

@@ -11,6 +11,10 @@ from torch import nn
 from lorafit.errors import LorafitError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers activations written as chains of elementwise ops that compute GELU's tanh approximation,
+# 0.5·x·(1 + tanh(sqrt(2/pi)·(x + 0.044715·x³))). Autograd keeps four [tokens, d_ff] tensors per layer for
+# them; PyTorch's own kernel computes the same function and keeps only its input.
+COMPOSED_TANH_GELUS = {"NewGELUActivation", "FastGELUActivation", "AccurateGELUActivation"}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -90,3 +94,25 @@ def knows_only_special_tokens(tokenizer) -> bool:
     """transformers 5 builds a tokenizer of special tokens alone for a folder without tokenizer files."""
     added = {token.content for token in tokenizer.added_tokens_decoder.values()}
     return all(token in added for token in tokenizer.get_vocab())
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Swap composed tanh-GELU modules for `nn.GELU(approximate="tanh")`; returns how many were swapped.
+
+    Same function to float rounding, one kernel instead of seven, and a quarter of the MLP's saved
+    activations: GPT-2's gelu_new alone is most of a LoRA step's activation memory.
+    """
+    swaps = [(path, module) for path, module in model.named_modules() if type(module).__name__ in COMPOSED_TANH_GELUS]
+    for path, _ in swaps:
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, nn.GELU(approximate="tanh"))
+    return len(swaps)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the one ModuleList as long as the model has layers."""
+    depth = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return module
+    raise LorafitError(f"cannot find the {depth} decoder blocks of this {model.config.model_type} model to compile")

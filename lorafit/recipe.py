@@ -80,6 +80,7 @@ class TrainSection(Section):
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(32, gt=0)
     gradient_checkpointing: bool = False
+    compile: bool = False
 
 
 class OutputSection(Section):

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
@@ -25,9 +26,10 @@ from lorafit.data import IGNORE, collate, length_grouped_batches, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora, lora_layers
+from lorafit.lora import LoRALinear
 from lorafit.loss import loss_sum
-from lorafit.model import DTYPES, load_model, load_tokenizer
-from lorafit.recipe import Recipe, recipe_toml
+from lorafit.model import DTYPES, decoder_blocks, fuse_activations, load_model, load_tokenizer
+from lorafit.recipe import LoraSection, Recipe, recipe_toml
 from lorafit.report import parameter_report, summary_tables
 from lorafit.storage import write_atomic, write_json
 
@@ -110,9 +112,7 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
 
     model = load_model(recipe.model.name, recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     lora = recipe.lora
-    inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
-    if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_model(model, lora, gradient_checkpointing=settings.gradient_checkpointing, compile=settings.compile)
 
     rows = train_split.examples.to_list()
     plan = Plan([len(row["input_ids"]) for row in rows], settings.batch_size, settings.grad_accum, settings.seed)
@@ -183,6 +183,31 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
     for table in summary_tables(report, run_dir):
         console.print(table)
     return report
+
+
+def prepare_model(
+    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False
+) -> dict[str, LoRALinear]:
+    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
+    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+    fuse_activations(model)
+    if gradient_checkpointing:
+        _enable_checkpointing(model)
+    if compile:
+        # Block by block, as torchtune does: every block shares one compiled graph, and the loss code
+        # that calls the trunk and the head separately stays as it is.
+        for block in decoder_blocks(model):
+            block.compile()
+    return layers
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward; transformers 5 renamed the switch."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm) -> tuple[float, int]:

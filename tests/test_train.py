@@ -28,8 +28,9 @@ from lorafit.cli import app
 from lorafit.data import IGNORE, collate, load_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_layers
-from lorafit.recipe import load_recipe
-from lorafit.train import Plan, _optimizer_step, lr_factor, train
+from lorafit.loss import loss_sum
+from lorafit.recipe import LoraSection, load_recipe
+from lorafit.train import Plan, _optimizer_step, lr_factor, prepare_model, train
 
 RANK = 4
 STEPS = 6
@@ -327,6 +328,40 @@ def test_accumulated_step_weights_every_supervised_token_alike(split):
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for name, grad in expected_grad.items():
         torch.testing.assert_close(moved[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def trunk_gradient(switches: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """Gradients of A and B for one batch, after `prepare_model` with the given switches; all dropout off."""
+    model = tiny_model("gpt2").train()
+    prepare_model(model, LoraSection(rank=2, alpha=4, dropout=0.0, targets=["q", "v"]), **switches)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    summed, _ = loss_sum(model, batch)
+    summed.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("switch", ["gradient_checkpointing", "compile"])
+def test_speed_and_memory_switches_keep_the_gradients(switch):
+    batch = collate(supervised_rows(), pad_id=1)
+    expected = trunk_gradient({}, batch)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    actual = trunk_gradient({switch: True}, batch)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert compiled == (switch == "compile")
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_model_swaps_in_pytorchs_gelu_kernel(trained):
+    activations = {type(m).__name__ for m in trained["model"].modules() if "GELU" in type(m).__name__}
+    assert activations == {"GELU"}
 
 
 @torch.no_grad()
