@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import resource
 import signal
@@ -57,6 +59,14 @@ class Plan:
             batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
             self._epochs = {epoch: [batches[i : i + self.grad_accum] for i in range(0, len(batches), self.grad_accum)]}
         return self._epochs[epoch][index]
+
+
+def data_fingerprint(rows: list[dict]) -> str:
+    """A hash of the tokenized training rows, so a resumed run can tell that its data changed underneath it."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return digest.hexdigest()
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -127,10 +137,15 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
     def write_adapter(folder: Path) -> int:
         return save_adapter(unwrapped, folder, base_model=recipe.model.name, targets=lora.targets, extra={"recipe": recipe.model_dump()})
 
-    progress = {"eval_before": None, "tokens": 0, "train_seconds": 0.0}
+    progress = {"eval_before": None, "tokens": 0, "train_seconds": 0.0, "data_fingerprint": data_fingerprint(rows)}
     start_step = 0
     if resume_from is not None:
         restored = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer.optimizer, scheduler.scheduler)
+        if restored.get("data_fingerprint", progress["data_fingerprint"]) != progress["data_fingerprint"]:
+            raise LorafitError(
+                f"the training rows differ from those {run_dir} started with (data file or tokenizer changed); "
+                "restore them to resume, or start a new run"
+            )
         start_step = restored.pop("step")
         progress.update(restored)
         console.print(f"resuming from {resume_from.name} (step {start_step} of {total_steps})")
@@ -269,16 +284,12 @@ def _report_dropped(console: Console, name: str, split) -> None:
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
-    import json
-
     if not path.is_file():
         return []
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= upto]
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record) + "\n"
 
 

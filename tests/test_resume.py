@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_recipe
+from conftest import REPO, TINY_DATA, write_recipe
 from filelock import FileLock
 from typer.testing import CliRunner
 
@@ -333,6 +333,25 @@ def test_a_new_run_into_an_interrupted_one_is_refused(recipe, interrupted):
     assert result.exit_code == 2
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
     assert snapshot(interrupted) == before
+
+
+def test_resume_refuses_training_data_that_changed_since_the_run_started(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(TINY_DATA, data)
+    source = {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl")}
+    recipe = write_recipe(tmp_path, train={**TRAIN, "max_steps": 4, "save_every": 2}, data={**DATA, "source": source})
+    finished(train_cli(recipe))
+    run = tmp_path / "run"
+    shutil.rmtree(run / "adapter")  # as if stopped after the checkpoint at step 2
+    (run / "report.json").unlink()
+    rows = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(rows[1:]) + "\n")
+    before = snapshot(run)
+    result = train_cli(recipe, "--resume")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training rows differ" in lines[0] and "Traceback" not in result.output
+    assert snapshot(run) == before
 
 
 def test_resume_with_a_changed_log_every_finishes_identically(recipe, interrupted, reference):
