@@ -186,15 +186,15 @@ class Method:
     trainable: int
 
 
-def build_method(key: str, base: nn.Module, device: torch.device, accelerator_factory) -> Method:
+def build_method(key: str, base: nn.Module, device: torch.device, accelerator_factory, compile: bool = False) -> Method:
     if key == "lorafit":
-        return build_lorafit(base, device, accelerator_factory())
+        return build_lorafit(base, device, accelerator_factory(), compile)
     return build_plain(key, base, device)
 
 
-def build_lorafit(model: nn.Module, device: torch.device, accelerator) -> Method:
-    """LoRA on q and v (r=8, alpha=16, dropout 0.05), trained by lorafit's own optimizer step."""
-    prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]))
+def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool) -> Method:
+    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained as lorafit.train.train does."""
+    prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]), compile=compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The optimizer and scheduler exactly as lorafit.train.train builds them.
     optimizer = torch.optim.AdamW(trainable, lr=LR_LORA, weight_decay=0.0, foreach=True)
@@ -324,7 +324,7 @@ def measure_memory(args, job: Job, key: str) -> dict:
     rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
     batch = [rows[i] for i in worst_case_batch(rows, job.batch_size)]
     baseline_kib = read_status_kib("VmRSS") if device.type == "cpu" else 0
-    method = build_method(key, base_model(config), device, lambda: make_accelerator(device))
+    method = build_method(key, base_model(config), device, lambda: make_accelerator(device), args.compile)
     method.step([min(rows, key=lambda row: len(row["input_ids"]))])  # creates the AdamW state cheaply
     gc.collect()
     synchronize(device)
@@ -343,7 +343,8 @@ def measure_memory(args, job: Job, key: str) -> dict:
 
 def memory_in_child(args, job: Job, key: str) -> dict:
     command = [sys.executable, __file__, "--memory-child", f"{job.key}:{key}", "--steps", str(args.steps),
-               "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--device", args.device, "--threads", str(args.threads)]
+    command += [flag for flag, on in (("--quick", args.quick), ("--compile", args.compile)) if on]
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=live_memory_env())
     if done.returncode != 0:
         raise RuntimeError(f"memory pass for {key} on job {job.key} failed:\n{done.stderr[-3000:]}")
@@ -374,7 +375,7 @@ def run_job(args, job: Job, console: Console) -> dict:
     rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
     base = base_model(config)
     accelerator = make_accelerator(device)
-    methods = [build_method(key, copy.deepcopy(base), device, lambda: accelerator) for key in METHODS]
+    methods = [build_method(key, copy.deepcopy(base), device, lambda: accelerator, args.compile) for key in METHODS]
     n_flop = flop_params(base)
     del base
 
@@ -407,7 +408,7 @@ def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) 
         tokens_per_s = measured["tokens"][key] / sum(times)
         factor = FLOPS_FACTOR[key]
         methods[key] = {
-            "label": LABELS[key],
+            "label": LABELS[key] + (" (compiled)" if key == "lorafit" and args.compile else ""),
             "trainable_params": trainable[key],
             "tokens_per_s": tokens_per_s,
             "median_step_s": statistics.median(times),
@@ -424,7 +425,7 @@ def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) 
         "job": {"key": job.key, "title": job.title, "task": job.task, "batch_size": job.batch_size,
                 "max_length": job.max_length, "measured_rows": args.steps * job.batch_size},
         "machine": machine(device),
-        "settings": {"warmup_steps": args.warmup, "measured_steps": args.steps, "quick": args.quick, "seed": SEED,
+        "settings": {"warmup_steps": args.warmup, "measured_steps": args.steps, "quick": args.quick, "compile": args.compile, "seed": SEED,
                      "mixed_precision": "bf16" if device.type == "cuda" else "no (fp32)",
                      "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "max_grad_norm": MAX_GRAD_NORM, "flop_params_N": n_flop, "peak_tflops": peak},
         "methods": methods,
@@ -564,15 +565,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="a,b", help="comma-separated: a (classification), b (LM at 512 tokens)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per method, not measured")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--quick", action="store_true", help="a tiny model: a smoke test in seconds")
+    parser.add_argument("--compile", action="store_true", help="lorafit with [train] compile = true (2 warm-up steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 4)
+    if args.warmup is None:  # a compiled model compiles again at the second batch shape (dynamic lengths)
+        args.warmup = 2 if args.compile else 1
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

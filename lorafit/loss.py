@@ -28,13 +28,12 @@ def supervised_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     """(hidden states that predict a supervised token [M, d], those tokens [M], their row in the batch [M])."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    # No key/value cache: nothing is generated, and building one costs memory and torch.compile recompiles.
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if head_only_supported(model):
-        trunk = model.base_model
-        hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        chosen = hidden[:, :-1][keep]
+        chosen = model.base_model(**inputs).last_hidden_state[:, :-1][keep]
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        chosen = logits[:, :-1][keep]
+        chosen = model(**inputs).logits[:, :-1][keep]
     rows = keep.nonzero()[:, 0]
     return chosen, targets[keep], rows
 
