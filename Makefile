@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
+# The demo starts over each time: its run folder is replaced, never resumed.
 demo: install
+	rm -rf runs/tiny-sst2
 	$(VENV)/bin/lorafit train --recipe recipes/tiny-sst2.toml
 
 test: install
