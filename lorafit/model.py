@@ -102,11 +102,11 @@ def fuse_activations(model: nn.Module) -> int:
     Same function to float rounding, one kernel instead of seven, and a quarter of the MLP's saved
     activations: GPT-2's gelu_new alone is most of a LoRA step's activation memory.
     """
-    swaps = [(path, module) for path, module in model.named_modules() if type(module).__name__ in COMPOSED_TANH_GELUS]
-    for path, _ in swaps:
+    paths = [path for path, module in model.named_modules() if type(module).__name__ in COMPOSED_TANH_GELUS]
+    for path in paths:
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, nn.GELU(approximate="tanh"))
-    return len(swaps)
+    return len(paths)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
