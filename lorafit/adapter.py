@@ -21,7 +21,7 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
-from lorafit.inject import is_projection, lora_layers, stores_transposed
+from lorafit.inject import is_projection, lora_layers, replace_module, stores_transposed
 from lorafit.lora import LoRALinear
 from lorafit.storage import staged_dir
 from lorafit.targets import architecture
@@ -358,8 +358,7 @@ def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALinear]:
     layers = {}
     for plan in plans:
         layer = _build_layer(plan)
-        parent_path, _, child = plan.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, layer)
+        replace_module(model, plan.path, layer)
         layers[plan.path] = layer
     return layers
 

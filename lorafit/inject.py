@@ -117,10 +117,15 @@ def inject_lora(
             init=init,
             use_rslora=use_rslora,
         )
-        parent_path, _, child = site.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, layer)
+        replace_module(model, site.path, layer)
         layers[site.path] = layer
     return layers
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` where `path` (dotted, as named_modules() gives it) is now."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), child, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -131,8 +136,7 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight and put the plain projections back in place."""
     for path, layer in lora_layers(model).items():
         layer.merge()
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, layer.base)
+        replace_module(model, path, layer.base)
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

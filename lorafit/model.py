@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.inject import replace_module
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers activations written as chains of elementwise ops that compute GELU's tanh approximation,
@@ -104,8 +105,7 @@ def fuse_activations(model: nn.Module) -> int:
     """
     paths = [path for path, module in model.named_modules() if type(module).__name__ in COMPOSED_TANH_GELUS]
     for path in paths:
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, nn.GELU(approximate="tanh"))
+        replace_module(model, path, nn.GELU(approximate="tanh"))
     return len(paths)
 
 
