@@ -72,3 +72,17 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def write_folder(final: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (relative path -> bytes) as the folder `final`, whole: old folder or new, never a mix."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        from lorafit.errors import LorafitError
+
+        raise LorafitError(f"{final} exists and is not a folder; choose another folder")
+    with staged_dir(final) as staging:
+        for name, data in files.items():
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
