@@ -3,16 +3,14 @@
 A folder holds `adapter_config.json` and `adapter_model.safetensors` exactly as peft writes them, plus
 `lorafit.json` with what only lorafit needs (semantic targets, which modules were sliced, the recipe).
 A q/v adapter on a fused projection is stored as one LoRA of rank n·r on the whole module: A stacks the
-slices' A over each other, B is block-structured with zero rows for k, and alpha is scaled so peft's
-alpha/R (or alpha/sqrt(R) under rsLoRA) equals ours. Weights are read from safetensors only, never pickles.
+slices' A over each other, B is block-structured with zero k features, and alpha is scaled so peft's
+alpha/R (or alpha/sqrt(R) under rsLoRA) equals ours. The format itself lives in `lorafit.peft_format`;
+this module applies it to a model. Weights are read from safetensors only, never pickles.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,37 +19,26 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
-from lorafit.inject import is_projection, lora_layers, replace_module, stores_transposed
-from lorafit.lora import LoRALinear
-from lorafit.storage import staged_dir
-from lorafit.targets import architecture
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-LORAFIT_FILE = "lorafit.json"
-KEY_PREFIX = "base_model.model."
-# peft keys: base_model.model.<module path>.lora_A.weight, or with the adapter name before .weight.
-KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
-# Config switches for features whose weights or forward pass a plain LoRALinear cannot reproduce.
-UNSUPPORTED = (
-    "use_dora",
-    "lora_bias",
-    "modules_to_save",
-    "trainable_token_indices",
-    "target_parameters",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "use_qalora",
-    "use_bdlora",
-    "megatron_config",
-    "arrow_config",
-    "kasa_config",
-    "velora_config",
-    "monteclora_config",
+from lorafit.inject import freeze_and_wrap, is_projection, lora_layers, stores_transposed
+from lorafit.lora import LoRALinear, is_block_structured, projection_shape
+from lorafit.peft_format import (
+    CONFIG_FILE,
+    PICKLE_FILE,
+    WEIGHTS_FILE,
+    adapter_config,
+    check_config,
+    check_selected,
+    lora_pairs,
+    lorafit_alpha,
+    peft_alpha,
+    rank_and_alpha,
+    selecting_suffixes,
+    weight_key,
 )
-# Initialisations that leave the base weights alone; pissa, olora, corda, loftq... change them.
-PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+from lorafit.storage import write_folder
+from lorafit.targets import architecture, fused_slices, matches_suffix
+
+LORAFIT_FILE = "lorafit.json"
 
 
 # ---------------------------------------------------------------- saving
@@ -63,114 +50,55 @@ def save_adapter(
     """Write adapter_config.json, adapter_model.safetensors and lorafit.json atomically.
 
     Returns the size in bytes of the safetensors file written."""
+    files = adapter_files(model, base_model=base_model, targets=targets, extra=extra)
+    write_folder(Path(directory), files)
+    return len(files[WEIGHTS_FILE])
+
+
+def adapter_files(
+    model: nn.Module, *, base_model: str, targets: list[str], extra: dict | None = None
+) -> dict[str, bytes]:
+    """The adapter folder's files as bytes, all serialised before any is written: a bad value writes nothing."""
     from safetensors.torch import save
 
     layers = lora_layers(model)
     if not layers:
         raise LorafitError("the model has no LoRA layers to save; inject or load an adapter first")
-    directory = Path(directory)
-    # Everything is serialised before anything is written, so a bad value cannot leave half an adapter.
-    contents = {
+    return {
         WEIGHTS_FILE: save(adapter_tensors(layers), metadata={"format": "pt"}),
         CONFIG_FILE: _json_bytes(peft_config(model, layers, base_model)),
         LORAFIT_FILE: _json_bytes(lorafit_facts(model, layers, targets, extra)),
     }
-    _write_files(directory, contents)
-    return len(contents[WEIGHTS_FILE])
 
 
 def adapter_tensors(layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """peft's state dict: every layer as a plain LoRA of rank n_slices·r on its whole module, in fp32."""
     tensors = {}
     for path, layer in layers.items():
-        a, b = layer.peft_weights()
-        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = a.to("cpu", torch.float32).contiguous().clone()
-        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = b.to("cpu", torch.float32).contiguous().clone()
+        for part, weight in zip("AB", layer.plain_lora_weights()):
+            tensors[weight_key(path, part)] = weight.to("cpu", torch.float32).contiguous().clone()
     return tensors
-
-
-def stacked_rank(layer: LoRALinear) -> int:
-    return layer.lora_A.shape[0]
-
-
-def peft_alpha(layer: LoRALinear, use_rslora: bool) -> float:
-    """The lora_alpha that makes peft's scaling, alpha/R or alpha/sqrt(R) with R = n_slices·r, equal ours."""
-    n_slices = len(layer.slice_sizes)
-    if layer.use_rslora == use_rslora:
-        # alpha/r = (n·alpha)/(n·r);  alpha/sqrt(r) = (sqrt(n)·alpha)/sqrt(n·r)
-        return layer.alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
-    rank = stacked_rank(layer)
-    return layer.scaling * (math.sqrt(rank) if use_rslora else rank)
 
 
 def peft_config(model: nn.Module, layers: dict[str, LoRALinear], base_model: str) -> dict:
     """adapter_config.json: one rank and alpha for most modules, rank_pattern/alpha_pattern for the rest."""
     use_rslora = all(layer.use_rslora for layer in layers.values())
-    suffixes = selecting_suffixes(model, list(layers))
-    values = {path: (stacked_rank(layer), peft_alpha(layer, use_rslora)) for path, layer in layers.items()}
-    (rank, alpha), rank_pattern, alpha_pattern = _rank_patterns(values, suffixes)
-    first = next(iter(layers.values()))
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": _number(alpha),
-        "target_modules": sorted(set(suffixes.values())),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": {key: _number(value) for key, value in alpha_pattern.items()},
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "bias": "none",
-        "use_rslora": use_rslora,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
+    values = {path: _peft_rank_and_alpha(layer, use_rslora) for path, layer in layers.items()}
+    module_paths = (path for path, _ in model.named_modules())
+    return adapter_config(
+        values,
+        selecting_suffixes(module_paths, list(layers)),
+        base_model=base_model,
+        use_rslora=use_rslora,
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        dropout=getattr(next(iter(layers.values())).dropout, "p", 0.0),
+    )
 
 
-def selecting_suffixes(model: nn.Module, paths: list[str]) -> dict[str, str]:
-    """For each wrapped module, the shortest dotted suffix of its path that selects wrapped modules only.
-
-    peft selects a module when its path equals a target_modules entry or ends with "." + entry, so GPT-2's
-    attention output must be written "attn.c_proj": a bare "c_proj" would also wrap mlp.c_proj.
-    """
-    wrapped = set(paths)
-    selected_by: dict[str, set[str]] = defaultdict(set)
-    for path, _ in model.named_modules():
-        parts = path.split(".")
-        if not path or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
-            continue  # the inside of a LoRALinear is not part of the model peft sees
-        for i in range(len(parts)):
-            selected_by[".".join(parts[i:])].add(path)
-    suffixes = {}
-    for path in paths:
-        parts = path.split(".")
-        candidates = (".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1))
-        suffixes[path] = next((s for s in candidates if selected_by[s] <= wrapped), path)
-    return suffixes
-
-
-def _rank_patterns(
-    values: dict[str, tuple[int, float]], suffixes: dict[str, str]
-) -> tuple[tuple[int, float], dict[str, int], dict[str, float]]:
-    """The most common (rank, alpha) as the default, and patterns (peft regexes) for modules that differ."""
-    default = Counter(values.values()).most_common(1)[0][0]
-    groups: dict[str, list[str]] = defaultdict(list)
-    for path, suffix in suffixes.items():
-        groups[suffix].append(path)
-    rank_pattern, alpha_pattern = {}, {}
-    for suffix, paths in groups.items():
-        shared = {values[path] for path in paths}
-        # One key per suffix where its modules agree, else one anchored full path per module.
-        keys = [(suffix, values[paths[0]])] if len(shared) == 1 else [(re.escape(p), values[p]) for p in paths]
-        for key, (rank, alpha) in keys:
-            if rank != default[0]:
-                rank_pattern[key] = rank
-            if alpha != default[1]:
-                alpha_pattern[key] = alpha
-    return default, rank_pattern, alpha_pattern
+def _peft_rank_and_alpha(layer: LoRALinear, peft_rslora: bool) -> tuple[int, float]:
+    n_slices = len(layer.slice_sizes)
+    alpha = peft_alpha(layer.alpha, layer.rank, n_slices, use_rslora=layer.use_rslora, peft_rslora=peft_rslora)
+    return n_slices * layer.rank, alpha
 
 
 def lorafit_facts(model: nn.Module, layers: dict[str, LoRALinear], targets: list[str], extra: dict | None) -> dict:
@@ -185,7 +113,7 @@ def lorafit_facts(model: nn.Module, layers: dict[str, LoRALinear], targets: list
 
 
 def _module_facts(config, path: str, layer: LoRALinear, targets: list[str]) -> dict:
-    sliced = layer.rows is not None
+    sliced = layer.slices is not None
     return {
         "rank": layer.rank,
         "alpha": layer.alpha,
@@ -196,38 +124,19 @@ def _module_facts(config, path: str, layer: LoRALinear, targets: list[str]) -> d
 
 
 def _slice_targets(config, path: str, layer: LoRALinear, targets: list[str]) -> list[str] | None:
-    """The semantic targets whose rows make up this layer's slices, or None if the table does not explain them."""
+    """The semantic targets whose features make up this layer's slices, or None if the table does not explain them."""
     table = architecture(config.model_type)
-    names = [t for t in dict.fromkeys(targets) if t in table and table[t].rows and _ends_with(path, table[t].module)]
-    rows = _target_rows(config, names)
-    if rows is None or [r for slice_rows in rows for r in slice_rows] != layer.rows.tolist():
+    names = [
+        t for t in dict.fromkeys(targets) if t in table and table[t].features and matches_suffix(path, table[t].module)
+    ]
+    slices = fused_slices(config, names)
+    if slices is None or tuple(f for features in slices.values() for f in features) != layer.out_index:
         return None
-    return sorted(names, key=lambda name: min(table[name].rows(config)))
-
-
-def _target_rows(config, names: list[str]) -> list[list[int]] | None:
-    """Output rows of each fused-projection target, in row order (as find_sites orders slices)."""
-    table = architecture(config.model_type)
-    if not names or any(name not in table or table[name].rows is None for name in names):
-        return None
-    return sorted((table[name].rows(config) for name in names), key=min)
-
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
+    return list(slices)
 
 
 def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, default=str) + "\n").encode()
-
-
-def _write_files(directory: Path, contents: dict[str, bytes]) -> None:
-    """Build the whole adapter folder under a temporary name and swap it in: old adapter or new, never a mix."""
-    if directory.exists() and not directory.is_dir():
-        raise LorafitError(f"{directory} exists and is not a folder; choose another adapter folder")
-    with staged_dir(directory) as staging:
-        for name, data in contents.items():
-            (staging / name).write_bytes(data)
 
 
 # ---------------------------------------------------------------- reading
@@ -248,35 +157,9 @@ def read_adapter_config(directory: Path) -> dict:
         raise LorafitError(f"{directory / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter") from error
     if not isinstance(config, dict):
         raise LorafitError(f"{directory / CONFIG_FILE} is not a JSON object; re-save the adapter")
-    _check_config(directory, config)
+    check_config(directory, config)
     _check_weights_file(directory)
     return config
-
-
-def _check_config(directory: Path, config: dict) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise LorafitError(f"{directory} holds a {peft_type or 'untyped'} adapter; lorafit reads LoRA adapters only")
-    for key in UNSUPPORTED:
-        if config.get(key):
-            raise LorafitError(f"{directory} uses {key}, which lorafit does not support; it reads plain LoRA adapters")
-    if config.get("bias", "none") not in ("none", None):
-        raise LorafitError(f"{directory} trains biases (bias={config['bias']!r}); lorafit reads adapters with bias='none'")
-    if config.get("init_lora_weights", True) not in PLAIN_INITS:
-        raise LorafitError(
-            f"{directory} was initialised with {config['init_lora_weights']!r}, which changes the base weights; "
-            "convert it to a plain LoRA adapter with peft first"
-        )
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise LorafitError(f"{directory / CONFIG_FILE} has r={rank!r}; it must be a positive integer")
-    if not isinstance(config.get("lora_alpha", 8), (int, float)):
-        raise LorafitError(f"{directory / CONFIG_FILE} has a non-numeric lora_alpha; fix it")
-    if not isinstance(config.get("target_modules"), (str, list)):
-        raise LorafitError(f"{directory / CONFIG_FILE} names no target_modules; it is not a LoRA adapter for modules")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise LorafitError(f"{directory / CONFIG_FILE} has a {key} that is not an object; fix it")
 
 
 def _check_weights_file(directory: Path) -> None:
@@ -300,24 +183,7 @@ def read_adapter_weights(directory: Path) -> dict[str, tuple[torch.Tensor, torch
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LorafitError(f"{path} is not a readable safetensors file ({error}); re-save the adapter") from error
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in tensors.items():
-        match = KEY_PATTERN.match(key)
-        if match is None:
-            raise LorafitError(
-                f"{path} holds {key}, which is not a LoRA A or B matrix (DoRA magnitudes, biases or saved modules "
-                "are not supported); lorafit reads plain LoRA adapters"
-            )
-        parts[match["path"]][match["part"]] = tensor.float()
-    if not parts:
-        raise LorafitError(f"{path} holds no LoRA weights; pass a trained adapter")
-    weights = {}
-    for module, pair in parts.items():
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise LorafitError(f"{path} has no {missing} for {module}; the adapter is incomplete, re-save it")
-        weights[module] = (pair["A"], pair["B"])
-    return weights
+    return lora_pairs(tensors, path)
 
 
 def _read_facts(directory: Path) -> dict:
@@ -353,14 +219,7 @@ class ModulePlan:
 def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALinear]:
     """Wrap `model` per the adapter's config and load its weights; LorafitError (exit 2) if it does not fit."""
     plans = plan_adapter(model, directory)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    layers = {}
-    for plan in plans:
-        layer = _build_layer(plan)
-        replace_module(model, plan.path, layer)
-        layers[plan.path] = layer
-    return layers
+    return freeze_and_wrap(model, {plan.path: _build_layer(plan) for plan in plans})
 
 
 def check_adapter(model: nn.Module, directory: Path) -> None:
@@ -381,7 +240,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     plans = []
     for path, (a, b) in weights.items():
         module = _fitting_module(model, modules, path, a, b)
-        rank, alpha = _rank_and_alpha(config, path, a.shape[0])
+        rank, alpha = rank_and_alpha(config, path, a.shape[0])
         plan = ModulePlan(
             path=path,
             module=module,
@@ -393,7 +252,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
             dropout=float(config.get("lora_dropout", 0.0) or 0.0),
             slices=None,
         )
-        _check_selected(directory, config, path)
+        check_selected(directory, config, path)
         plans.append(_sliced(getattr(model, "config", None), plan, facts.get(path)) or plan)
     return plans
 
@@ -412,8 +271,7 @@ def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, 
         raise LorafitError(
             f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} of {path} do not form a LoRA pair; re-save the adapter"
         )
-    rows, cols = module.weight.shape
-    d_out, d_in = (cols, rows) if stores_transposed(module) else (rows, cols)
+    d_out, d_in = projection_shape(module, stores_transposed(module))
     for name, found, expected in (("d_in", a.shape[1], d_in), ("d_out", b.shape[0], d_out)):
         if found != expected:
             raise LorafitError(
@@ -422,77 +280,25 @@ def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, 
     return module
 
 
-def _rank_and_alpha(config: dict, path: str, found_rank: int) -> tuple[int, float]:
-    """peft's rank and alpha for one module: a rank_pattern/alpha_pattern entry, else r and lora_alpha."""
-    rank = _pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
-    if rank != found_rank:
-        raise LorafitError(
-            f"{path} has rank {found_rank} in {WEIGHTS_FILE} but {rank} in {CONFIG_FILE}; the adapter is inconsistent"
-        )
-    return rank, alpha
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    """peft's lookup: the first key that, as a regex, matches a dotted suffix of the module path."""
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return value
-        except re.error as error:
-            raise LorafitError(f"pattern {key!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
-    return default
-
-
-def _check_selected(directory: Path, config: dict, path: str) -> None:
-    """Weights for a module that target_modules does not select would be ignored by peft: refuse them."""
-    targets = config["target_modules"]
-    if isinstance(targets, str):
-        try:
-            selected = targets == "all-linear" or re.fullmatch(targets, path) is not None
-        except re.error as error:
-            raise LorafitError(f"target_modules {targets!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
-    else:
-        selected = any(path == t or _ends_with(path, t) for t in targets)
-    if not selected:
-        raise LorafitError(
-            f"{directory / CONFIG_FILE} target_modules does not select {path}, which has weights; fix target_modules"
-        )
-
-
-def _ends_with(path: str, suffix: str) -> bool:
-    return path == suffix or path.endswith("." + suffix)
-
-
 def _sliced(config, plan: ModulePlan, facts: dict | None) -> ModulePlan | None:
     """The plan as output slices when lorafit.json says so, this model's table agrees and B has the block shape.
 
-    Sliced, resumed training keeps the k rows of a fused projection frozen at zero; the output is the same.
+    Sliced, resumed training keeps the k features of a fused projection frozen at zero; the output is the same.
     """
     if not isinstance(facts, dict) or not facts.get("slices") or not isinstance(facts.get("targets"), list):
         return None
     table = architecture(getattr(config, "model_type", ""))
     names = facts["targets"]
-    if not all(name in table and _ends_with(plan.path, table[name].module) for name in names):
+    if not all(name in table and matches_suffix(plan.path, table[name].module) for name in names):
         return None
-    slices = _target_rows(config, names)
-    if slices is None or [len(s) for s in slices] != facts["slices"] or plan.a.shape[0] % len(slices):
+    slices = list((fused_slices(config, names) or {}).values())
+    if not slices or [len(s) for s in slices] != facts["slices"] or plan.a.shape[0] % len(slices):
         return None
     rank = plan.a.shape[0] // len(slices)
-    if not _is_block_structured(plan.b, slices, rank):
-        return None  # trained further as a plain LoRA (by peft, say): k rows are no longer zero
-    n = len(slices)
-    # Inverse of peft_alpha: the per-slice alpha whose scaling equals peft's alpha/R (or alpha/sqrt(R)).
-    alpha = plan.alpha / (math.sqrt(n) if plan.use_rslora else n)
+    if not is_block_structured(plan.b, slices, rank):
+        return None  # trained further as a plain LoRA (by peft, say): k features are no longer zero
+    alpha = lorafit_alpha(plan.alpha, len(slices), plan.use_rslora)
     return replace(plan, rank=rank, alpha=alpha, slices=slices)
-
-
-def _is_block_structured(b: torch.Tensor, slices: list[list[int]], rank: int) -> bool:
-    """True when B is zero everywhere except slice i's rows in columns [i·r, (i+1)·r)."""
-    inside = torch.zeros_like(b, dtype=torch.bool)
-    for i, rows in enumerate(slices):
-        inside[torch.tensor(rows), i * rank : (i + 1) * rank] = True
-    return not b[~inside].any()
 
 
 def _build_layer(plan: ModulePlan) -> LoRALinear:
@@ -509,6 +315,6 @@ def _build_layer(plan: ModulePlan) -> LoRALinear:
             fan_in_fan_out=stores_transposed(plan.module),
             use_rslora=plan.use_rslora,
         )
-    layer.load_peft_weights(plan.a.to(layer.lora_A.device), plan.b.to(layer.lora_A.device))
+    layer.load_plain_lora_weights(plan.a.to(layer.lora_A.device), plan.b.to(layer.lora_A.device))
     layer.train(plan.module.training)  # a new module starts in training mode; follow the module it wraps
     return layer

@@ -6,24 +6,83 @@ A checkpoint folder is built under a temporary name and renamed, so any `step-NN
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.storage import staged_dir, write_json
+from lorafit.parallel import all_gather_objects, full_tensor, like
+from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
+from lorafit.storage import write_folder
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class RunState:
+    """What a run has done so far, beyond the weights: saved in each checkpoint as training_state.json "progress"."""
+
+    data_fingerprint: str
+    global_batch: int = 0  # rows per optimizer step over all processes
+    world_size: int = 1
+    eval_before: dict | None = None
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> Path | None:
+    """Every rule about an existing run folder, checked before any work: the checkpoint to resume from, or None.
+
+    A fresh run never overwrites a finished or interrupted one; --resume refuses a recipe that changed a
+    key that matters (keys marked resumable in the schema may change), training rows that changed, and a
+    different global batch (the number of processes may change, the rows of a step may not).
+    """
+    latest = latest_checkpoint(run_dir)
+    if not resume:
+        if latest is not None or (run_dir / "adapter").exists():
+            raise LorafitError(f"{run_dir} already holds a run; pass --resume to continue it or --output for a new one")
+        return None
+    if latest is None:
+        raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
+    saved = run_dir / "recipe.toml"
+    if saved.is_file():
+        changed = changed_keys(load_recipe(saved), recipe) - resumable_keys()
+        if changed:
+            key = sorted(changed)[0]
+            raise LorafitError(f"recipe key {key} changed since the run started; restore it to resume, or start a new run")
+    saved = _read_state(latest)["progress"]
+    if saved.get("data_fingerprint", now.data_fingerprint) != now.data_fingerprint:
+        raise LorafitError(
+            f"the training rows differ from those {run_dir} started with (data file or tokenizer changed); "
+            "restore them to resume, or start a new run"
+        )
+    if saved.get("global_batch", now.global_batch) != now.global_batch:
+        raise LorafitError(
+            f"{run_dir} ran with a global batch of {saved['global_batch']} rows ({saved.get('world_size', 1)} "
+            f"processes) and this launch gives {now.global_batch}; keep batch_size × grad_accum × processes the "
+            "same, e.g. set [train] global_batch"
+        )
+    return latest
+
+
+def data_fingerprint(rows: list[dict]) -> str:
+    """A hash of the tokenized training rows, so a resumed run can tell that its data changed underneath it."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return digest.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -44,10 +103,10 @@ def remove_partial(run_dir: Path) -> None:
 
 
 def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = state
+            tensors[f"cuda.{index}"] = state
     version, mt_state, gauss = random.getstate()
     numpy_state = np.random.get_state()
     plain = {
@@ -58,8 +117,8 @@ def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def restore_rng(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
     version, mt_state, gauss = plain["python"]
@@ -74,56 +133,84 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    progress: dict,
-    write_adapter,
+    state: RunState,
+    adapter_files: dict[str, bytes],
+    *,
+    write: bool = True,
 ) -> Path:
-    """Write checkpoints/step-NNNNNN atomically. `write_adapter(folder)` adds the PEFT-format adapter."""
-    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Write checkpoints/step-NNNNNN atomically: `adapter_files` under adapter/, and the training state.
+
+    Every process calls it (it gathers shards and each rank's RNG state); only the one with `write` writes.
+    """
+    from safetensors.torch import save
+
+    tensors = {f"model.{name}": full_tensor(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
     optimizer_state = optimizer.state_dict()
-    tensors = {f"model.{name}": t for name, t in trainable.items()}
-    for index, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
-    rng_plain, rng_tensors = capture_rng()
-    tensors.update(rng_tensors)
+    for index, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = full_tensor(torch.as_tensor(value))
+    rng_plain = []
+    for rank, (plain, rng_tensors) in enumerate(all_gather_objects(capture_rng())):
+        rng_plain.append(plain)
+        tensors.update({f"rng.{rank}.{key}": value for key, value in rng_tensors.items()})
+    final = checkpoint_dir(run_dir, step)
+    if not write:
+        return final
     plain = {
         "step": step,
-        "progress": progress,
+        "progress": asdict(state),
         "param_groups": optimizer_state["param_groups"],
         "scheduler": scheduler.state_dict(),
         "rng": rng_plain,
     }
-    final = checkpoint_dir(run_dir, step)
-    with staged_dir(final) as folder:
-        write_adapter(folder / "adapter")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
-        write_json(folder / STATE_JSON, plain)
+    files = {f"adapter/{name}": data for name, data in adapter_files.items()}
+    files[STATE_TENSORS] = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    files[STATE_JSON] = (json.dumps(plain, indent=2, default=str) + "\n").encode()
+    write_folder(final, files)
     return final
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Put the model's LoRA weights, the optimizer, schedule and RNGs back; return the saved progress."""
+def _read_state(folder: Path, tensors: bool = False) -> dict:
+    """training_state.json (and, with `tensors`, the safetensors file under key "tensors")."""
     try:
         plain = json.loads((folder / STATE_JSON).read_text())
-        tensors = load_file(str(folder / STATE_TENSORS))
+        if tensors:
+            plain["tensors"] = load_file(str(folder / STATE_TENSORS))
     except (OSError, ValueError, SafetensorError) as error:
         raise LorafitError(
             f"checkpoint {folder} is unreadable ({error}); delete it to resume from an earlier one"
         ) from error
+    return plain
+
+
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, rank: int = 0
+) -> tuple[int, RunState]:
+    """Put the LoRA weights, the optimizer, schedule and this rank's RNGs back; return the step and the run state.
+
+    Tensors are saved whole, so a run resumes on any number of processes: each takes its shard of them.
+    """
+    plain = _read_state(folder, tensors=True)
+    tensors = plain.pop("tensors")
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
             if key.startswith("model."):
                 name = key.removeprefix("model.")
-                if name not in parameters or parameters[name].shape != value.shape:
+                if name not in parameters or tuple(parameters[name].shape) != tuple(value.shape):
                     raise LorafitError(f"checkpoint {folder} does not fit this model ({name}); start a new run")
-                parameters[name].copy_(value)
+                parameters[name].copy_(like(value, parameters[name]))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            param = by_index[int(index)]
+            state.setdefault(int(index), {})[name] = value if value.ndim == 0 else like(value, param)
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
     scheduler.load_state_dict(plain["scheduler"])
-    restore_rng(plain["rng"], tensors)
-    return {"step": plain["step"], **plain["progress"]}
+    saved_ranks = len(plain["rng"])
+    mine = rank if rank < saved_ranks else 0  # more processes than before: the new ones take rank 0's
+    restore_rng(plain["rng"][mine], {k.removeprefix(f"rng.{mine}."): v for k, v in tensors.items()
+                                     if k.startswith(f"rng.{mine}.")})
+    return plain["step"], RunState(**plain["progress"])

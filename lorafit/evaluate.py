@@ -12,14 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.data import IGNORE, TokenizedSplit, collate, label_token_ids, tokenize_split
-from lorafit.loss import sequence_logprobs
+from lorafit.batches import collate, eval_shares, supervised_count
+from lorafit.data import IGNORE, TokenizedSplit, label_token_ids, tokenize_split
+from lorafit.loss import SupervisedLoss
+from lorafit.parallel import all_sum, make_accelerator
 from lorafit.recipe import DataSection, Recipe
-
-
-def _batches(rows: list[dict], size: int):
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
 
 
 def _with_label(row: dict, label_ids: list[int]) -> dict:
@@ -28,40 +25,44 @@ def _with_label(row: dict, label_ids: list[int]) -> dict:
     return {"input_ids": prompt + label_ids, "labels": [IGNORE] * len(prompt) + label_ids}
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: TokenizedSplit, data: DataSection, tokenizer, batch_size: int = 32) -> dict:
-    """{loss, perplexity, examples} and, for classification, accuracy."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def evaluate_split(
+    scorer: nn.Module, split: TokenizedSplit, data: DataSection, tokenizer, batch_size: int = 32,
+    *, rank: int = 0, world: int = 1,
+) -> dict:
+    """{loss, perplexity, examples} and, for classification, accuracy; `scorer` is a SupervisedLoss.
+
+    With several processes each scores its share of the rows and the sums are all-reduced, so every rank
+    returns the numbers one process would.
+    """
+    was_training = scorer.training
+    scorer.eval()
+    device = next(scorer.parameters()).device
     rows = split.examples.to_list()
     pad_id = tokenizer.pad_token_id
-    total_logprob, total_tokens = 0.0, 0
-    correct = 0
     candidates = label_token_ids(data, tokenizer) if data.task == "classification" else None
-    for chunk in _batches(rows, batch_size):
+
+    def score(batch: dict, rows_in_batch: int) -> torch.Tensor:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        return scorer(**batch, per_row=True).cpu()[:rows_in_batch]  # an empty share scores one dummy row
+
+    logprob, tokens, correct = 0.0, 0, 0
+    for indices in eval_shares(len(rows), rank, world, batch_size):
+        chunk = [rows[i] for i in indices]
         if candidates is None:
             batch = collate(chunk, pad_id)
-            total_logprob += sequence_logprobs(model, _to(batch, device)).sum().item()
-            total_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+            logprob += score(batch, len(chunk)).sum().item()
+            tokens += supervised_count(batch["labels"])
             continue
-        scores = torch.stack(
-            [
-                sequence_logprobs(model, _to(collate([_with_label(r, ids) for r in chunk], pad_id), device)).cpu()
-                for ids in candidates
-            ],
-            dim=1,
-        )
-        truth = torch.tensor([r["label_index"] for r in chunk])
+        with_labels = [collate([_with_label(row, ids) for row in chunk], pad_id) for ids in candidates]
+        scores = torch.stack([score(batch, len(chunk)) for batch in with_labels], dim=1)
+        truth = torch.tensor([row["label_index"] for row in chunk], dtype=torch.long)
         correct += int((scores.argmax(1) == truth).sum())
-        total_logprob += scores.gather(1, truth[:, None]).sum().item()
-        total_tokens += sum(len(candidates[i]) for i in truth.tolist())
-    model.train(was_training)
-    loss = -total_logprob / max(total_tokens, 1)
+        logprob += scores.gather(1, truth[:, None]).sum().item()
+        tokens += sum(len(candidates[i]) for i in truth.tolist())
+    scorer.train(was_training)
+    logprob, tokens, correct = all_sum([logprob, tokens, correct], device)
+    loss = -logprob / max(tokens, 1)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(rows)}
     if candidates is not None:
         result["accuracy"] = correct / max(len(rows), 1)
@@ -81,5 +82,8 @@ def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: P
     model = load_model(name, recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     if adapter is not None:
         load_adapter(model, Path(adapter))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_split(model.to(device), held_out, recipe.data, tokenizer, recipe.train.eval_batch_size)
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    scorer = SupervisedLoss(model).to(accelerator.device)
+    with accelerator.autocast():
+        return evaluate_split(scorer, held_out, recipe.data, tokenizer, recipe.train.eval_batch_size,
+                              rank=accelerator.process_index, world=accelerator.num_processes)

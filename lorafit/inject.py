@@ -8,17 +8,17 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.lora import LoRALinear
-from lorafit.targets import architecture
+from lorafit.targets import architecture, fused_slices, matches_suffix
 
 
 @dataclass
 class Site:
-    """One module to wrap, and which of its output rows each requested target owns."""
+    """One module to wrap, and which of its output features each requested target owns."""
 
     path: str
     module: nn.Module
     targets: list[str] = field(default_factory=list)
-    slices: list[list[int]] | None = field(default_factory=list)  # None: the whole module
+    slices: list[list[int]] | None = None  # None: the whole module
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _matching(model: nn.Module, suffix: str) -> list[tuple[str, nn.Module]]:
     return [
         (path, module)
         for path, module in model.named_modules()
-        if (path == suffix or path.endswith("." + suffix)) and is_projection(module)
+        if matches_suffix(path, suffix) and is_projection(module)
     ]
 
 
@@ -70,17 +70,10 @@ def find_sites(model: nn.Module, targets: list[str]) -> list[Site]:
         for path, module in matches:
             site = sites.setdefault(path, Site(path, module))
             site.targets.append(name)
-            rows = target.rows(config) if target and target.rows else None
-            if rows is None or site.slices is None:
-                if len(site.targets) > 1:
-                    raise LorafitError(f"targets {site.targets} overlap on {path}; list that module only once")
-                site.slices = None
-            else:
-                site.slices.append(rows)
-    for site in sites.values():
-        if site.slices:
-            # Row order, not request order, so ["v", "q"] and ["q", "v"] give the same adapter.
-            site.slices.sort(key=min)
+            slices = fused_slices(config, site.targets)
+            if slices is None and len(site.targets) > 1:
+                raise LorafitError(f"targets {site.targets} overlap on {path}; list that module only once")
+            site.slices = None if slices is None else list(slices.values())
     return list(sites.values())
 
 
@@ -102,12 +95,8 @@ def inject_lora(
     use_rslora: bool = False,
 ) -> dict[str, LoRALinear]:
     """Replace each targeted projection by a LoRALinear around it and freeze all base parameters."""
-    sites = find_sites(model, targets)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    layers = {}
-    for site in sites:
-        layer = LoRALinear(
+    layers = {
+        site.path: LoRALinear(
             site.module,
             rank,
             alpha,
@@ -117,8 +106,17 @@ def inject_lora(
             init=init,
             use_rslora=use_rslora,
         )
-        replace_module(model, site.path, layer)
-        layers[site.path] = layer
+        for site in find_sites(model, targets)
+    }
+    return freeze_and_wrap(model, layers)
+
+
+def freeze_and_wrap(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, LoRALinear]:
+    """Freeze every base parameter, then put each LoRA layer where its module was: only LoRA trains."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for path, layer in layers.items():
+        replace_module(model, path, layer)
     return layers
 
 

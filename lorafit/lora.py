@@ -15,13 +15,39 @@ import torch.nn.functional as F
 from torch import nn
 
 INITS = ("kaiming", "gaussian")
+M32 = 0xFFFFFFFF  # hashes below work on 32-bit values held in int64: a product never overflows 63 bits
+
+
+def projection_shape(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
+    """(d_out, d_in) of a projection, from `out_features`/`in_features` where it has them.
+
+    Only a module without them is read from its weight: a packed 4-bit weight's shape is not the projection's.
+    """
+    d_out, d_in = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if isinstance(d_out, int) and isinstance(d_in, int):
+        return d_out, d_in
+    first, second = module.weight.shape
+    return (second, first) if fan_in_fan_out else (first, second)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """alpha/r; rsLoRA (Kalajdzievski 2023) scales by alpha/sqrt(r) instead, so larger ranks keep learning."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def is_block_structured(b: torch.Tensor, slices: Sequence[Sequence[int]], rank: int) -> bool:
+    """True when B [d_out, n·r] is zero everywhere except slice i's output features in columns [i·r, (i+1)·r)."""
+    inside = torch.zeros_like(b, dtype=torch.bool)
+    for i, features in enumerate(slices):
+        inside[torch.tensor(features, dtype=torch.long), i * rank : (i + 1) * rank] = True
+    return not b[~inside].any()
 
 
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha/r) · B·A·x, with A [r, d_in] random and B [d_out, r] zero, so training starts at base.
 
-    `slices` adapts only some output rows of a fused projection (the q and v rows of GPT-2's c_attn):
-    each slice gets its own rank-r pair (A_s, B_s) and the rows outside every slice (k) never change.
+    `slices` adapts only some output features of a fused projection (the q and v features of GPT-2's c_attn):
+    each slice gets its own rank-r pair (A_s, B_s) and the features outside every slice (k) never change.
     The pairs are stored stacked — `lora_A` is [A_1; A_2; ...] and `lora_B` is [B_1; B_2; ...] — so the
     forward pass is one matmul down for all slices and one up, never materialising B·A.
     """
@@ -46,37 +72,32 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank = rank
         self.alpha = alpha
+        self.init = init
         self.fan_in_fan_out = fan_in_fan_out
-        # rsLoRA (Kalajdzievski 2023) scales by alpha/sqrt(r) so larger ranks keep learning.
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.use_rslora = use_rslora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_keys: torch.Tensor | None = None  # [batch, length], set by set_dropout_keys before a forward
+        self.dropout_salt = 0  # tells this layer's masks from the other layers'
         self.merged = False
 
         d_out, d_in = self.weight_shape
-        if slices is None:
-            self.slice_sizes = [d_out]
-            rows = None
-        else:
-            self.slice_sizes = [len(s) for s in slices]
-            rows = torch.tensor([r for s in slices for r in s], dtype=torch.long)
-            empty = min(self.slice_sizes, default=0) == 0
-            if empty or rows.min() < 0 or rows.max() >= d_out or rows.unique().numel() != rows.numel():
-                raise ValueError(f"slices must be disjoint, non-empty row sets inside [0, {d_out})")
-        # Output rows that each slice writes, in slice order; None means the whole projection.
-        self.register_buffer("rows", rows, persistent=False)
+        self.slices = None if slices is None else _checked_slices(slices, d_out)
+        self.slice_sizes = [d_out] if self.slices is None else [len(s) for s in self.slices]
+        # Output features that each slice writes, in slice order; None means the whole projection. Plain
+        # Python data, so meta-device construction and to_empty() cannot lose it.
+        self.out_index = None if self.slices is None else tuple(f for s in self.slices for f in s)
+        self._index_on: dict[torch.device, torch.Tensor] = {}  # out_index per device; not a buffer
 
         factory = {"device": base.weight.device, "dtype": torch.float32}
-        n_slices = len(self.slice_sizes)
-        self.lora_A = nn.Parameter(torch.empty(n_slices * rank, d_in, **factory))
+        self.lora_A = nn.Parameter(torch.empty(len(self.slice_sizes) * rank, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(sum(self.slice_sizes), rank, **factory))
-        self.reset_parameters(init)
+        self.reset_parameters()
 
     @property
     def weight_shape(self) -> tuple[int, int]:
         """(d_out, d_in), whatever the storage layout of the base weight."""
-        rows, cols = self.base.weight.shape
-        return (cols, rows) if self.fan_in_fan_out else (rows, cols)
+        return projection_shape(self.base, self.fan_in_fan_out)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,11 +107,11 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base, "bias", None)
 
-    def reset_parameters(self, init: str = "kaiming") -> None:
-        """A random, B zero: the update starts at exactly zero."""
+    def reset_parameters(self, init: str | None = None) -> None:
+        """A random, B zero: the update starts at exactly zero. Nothing to draw on the meta device."""
         if self.lora_A.is_meta:
             return
-        if init == "kaiming":
+        if (init or self.init) == "kaiming":
             # Same distribution as nn.Linear's default; the fan-in is d_in for every slice alike.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
@@ -102,19 +123,22 @@ class LoRALinear(nn.Module):
         return self.lora_A.numel() + self.lora_B.numel()
 
     def full_B(self) -> torch.Tensor:
-        """B as one [d_out, n_slices·r] matrix: block-structured, zero in rows no slice adapts.
+        """B as one [d_out, n_slices·r] matrix: block-structured, zero in output features no slice adapts.
 
-        This is also how PEFT sees a sliced layer: one LoRA of rank n_slices·r on the whole projection.
+        This is the B of the equivalent plain LoRA of rank n_slices·r on the whole projection.
         """
-        return self._scatter(self.lora_B)
-
-    def _scatter(self, stacked: torch.Tensor) -> torch.Tensor:
-        """Stacked [B_1; B_2; ...] -> the full-width block-structured B."""
-        if self.rows is None:
-            return stacked
+        if self.out_index is None:
+            return self.lora_B
         d_out, _ = self.weight_shape
-        blocks = torch.block_diag(*stacked.split(self.slice_sizes))
-        return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self.rows, blocks)
+        blocks = torch.block_diag(*self.lora_B.split(self.slice_sizes))
+        return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self._index(blocks.device), blocks)
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        """out_index as a tensor on `device`, copied there once rather than every forward."""
+        index = self._index_on.get(device)
+        if index is None:
+            index = self._index_on[device] = torch.tensor(self.out_index, dtype=torch.long, device=device)
+        return index
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B·A as a dense [d_out, d_in] matrix (for merging, never for the forward pass)."""
@@ -124,13 +148,23 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        z = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        z = F.linear(self._dropped(x).to(self.lora_A.dtype), self.lora_A)
         b = self.full_B()
         if z.dtype == out.dtype:
             # out + scaling·z·Bᵀ in one fused kernel, without a second [tokens, d_out] temporary.
             flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), b.t(), alpha=self.scaling)
             return flat.view(out.shape)
         return out + (F.linear(z, b) * self.scaling).to(out.dtype)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the LoRA branch's input: masks keyed by (row, position) when keys are set, else random."""
+        p = getattr(self.dropout, "p", 0.0)
+        keys = self.dropout_keys
+        if not self.training or p == 0 or keys is None or keys.shape != x.shape[:-1]:
+            return self.dropout(x)
+        keep = keyed_keep_mask(keys, self.dropout_salt, x.shape[-1], p)
+        # where() saves only the boolean mask for backward, as nn.Dropout does.
+        return torch.where(keep, x * (1.0 / (1.0 - p)), x.new_zeros(()))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -152,32 +186,91 @@ class LoRALinear(nn.Module):
         weight = self.base.weight
         weight += (delta.t() if self.fan_in_fan_out else delta).to(weight.dtype)
 
-    def peft_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection."""
         return self.lora_A.detach(), self.full_B().detach()
 
     @torch.no_grad()
-    def load_peft_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Inverse of `peft_weights`; refuses a B with non-zero entries outside this layer's slice blocks."""
+    def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Inverse of `plain_lora_weights`; refuses a B with non-zero entries outside this layer's slice blocks."""
         if a.shape != self.lora_A.shape:
             raise ValueError(f"lora_A has shape {tuple(a.shape)}, expected {tuple(self.lora_A.shape)}")
-        d_out, _ = self.weight_shape
-        if b.shape != (d_out, self.lora_A.shape[0]):
-            raise ValueError(f"lora_B has shape {tuple(b.shape)}, expected {(d_out, self.lora_A.shape[0])}")
+        expected = (self.weight_shape[0], self.lora_A.shape[0])
+        if b.shape != expected:
+            raise ValueError(f"lora_B has shape {tuple(b.shape)}, expected {expected}")
         stacked = b
-        if self.rows is not None:
-            stacked = torch.cat([
-                b[rows, i * self.rank : (i + 1) * self.rank]
-                for i, rows in enumerate(self.rows.split(self.slice_sizes))
-            ])
+        if self.slices is not None:
             # Check before copying, so a refused B leaves the layer as it was.
-            if not torch.equal(self._scatter(stacked), b):
-                raise ValueError("lora_B has non-zero entries outside the adapted rows")
+            if not is_block_structured(b, self.slices, self.rank):
+                raise ValueError("lora_B has non-zero entries outside the adapted output features")
+            per_slice = self._index(b.device).split(self.slice_sizes)
+            stacked = torch.cat([b[index, i * self.rank : (i + 1) * self.rank] for i, index in enumerate(per_slice)])
         self.lora_A.copy_(a)
         self.lora_B.copy_(stacked)
 
     def extra_repr(self) -> str:
         parts = f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
-        if self.rows is not None:
+        if self.slices is not None:
             parts += f", slices={self.slice_sizes}"
         return parts + (", merged" if self.merged else "")
+
+
+def _checked_slices(slices: Sequence[Sequence[int]], d_out: int) -> tuple[tuple[int, ...], ...]:
+    """Slices as tuples of ints, or ValueError unless they are disjoint, non-empty sets inside [0, d_out)."""
+    checked = tuple(tuple(int(f) for f in s) for s in slices)
+    features = [f for s in checked for f in s]
+    inside = all(0 <= f < d_out for f in features)
+    if not checked or not all(checked) or not inside or len(set(features)) != len(features):
+        raise ValueError(f"slices must be disjoint, non-empty output-feature sets inside [0, {d_out})")
+    return checked
+
+
+# ---------------------------------------------------------------- dropout keyed by the row
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply, two rounds) of values in [0, 2^32), elementwise."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    return (x >> 16) ^ x
+
+
+def dropout_keys(seed: int, step: int, rows: Sequence[int], length: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), length] keys, one per (seed, step, row, position): what a keyed dropout mask is drawn from.
+
+    `rows` are the rows' indices in the data set, so a row gets the same masks whichever process or
+    micro-batch computes it, and the result does not depend on the process count.
+    """
+    key = _mix32(torch.tensor([seed & M32], device=device))
+    key = _mix32(key ^ (step & M32))
+    key = _mix32(key ^ (torch.tensor(list(rows), dtype=torch.long, device=device) & M32))
+    return _mix32(key[:, None] ^ torch.arange(length, device=device))
+
+
+def keyed_keep_mask(keys: torch.Tensor, salt: int, features: int, p: float) -> torch.Tensor:
+    """[*keys.shape, features] booleans, True with probability 1 - p, a pure function of (key, salt, feature).
+
+    The position's key times an odd per-feature multiplier, then one xorshift-multiply round: as fast as
+    torch's own dropout on a CPU, with no correlation between features above sampling noise.
+    """
+    position = _mix32(keys ^ (salt & M32))[..., None]
+    multiplier = (_mix32(torch.arange(features, device=keys.device) + 0x9E3779B1 & M32) >> 1) | 1
+    h = (position * multiplier) & M32
+    h = ((h >> 15) ^ h) * 0x2C1B3C6D & M32
+    return h >= int(p * 2**32)
+
+
+def set_dropout_keys(layers, seed: int, step: int, rows: Sequence[int], shape: Sequence[int]) -> None:
+    """Key the dropout of every layer for the next forward of a [batch, length] batch of `rows`.
+
+    Rows past len(rows) (the one row of an empty micro-batch) get keys too; their masks touch no loss.
+    A layer keeps its keys through backward, so recomputed (checkpointed) activations see the same masks.
+    """
+    layers = list(layers)
+    if not layers or not any(getattr(layer.dropout, "p", 0.0) for layer in layers):
+        return
+    batch, length = shape
+    rows = list(rows) + [-1] * (batch - len(rows))
+    keys = dropout_keys(seed, step, rows, length, layers[0].lora_A.device)
+    for salt, layer in enumerate(layers):
+        layer.dropout_keys, layer.dropout_salt = keys, salt

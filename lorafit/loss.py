@@ -1,9 +1,10 @@
 """Cross-entropy on the supervised tokens only, with the output head run only where labels are.
 
 A causal LM's head (vocab x d) applied at every position is a large share of the FLOPs and most of the
-activation memory of a LoRA step. We run the model's trunk, pick the hidden states that predict a
-supervised token, and apply the frozen head to those alone, in chunks, computing the gradient with
-respect to the hidden states on the way so that no [tokens, vocab] tensor outlives its chunk.
+activation memory of a LoRA step. When a model's logits are exactly head(last hidden state), we run the
+trunk, pick the hidden states that predict a supervised token, and apply the frozen head to those alone,
+in chunks, computing the gradient with respect to the hidden states on the way so that no [tokens, vocab]
+tensor outlives its chunk. Any other model is scored on its own full logits.
 """
 
 from __future__ import annotations
@@ -12,58 +13,89 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.targets import ARCHITECTURES
+from lorafit.batches import supervised_mask
 
-IGNORE = -100
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
 
+# Model types whose *ForCausalLM.forward computes logits = lm_head(base_model(...).last_hidden_state) and does
+# nothing more to them (read in transformers 5.x modeling code). A type joins with a tiny config in tests/conftest.py,
+# where tests/test_loss.py checks it against the model's own logits. Left out on purpose, among others: Gemma-2/3 soft-cap the logits (tanh), Cohere multiplies them by
+# logit_scale, Granite divides them by logits_scaling, Falcon-H1 multiplies them by lm_head_multiplier.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "bloom", "opt"})
 
-def head_only_supported(model: nn.Module) -> bool:
-    """Architectures in our table compute logits as head(final hidden state), with no scaling or capping."""
+# Config attributes by which transformers models scale, cap or cut their logits after the head. A model whose
+# config sets one is not trusted with the head-only path even if its type is listed (remote code, a variant).
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",  # Gemma-2/3/4, VaultGemma, NanoChat: cap * tanh(logits / cap)
+    "logits_soft_cap",  # RecurrentGemma
+    "output_logit_soft_cap",  # xLSTM
+    "logit_scale",  # Cohere: logits * scale
+    "logits_scaling",  # Granite: logits / scaling; HyperCLOVA X: logits * scaling
+    "lm_head_multiplier",  # Falcon-H1: logits * multiplier
+    "unpadded_vocab_size",  # logits cut to the unpadded vocabulary
+)
+
+
+def logit_transform(config) -> str | None:
+    """The config attribute by which the model changes its logits after the head, or None."""
+    return next((name for name in LOGIT_TRANSFORMS if getattr(config, name, None) is not None), None)
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The output head when the model's logits are exactly head(last hidden state), else None.
+
+    Only then may the head run on the supervised positions alone. Models that transform their logits are
+    scored on model(...).logits instead of re-applying their transform here: their own forward is right by
+    construction, where a copy of each architecture's scaling would drift from it unnoticed.
+    """
     head = model.get_output_embeddings()
-    return model.config.model_type in ARCHITECTURES and isinstance(head, nn.Linear)
+    plain = model.config.model_type in PLAIN_HEAD_MODEL_TYPES and logit_transform(model.config) is None
+    return head if plain and isinstance(head, nn.Linear) else None
 
 
-def supervised_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden states that predict a supervised token [M, d], those tokens [M], their row in the batch [M])."""
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
+def _supervised_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions whose next token is supervised [batch, length - 1], those tokens [M])."""
+    keep = supervised_mask(labels)
+    return keep, labels[:, 1:][keep]
+
+
+def _predicting_states(model: nn.Module, batch: dict, keep: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+    """What predicts each supervised token: last hidden states [M, d] when `head` is given, else logits [M, vocab]."""
     # No key/value cache: nothing is generated, and building one costs memory and torch.compile recompiles.
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if head_only_supported(model):
-        chosen = model.base_model(**inputs).last_hidden_state[:, :-1][keep]
-    else:
-        chosen = model(**inputs).logits[:, :-1][keep]
-    rows = keep.nonzero()[:, 0]
-    return chosen, targets[keep], rows
+    if head is not None:
+        return model.base_model(**inputs).last_hidden_state[:, :-1][keep]
+    return model(**inputs).logits[:, :-1][keep]
 
 
-def _apply_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    if head_only_supported(model):
-        return model.get_output_embeddings()(hidden)
-    return hidden  # already logits
+def _logits(states: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+    """Logits from `_predicting_states`: the head applied to hidden states, or the logits as they are."""
+    return states if head is None else head(states)
 
 
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised tokens, their count)."""
-    hidden, targets, _ = supervised_hidden(model, batch)
+    keep, targets = _supervised_targets(batch["labels"])
+    head = plain_head(model)
+    states = _predicting_states(model, batch, keep, head)
     if targets.numel() == 0:
-        return hidden.sum() * 0.0, 0
-    head = model.get_output_embeddings()
-    if head_only_supported(model) and not head.weight.requires_grad:
-        return HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets), targets.numel()
-    logits = _apply_head(model, hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum"), targets.numel()
+        return states.sum() * 0.0, 0
+    if head is not None and not head.weight.requires_grad:
+        return HeadCrossEntropy.apply(states, head.weight, head.bias, targets), targets.numel()
+    return F.cross_entropy(_logits(states, head).float(), targets, reduction="sum"), targets.numel()
 
 
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of each row's supervised tokens, [batch]."""
-    hidden, targets, rows = supervised_hidden(model, batch)
-    totals = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = max(1, CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+    keep, targets = _supervised_targets(batch["labels"])
+    rows = keep.nonzero()[:, 0]  # the batch row of each supervised token
+    head = plain_head(model)
+    states = _predicting_states(model, batch, keep, head)
+    totals = torch.zeros(keep.shape[0], dtype=torch.float32, device=states.device)
+    chunk = max(1, CHUNK_ELEMENTS // (states.shape[-1] if head is None else head.out_features))
     for start in range(0, targets.numel(), chunk):
-        logits = _apply_head(model, hidden[start : start + chunk]).float()
+        logits = _logits(states[start : start + chunk], head).float()
         picked = logits.log_softmax(-1).gather(1, targets[start : start + chunk, None]).squeeze(1)
         totals.index_add_(0, rows[start : start + chunk], picked)
     return totals
@@ -95,3 +127,22 @@ class HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):  # noqa: D102
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None
+
+
+class SupervisedLoss(nn.Module):
+    """The model with its loss as its forward, so that DDP's and FSDP's hooks fire when the loop calls it.
+
+    Calling the wrapped model's parts from outside a DDP/FSDP wrapper would skip the gradient all-reduce
+    (DDP) or the weight all-gather (FSDP); everything the loop and evaluation compute goes through here.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, per_row: bool = False) -> torch.Tensor:
+        """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if per_row:
+            return sequence_logprobs(self.model, batch)
+        return loss_sum(self.model, batch)[0]

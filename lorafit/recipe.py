@@ -33,6 +33,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+# Marks a key that may change between a run and its --resume: it does not change what is computed.
+RESUMABLE = {"resumable": True}
+
+
 class ModelSection(Section):
     name: str = "gpt2"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -61,14 +65,16 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str = "validation"
     max_length: int = Field(128, gt=1)
-    max_eval_examples: int = Field(0, ge=0)
+    max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
 
 class TrainSection(Section):
     max_steps: int = Field(0, ge=0)
     epochs: int = Field(1, gt=0)
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    # Per process; a resume may change these when the global batch (batch_size × grad_accum × processes) stays.
+    batch_size: int = Field(16, gt=0, json_schema_extra=RESUMABLE)
+    grad_accum: int = Field(1, gt=0, json_schema_extra=RESUMABLE)
+    global_batch: int = Field(0, ge=0, json_schema_extra=RESUMABLE)  # 0: batch_size × grad_accum × processes
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -76,15 +82,16 @@ class TrainSection(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 42
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    save_every: int = Field(0, ge=0)
-    log_every: int = Field(10, gt=0)
-    eval_batch_size: int = Field(32, gt=0)
+    save_every: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
+    log_every: int = Field(10, gt=0, json_schema_extra=RESUMABLE)
+    eval_batch_size: int = Field(32, gt=0, json_schema_extra=RESUMABLE)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards the frozen model over the processes
     gradient_checkpointing: bool = False
     compile: bool = False
 
 
 class OutputSection(Section):
-    dir: str = "runs/lorafit"
+    dir: str = Field("runs/lorafit", json_schema_extra=RESUMABLE)
 
 
 class Recipe(Section):
@@ -93,6 +100,22 @@ class Recipe(Section):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+
+def resumable_keys() -> set[str]:
+    """'section.key' for every recipe key marked RESUMABLE on its schema field."""
+    return {
+        f"{section}.{key}"
+        for section, field in Recipe.model_fields.items()
+        for key, info in field.annotation.model_fields.items()
+        if (info.json_schema_extra or {}).get("resumable")
+    }
+
+
+def changed_keys(old: Recipe, new: Recipe) -> set[str]:
+    """'section.key' for every key whose value differs between two recipes."""
+    before, after = old.model_dump(), new.model_dump()
+    return {f"{s}.{k}" for s in after for k in after[s] if before.get(s, {}).get(k) != after[s][k]}
 
 
 def is_local_data(source: str | dict[str, str]) -> bool:

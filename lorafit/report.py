@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import resource
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from lorafit.inject import count_parameters, inject_lora
+from lorafit.inject import count_parameters, inject_lora, lora_layers
 from lorafit.lora import LoRALinear
 from lorafit.model import DTYPES, load_config, meta_model
 
@@ -62,6 +67,32 @@ def parameter_report(model: nn.Module, layers: dict[str, LoRALinear], weight_byt
         "modules": module_rows(layers),
         "memory": memory_estimate(counts.total, counts.trainable, weight_bytes),
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "peak_kind": "CUDA allocator peak"}
+    # Linux reports ru_maxrss in KiB.
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_kind": "process peak RSS"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state, eval_after: dict, adapter_bytes: int) -> dict:
+    """report.json: parameters, memory, throughput and evaluation of a finished run."""
+    report = parameter_report(model, lora_layers(model), DTYPES[recipe.model.dtype].itemsize)
+    report["adapter_bytes"] = adapter_bytes
+    report["memory"] = {**peak_memory(device), **report["memory"]}
+    seconds = state.train_seconds
+    report["throughput"] = {"tokens_per_s": state.tokens / seconds if seconds else 0.0, "steps": steps, "wall_s": seconds}
+    report["eval"] = {**eval_after, "before": state.eval_before}
+    report["device"] = device_name(device)
+    report["mixed_precision"] = recipe.train.mixed_precision
+    return report
 
 
 def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "float32") -> dict:
@@ -155,3 +186,31 @@ def summary_tables(report: dict, run_dir) -> list:
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
     table.add_row("device", report["device"])
     return [table]
+
+
+def print_dropped(console: Console, name: str, split) -> None:
+    if split.dropped:
+        console.print(
+            f"[yellow]note:[/] {split.dropped} of {split.total} rows in {name!r} lost all supervised tokens to "
+            "\\[data] max_length and were left out"
+        )
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=console.quiet,
+    )
+
+
+def print_eval(console: Console, when: str, result: dict) -> None:
+    accuracy = f"  accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+    console.print(
+        f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}  ({result['examples']} examples)"
+    )

@@ -1,8 +1,8 @@
 """Where each architecture keeps its projections: semantic targets (q, k, v, o, gate, up, down) -> modules.
 
 One row of ARCHITECTURES per `config.model_type`. A target names a module by its path suffix inside a
-block; for a fused projection it also gives the output rows that belong to it, so that "q and v" on
-GPT-2's c_attn adapts exactly the q and v rows and leaves k alone.
+block; for a fused projection it also gives the output features that belong to it, so that "q and v" on
+GPT-2's c_attn adapts exactly the q and v features and leaves k alone.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 SEMANTIC_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
-RowsFn = Callable[[object], list[int]]
+FeaturesFn = Callable[[object], list[int]]
 
 
 @dataclass(frozen=True)
 class Target:
     module: str  # path suffix inside a block, e.g. "attn.c_attn"
-    rows: RowsFn | None = None  # output rows of a fused projection; None = the whole module
+    features: FeaturesFn | None = None  # output features of a fused projection; None = the whole module
 
 
 def _head_dim(config) -> int:
@@ -32,37 +32,37 @@ def _qkv_sizes(config) -> tuple[int, int, int]:
     return config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
 
 
-def contiguous(part: int) -> RowsFn:
+def contiguous(part: int) -> FeaturesFn:
     """Part `part` of a projection laid out [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj)."""
 
-    def rows(config) -> list[int]:
+    def features(config) -> list[int]:
         sizes = _qkv_sizes(config)
         start = sum(sizes[:part])
         return list(range(start, start + sizes[part]))
 
-    return rows
+    return features
 
 
-def per_head(part: int) -> RowsFn:
+def per_head(part: int) -> FeaturesFn:
     """Part `part` of a projection interleaved per head, [head, (q, k, v), head_dim] (GPT-NeoX, BLOOM)."""
 
-    def rows(config) -> list[int]:
+    def features(config) -> list[int]:
         head_dim = _head_dim(config)
         return [
             (head * 3 + part) * head_dim + i for head in range(config.num_attention_heads) for i in range(head_dim)
         ]
 
-    return rows
+    return features
 
 
-def half(part: int) -> RowsFn:
+def half(part: int) -> FeaturesFn:
     """Part `part` of a projection laid out [gate | up] (Phi-3 gate_up_proj)."""
 
-    def rows(config) -> list[int]:
+    def features(config) -> list[int]:
         width = config.intermediate_size
         return list(range(part * width, (part + 1) * width))
 
-    return rows
+    return features
 
 
 LLAMA = {
@@ -127,3 +127,20 @@ ARCHITECTURES: dict[str, dict[str, Target]] = {
 def architecture(model_type: str) -> dict[str, Target]:
     """The semantic targets of an architecture; empty for one the table does not know (module names still work)."""
     return ARCHITECTURES.get(model_type, {})
+
+
+def matches_suffix(path: str, suffix: str) -> bool:
+    """peft's rule, and ours: a module is named by its whole dotted path or by a dotted suffix of it."""
+    return path == suffix or path.endswith("." + suffix)
+
+
+def fused_slices(config, names: list[str]) -> dict[str, list[int]] | None:
+    """Output features of each named fused-projection target, in feature order; None unless all are such targets.
+
+    Feature order, not request order, so that ["v", "q"] and ["q", "v"] give the same adapter layout.
+    """
+    table = architecture(getattr(config, "model_type", ""))
+    if not names or any(name not in table or table[name].features is None for name in names):
+        return None
+    slices = {name: table[name].features(config) for name in names}
+    return dict(sorted(slices.items(), key=lambda item: min(item[1])))

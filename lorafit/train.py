@@ -1,16 +1,17 @@
-"""The training loop: recipe -> model + LoRA -> batches -> AdamW steps -> adapter, checkpoints and report."""
+"""The training loop: recipe -> model + LoRA -> batches -> AdamW steps -> adapter, checkpoints and report.
+
+`train()` reads as four steps: set up, start or resume, run the steps, finish. With several processes
+every rank runs the same code on its share of each step's rows; only the main process writes and prints.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import resource
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -18,185 +19,182 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
-from lorafit.adapter import save_adapter
-from lorafit.data import IGNORE, collate, length_grouped_batches, tokenize_split
+from lorafit.adapter import adapter_files
+from lorafit.batches import StepRows, collate, rank_share, supervised_count
+from lorafit.checkpoint import RunState, data_fingerprint
+from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
-from lorafit.inject import inject_lora, lora_layers
-from lorafit.lora import LoRALinear
-from lorafit.loss import loss_sum
-from lorafit.model import DTYPES, decoder_blocks, fuse_activations, load_model, load_tokenizer
-from lorafit.recipe import LoraSection, Recipe, recipe_toml
-from lorafit.report import parameter_report, summary_tables
-from lorafit.storage import write_atomic, write_json
+from lorafit.inject import inject_lora
+from lorafit.lora import LoRALinear, set_dropout_keys
+from lorafit.loss import SupervisedLoss
+from lorafit.model import decoder_blocks, fuse_activations, load_model, load_tokenizer
+from lorafit.parallel import all_sum, make_accelerator, shard_model, stop_on_signals
+from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
+from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables
+from lorafit.storage import write_atomic, write_folder, write_json
 
-# Keys that may change between a run and its resume: they do not change what is computed.
-RESUMABLE_KEYS = {"train.save_every", "train.log_every", "train.eval_batch_size", "data.max_eval_examples", "output.dir"}
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass
-class Plan:
-    """Which rows form each optimizer step: a pure function of (seed, epoch), so a resumed run sees the same."""
+class Run:
+    """Everything the loop works on, built once by `set_up`."""
 
-    lengths: list[int]
-    batch_size: int
+    recipe: Recipe
+    console: Console
+    accelerator: Accelerator
+    tokenizer: object
+    rows: list[dict]
+    supervised: list[int]  # supervised tokens of each training row
+    eval_split: TokenizedSplit
+    steps: StepRows
     grad_accum: int
-    seed: int
-    _epochs: dict[int, list[list[list[int]]]] = field(default_factory=dict)
+    total_steps: int
+    scorer: nn.Module  # SupervisedLoss around the model, wrapped by DDP or sharded by FSDP2
+    layers: dict[str, LoRALinear]
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    state: RunState
+    resume_from: Path | None
+    start_step: int = 0
 
     @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.grad_accum)
+    def run_dir(self) -> Path:
+        return Path(self.recipe.output.dir)
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch not in self._epochs:
-            batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
-            self._epochs = {epoch: [batches[i : i + self.grad_accum] for i in range(0, len(batches), self.grad_accum)]}
-        return self._epochs[epoch][index]
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM itself (sharded under FSDP2)."""
+        return self.accelerator.unwrap_model(self.scorer).model
 
-
-def data_fingerprint(rows: list[dict]) -> str:
-    """A hash of the tokenized training rows, so a resumed run can tell that its data changed underneath it."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
-    return digest.hexdigest()
-
-
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return max(0.0, 1.0 - progress)
-
-
-@contextmanager
-def stop_on_signals():
-    """SIGINT/SIGTERM ask the loop to stop after the current step, so a checkpoint can be saved."""
-    requested: list[int] = []
-
-    def handler(signum, _frame):
-        if requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        requested.append(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be installed from the main thread
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    def adapter_files(self) -> dict[str, bytes]:
+        """The adapter as files; a collective under FSDP2, so every rank calls it."""
+        lora, name = self.recipe.lora, self.recipe.model.name
+        return adapter_files(self.model, base_model=name, targets=lora.targets, extra={"recipe": self.recipe.model_dump()})
 
 
 def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
     """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json."""
-    console = console or Console(stderr=True)
-    run_dir = Path(recipe.output.dir)
-    resume_from = _check_run_dir(run_dir, recipe, resume)
-    checkpoint.remove_partial(run_dir)
+    run = set_up(recipe, resume, console or Console(stderr=True))
+    start_or_resume(run)
+    run_steps(run)
+    return finish(run)
+
+
+def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
+    """Tokenize, check the launch and the run folder, load the model with LoRA, build the optimizer: no file written."""
     settings = recipe.train
     set_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
-
+    accelerator = make_accelerator(settings.mixed_precision)
+    world = accelerator.num_processes
+    grad_accum = global_batch_split(settings, world)
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)
     tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
-    train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
-    eval_split = tokenize_split(recipe.data, tokenizer, recipe.data.eval_split)
-    _report_dropped(console, recipe.data.train_split, train_split)
-    _report_dropped(console, recipe.data.eval_split, eval_split)
-    if len(train_split.examples) == 0:
-        raise LorafitError(f"no trainable rows in split {recipe.data.train_split!r}; raise [data] max_length")
+    with accelerator.main_process_first():  # the others read the main process's tokenized cache
+        train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
+        eval_split = tokenize_split(recipe.data, tokenizer, recipe.data.eval_split)
+    print_dropped(console, recipe.data.train_split, train_split)
+    print_dropped(console, recipe.data.eval_split, eval_split)
+    rows = train_split.examples.to_list()
+    global_batch = settings.batch_size * grad_accum * world
+    state = RunState(data_fingerprint=data_fingerprint(rows), global_batch=global_batch, world_size=world)
+    resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
 
     model = load_model(recipe.model.name, recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
-    lora = recipe.lora
-    prepare_model(model, lora, gradient_checkpointing=settings.gradient_checkpointing, compile=settings.compile)
+    layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
+                           compile=settings.compile)
+    steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
+    total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
+    scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
+    supervised = [supervised_count(torch.tensor([row["labels"]])) for row in rows]
+    return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
+               scorer, layers, optimizer, scheduler, state, resume_from)
 
-    rows = train_split.examples.to_list()
-    plan = Plan([len(row["input_ids"]) for row in rows], settings.batch_size, settings.grad_accum, settings.seed)
-    total_steps = settings.max_steps or settings.epochs * plan.steps_per_epoch
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
-    schedule = partial(lr_factor, warmup=settings.warmup_steps, total=total_steps, schedule=settings.schedule)
-    scheduler = LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
 
-    def write_adapter(folder: Path) -> int:
-        return save_adapter(unwrapped, folder, base_model=recipe.model.name, targets=lora.targets, extra={"recipe": recipe.model_dump()})
+def start_or_resume(run: Run) -> None:
+    """A fresh run saves its recipe and evaluates the base; a resumed one restores its newest checkpoint."""
+    if run.accelerator.is_main_process:
+        checkpoint.remove_partial(run.run_dir)
+    if run.resume_from is None:
+        if run.accelerator.is_main_process:
+            write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
+        run.state.eval_before = _evaluate(run)
+        print_eval(run.console, "before training", run.state.eval_before)
+        return
+    run.start_step, saved = checkpoint.load_checkpoint(
+        run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index
+    )
+    run.state.eval_before, run.state.tokens, run.state.train_seconds = saved.eval_before, saved.tokens, saved.train_seconds
+    run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
 
-    progress = {"eval_before": None, "tokens": 0, "train_seconds": 0.0, "data_fingerprint": data_fingerprint(rows)}
-    start_step = 0
-    if resume_from is not None:
-        restored = checkpoint.load_checkpoint(resume_from, unwrapped, optimizer.optimizer, scheduler.scheduler)
-        if restored.get("data_fingerprint", progress["data_fingerprint"]) != progress["data_fingerprint"]:
-            raise LorafitError(
-                f"the training rows differ from those {run_dir} started with (data file or tokenizer changed); "
-                "restore them to resume, or start a new run"
-            )
-        start_step = restored.pop("step")
-        progress.update(restored)
-        console.print(f"resuming from {resume_from.name} (step {start_step} of {total_steps})")
-    else:
-        write_atomic(run_dir / "recipe.toml", recipe_toml(recipe))
-        progress["eval_before"] = evaluate_split(model, eval_split, recipe.data, tokenizer, settings.eval_batch_size)
-        _print_eval(console, "before training", progress["eval_before"])
 
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = _read_metrics(metrics_path, upto=start_step)
-    model.train()
-
-    def save(step: int) -> None:
-        checkpoint.save_checkpoint(run_dir, step, unwrapped, optimizer.optimizer, scheduler.scheduler, progress, write_adapter)
-
-    with stop_on_signals() as stop, _progress_bar(console) as bar:
-        task = bar.add_task("training", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+def run_steps(run: Run) -> None:
+    """The loop: one optimizer step per iteration, logging, checkpoints, and a stop that every rank agrees on."""
+    settings, state, accelerator = run.recipe.train, run.state, run.accelerator
+    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics = _read_metrics(metrics_path, upto=run.start_step)
+    run.scorer.train()
+    with stop_on_signals() as stop, progress_bar(run.console) as bar:
+        task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
         window_tokens, window_start = 0, time.perf_counter()
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             step_start = time.perf_counter()
-            micro = [collate([rows[i] for i in batch], tokenizer.pad_token_id) for batch in plan.micro_batches(step)]
-            loss, tokens = _optimizer_step(accelerator, model, optimizer, scheduler, micro, settings.max_grad_norm)
+            step_rows = run.steps.rows(step)
+            share = rank_share(step_rows, accelerator.process_index, accelerator.num_processes,
+                               settings.batch_size, run.grad_accum)
+            micro = [{**collate([run.rows[i] for i in rows], run.tokenizer.pad_token_id), "rows": rows} for rows in share]
+            local_loss = optimizer_step(
+                accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
+                supervised=sum(run.supervised[i] for i in step_rows),
+                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step),
+            )
+            loss, stops = all_sum([local_loss, len(stop)], accelerator.device)  # every rank sees the same
             if not math.isfinite(loss):
-                last = checkpoint.latest_checkpoint(run_dir)
+                last = checkpoint.latest_checkpoint(run.run_dir)
                 kept = f"; the last good checkpoint is {last}" if last else ""
                 raise LorafitError(f"loss became {loss} at step {step + 1}; lower [train] lr or use float32{kept}", exit_code=1)
-            progress["tokens"] += tokens
-            progress["train_seconds"] += time.perf_counter() - step_start
+            tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
+            state.tokens += tokens
+            state.train_seconds += time.perf_counter() - step_start
             window_tokens += tokens
             done = step + 1
-            if done % settings.log_every == 0 or done == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed}
-                metrics.append(record)
-                write_atomic(metrics_path, "".join(_json_line(m) for m in metrics))
-                bar.update(task, loss=loss, lr=record["lr"], tps=record["tokens_per_s"])
+            if done % settings.log_every == 0 or done == run.total_steps:
+                lr = run.scheduler.get_last_lr()[0]
+                metrics.append({"step": done, "loss": loss, "lr": lr,
+                                "tokens_per_s": window_tokens / (time.perf_counter() - window_start)})
+                if accelerator.is_main_process:
+                    write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+                bar.update(task, loss=loss, lr=lr, tps=metrics[-1]["tokens_per_s"])
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
-            if settings.save_every and done % settings.save_every == 0 and done < total_steps:
-                save(done)
-            if stop:
-                save(done)
+            if stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps):
+                _save(run, done)
+            if stops:
                 raise LorafitError(f"stopped at step {done}; checkpoint saved, continue with --resume", exit_code=130)
 
-    adapter_bytes = write_adapter(run_dir / "adapter")
-    eval_after = evaluate_split(model, eval_split, recipe.data, tokenizer, settings.eval_batch_size)
-    _print_eval(console, "after training", eval_after)
-    report = _build_report(recipe, unwrapped, accelerator, total_steps, progress, eval_after, adapter_bytes)
-    write_json(run_dir / "report.json", report)
-    for table in summary_tables(report, run_dir):
-        console.print(table)
+
+def finish(run: Run) -> dict:
+    """Write the final adapter, evaluate it, and write report.json."""
+    files = run.adapter_files()
+    if run.accelerator.is_main_process:
+        write_folder(run.run_dir / "adapter", files)
+    eval_after = _evaluate(run)
+    print_eval(run.console, "after training", eval_after)
+    report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
+                        len(files[WEIGHTS_FILE]))
+    report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
+                  batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
+    if run.accelerator.is_main_process:
+        write_json(run.run_dir / "report.json", report)
+    for table in summary_tables(report, run.run_dir):
+        run.console.print(table)
+    run.accelerator.wait_for_everyone()
     return report
 
 
@@ -216,6 +214,99 @@ def prepare_model(
     return layers
 
 
+def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: TrainSection, total_steps: int):
+    """(scorer, optimizer, scheduler) for the launch: DDP, or FSDP2 shards with the optimizer built after them.
+
+    The scheduler is not given to accelerate, which would step it once per process per optimizer step.
+    """
+    if settings.parallel == "fsdp" and accelerator.num_processes > 1:
+        blocks = decoder_blocks(scorer.model)
+        scorer = shard_model(scorer, blocks, accelerator.device)
+        optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
+        return scorer, accelerator.prepare_optimizer(optimizer), scheduler
+    optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    return scorer, optimizer, scheduler
+
+
+def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over the trainable parameters and the recipe's learning-rate schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+    schedule = partial(lr_factor, warmup=settings.warmup_steps, total=total_steps, schedule=settings.schedule)
+    return optimizer, LambdaLR(optimizer, schedule)
+
+
+def optimizer_step(
+    accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
+    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None,
+) -> float:
+    """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
+
+    Every token of the step weighs alike, whichever rank or micro-batch holds it: each micro-batch's summed
+    loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
+    of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
+    of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
+    data-set rows (its "rows" entry) before its forward.
+    """
+    if supervised is None:
+        supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
+    scale = accelerator.num_processes / max(supervised, 1)
+    total_loss = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(micro_batches):
+        inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
+        if key_dropout is not None:
+            key_dropout(batch.get("rows", []), inputs["input_ids"].shape)
+        last = index == len(micro_batches) - 1
+        with (nullcontext() if last else accelerator.no_sync(scorer)), accelerator.autocast():
+            summed = scorer(**inputs)
+        accelerator.backward(summed * scale)
+        total_loss += summed.detach() / max(supervised, 1)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss.item()
+
+
+def global_batch_split(settings: TrainSection, world: int) -> int:
+    """Micro-batches per optimizer step on each process: grad_accum, or what [train] global_batch leaves."""
+    if not settings.global_batch:
+        return settings.grad_accum
+    per_pass = settings.batch_size * world
+    if settings.grad_accum != 1 or settings.global_batch % per_pass:
+        raise LorafitError(
+            f"[train] global_batch = {settings.global_batch} is not a multiple of batch_size {settings.batch_size} × "
+            f"{world} processes; change global_batch or batch_size (and leave grad_accum at 1, it is derived)"
+        )
+    return settings.global_batch // per_pass
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def _save(run: Run, step: int) -> None:
+    checkpoint.save_checkpoint(run.run_dir, step, run.model, run.optimizer.optimizer, run.scheduler, run.state,
+                               run.adapter_files(), write=run.accelerator.is_main_process)
+
+
+def _evaluate(run: Run) -> dict:
+    scorer = run.accelerator.unwrap_model(run.scorer)  # DDP's wrapper is not needed without gradients
+    with run.accelerator.autocast():
+        return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
+                              rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward; transformers 5 renamed the switch."""
     options = {"use_reentrant": False}
@@ -225,117 +316,7 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def _optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm) -> tuple[float, int]:
-    """One AdamW step over several micro-batches, weighting every supervised token alike.
-
-    The loss is the sum over micro-batches of their token losses divided by the tokens in the whole step,
-    so accumulating 4 batches of 2 gives the same gradient as one batch of 8.
-    """
-    supervised = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-    input_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    total_loss = torch.zeros((), device=accelerator.device)
-    for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        last = index == len(micro_batches) - 1
-        with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-            summed, _ = loss_sum(model, batch)
-            loss = summed / max(supervised, 1)
-        accelerator.backward(loss)
-        total_loss += loss.detach()
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss.item(), input_tokens
-
-
-def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
-    """Never overwrite a finished or interrupted run; on --resume, refuse a recipe that changed what matters."""
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if not resume:
-        if latest is not None or (run_dir / "adapter").exists():
-            raise LorafitError(f"{run_dir} already holds a run; pass --resume to continue it or --output for a new one")
-        return None
-    if latest is None:
-        raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
-    saved = run_dir / "recipe.toml"
-    if saved.is_file():
-        from lorafit.recipe import load_recipe
-
-        changed = _changed_keys(load_recipe(saved), recipe) - RESUMABLE_KEYS
-        if changed:
-            key = sorted(changed)[0]
-            raise LorafitError(f"recipe key {key} changed since the run started; restore it to resume, or start a new run")
-    return latest
-
-
-def _changed_keys(old: Recipe, new: Recipe) -> set[str]:
-    before, after = old.model_dump(), new.model_dump()
-    return {f"{s}.{k}" for s in after for k in after[s] if before.get(s, {}).get(k) != after[s][k]}
-
-
-def _report_dropped(console: Console, name: str, split) -> None:
-    if split.dropped:
-        console.print(
-            f"[yellow]note:[/] {split.dropped} of {split.total} rows in {name!r} lost all supervised tokens to "
-            "\\[data] max_length and were left out"
-        )
-
-
 def _read_metrics(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= upto]
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(record) + "\n"
-
-
-def _progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def _print_eval(console: Console, when: str, result: dict) -> None:
-    accuracy = f"  accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
-    console.print(
-        f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}  ({result['examples']} examples)"
-    )
-
-
-def peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "peak_kind": "CUDA allocator peak"}
-    # Linux reports ru_maxrss in KiB.
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_kind": "process peak RSS"}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-def _build_report(recipe, model, accelerator, total_steps, progress, eval_after, adapter_bytes) -> dict:
-    report = parameter_report(model, lora_layers(model), DTYPES[recipe.model.dtype].itemsize)
-    report["adapter_bytes"] = adapter_bytes
-    report["memory"] = {**peak_memory(accelerator.device), **report["memory"]}
-    seconds = progress["train_seconds"]
-    report["throughput"] = {
-        "tokens_per_s": progress["tokens"] / seconds if seconds else 0.0,
-        "steps": total_steps,
-        "wall_s": seconds,
-    }
-    report["eval"] = {**eval_after, "before": progress["eval_before"]}
-    report["device"] = _device_name(accelerator.device)
-    report["mixed_precision"] = recipe.train.mixed_precision
-    return report

@@ -14,11 +14,11 @@ from conftest import LLAMA_SHAPE, SMALL, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit import adapter as adapter_module
 from lorafit.adapter import load_adapter, read_adapter_config, save_adapter
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_layers
 from lorafit.lora import LoRALinear
+from lorafit.peft_format import selecting_suffixes
 
 peft = pytest.importorskip("peft")
 
@@ -94,15 +94,15 @@ def test_peft_loads_our_adapter_with_the_same_logits(arch, tmp_path, tokens):
     assert_changed(ours, logits(tiny_model(arch), tokens))
 
 
-def k_rows(arch: str, b: torch.Tensor) -> torch.Tensor:
-    """The k rows of a fused qkv B, from the layouts as the models define them."""
+def k_features(arch: str, b: torch.Tensor) -> torch.Tensor:
+    """The k features of a fused qkv B, from the layouts as the models define them."""
     if arch == "gpt2":  # [q | k | v], each hidden_size wide
         return b[32:64]
     return b.view(4, 3, 8, -1)[:, 1]  # GPT-NeoX: per head [q, k, v] of head_dim 8
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
-def test_fused_qv_adapter_is_one_rank_2r_lora_with_zero_k_rows(arch, tmp_path):
+def test_fused_qv_adapter_is_one_rank_2r_lora_with_zero_k_features(arch, tmp_path):
     model, layers = adapted(arch, ["q", "v"])
     save_adapter(model, tmp_path, base_model="tiny", targets=["q", "v"])
 
@@ -115,7 +115,7 @@ def test_fused_qv_adapter_is_one_rank_2r_lora_with_zero_k_rows(arch, tmp_path):
             assert a.dtype == b.dtype == torch.float32
             assert b.shape == (96, 2 * RANK)
             assert torch.equal(a, layer.lora_A.detach())
-            assert not k_rows(arch, b).any()
+            assert not k_features(arch, b).any()
             assert b.abs().sum() > 0
 
 
@@ -169,7 +169,7 @@ def test_lorafit_json_records_targets_slices_and_extra(tmp_path):
 # ---------------------------------------------------------------- lorafit -> lorafit
 
 
-def test_load_adapter_rebuilds_q_v_slices_so_k_rows_stay_frozen(tmp_path, tokens):
+def test_load_adapter_rebuilds_q_v_slices_so_k_features_stay_frozen(tmp_path, tokens):
     model, _ = adapted("gpt2", ["q", "v"])
     save_adapter(model, tmp_path, base_model="tiny", targets=["q", "v"])
 
@@ -189,12 +189,12 @@ def test_adapter_without_lorafit_json_loads_as_one_plain_lora(tmp_path, tokens):
 
     reloaded = tiny_model("gpt2")
     layer = load_adapter(reloaded, tmp_path)["transformer.h.0.attn.c_attn"]
-    assert layer.rows is None and layer.lora_A.shape == (2 * RANK, 32)
+    assert layer.slices is None and layer.lora_A.shape == (2 * RANK, 32)
     assert_same(logits(reloaded, tokens), peft_logits("gpt2", tmp_path, tokens))
 
 
-def test_adapter_with_trained_k_rows_loads_as_plain_lora(tmp_path, tokens):
-    """An adapter trained further by peft (k rows no longer zero) cannot be sliced; it still loads exactly."""
+def test_adapter_with_trained_k_features_loads_as_plain_lora(tmp_path, tokens):
+    """An adapter trained further by peft (k features no longer zero) cannot be sliced; it still loads exactly."""
     model, _ = adapted("gpt2", ["q", "v"])
     save_adapter(model, tmp_path, base_model="tiny", targets=["q", "v"])
     weights = load_file(tmp_path / "adapter_model.safetensors")
@@ -204,7 +204,7 @@ def test_adapter_with_trained_k_rows_loads_as_plain_lora(tmp_path, tokens):
     save_file(weights, tmp_path / "adapter_model.safetensors")
 
     reloaded = tiny_model("gpt2")
-    assert load_adapter(reloaded, tmp_path)["transformer.h.0.attn.c_attn"].rows is None
+    assert load_adapter(reloaded, tmp_path)["transformer.h.0.attn.c_attn"].slices is None
     assert_same(logits(reloaded, tokens), peft_logits("gpt2", tmp_path, tokens))
 
 
@@ -415,6 +415,6 @@ def test_save_adapter_refuses_a_model_without_lora(tmp_path):
 
 def test_target_suffixes_are_the_shortest_unambiguous_ones():
     model, layers = adapted("gpt2", ["q", "v", "o", "down"])
-    suffixes = adapter_module.selecting_suffixes(model, list(layers))
+    suffixes = selecting_suffixes((path for path, _ in model.named_modules()), list(layers))
     # c_proj alone is fine once both attn.c_proj and mlp.c_proj are wrapped.
     assert set(suffixes.values()) == {"c_attn", "c_proj"}

@@ -15,14 +15,15 @@ from conftest import REPO, tiny_model
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import LambdaLR
 
-from lorafit.adapter import save_adapter
-from lorafit.checkpoint import STATE_TENSORS, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.adapter import adapter_files
+from lorafit.checkpoint import STATE_TENSORS, RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora
 from lorafit.recipe import load_recipe
 from lorafit.train import train
 
-PROGRESS = {"eval_before": {"loss": 1.25}, "tokens": 96, "train_seconds": 0.5}
+PROGRESS = RunState(data_fingerprint="abc", global_batch=4, eval_before={"loss": 1.25}, tokens=96, train_seconds=0.5)
+MARKER = {"marker.json": b"{}"}  # stands in for the adapter's files
 
 
 def training_setup(seed: int):
@@ -57,12 +58,6 @@ def random_draws() -> tuple:
     return torch.rand(5), random.random(), np.random.rand(3)
 
 
-def mark_adapter(folder: Path) -> int:
-    folder.mkdir()
-    (folder / "marker.json").write_text("{}")
-    return 2
-
-
 def assert_same_tensors(left: dict, right: dict) -> None:
     assert left.keys() == right.keys()
     for key, tensor in left.items():
@@ -74,7 +69,7 @@ def test_restore_continues_exactly_like_the_uninterrupted_run(tmp_path):
     model, optimizer, scheduler = training_setup(seed=1)
     for _ in range(3):
         one_step(model, optimizer, scheduler)
-    folder = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    folder = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, PROGRESS, MARKER)
     saved_weights, saved_moments = lora_state(model), optimizer_moments(optimizer)
     saved_schedule = scheduler.state_dict()
     one_step(model, optimizer, scheduler)
@@ -83,9 +78,9 @@ def test_restore_continues_exactly_like_the_uninterrupted_run(tmp_path):
     model2, optimizer2, scheduler2 = training_setup(seed=2)
     some_a = "transformer.h.0.attn.c_attn.lora_A"
     assert not torch.equal(lora_state(model2)[some_a], saved_weights[some_a])  # so the restore must overwrite it
-    progress = load_checkpoint(folder, model2, optimizer2, scheduler2)
+    step, progress = load_checkpoint(folder, model2, optimizer2, scheduler2)
 
-    assert progress == {"step": 3, **PROGRESS}
+    assert (step, progress) == (3, PROGRESS)
     assert_same_tensors(lora_state(model2), saved_weights)
     assert_same_tensors(optimizer_moments(optimizer2), saved_moments)
     assert {key for _, key in saved_moments} == {"step", "exp_avg", "exp_avg_sq"}
@@ -103,10 +98,8 @@ def test_checkpoint_folder_holds_the_adapter_and_no_pickles(tmp_path):
     model, optimizer, scheduler = training_setup(seed=1)
     one_step(model, optimizer, scheduler)
 
-    def write_adapter(folder: Path) -> int:
-        return save_adapter(model, folder, base_model="tiny", targets=["q", "v"])
-
-    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, write_adapter)
+    files = adapter_files(model, base_model="tiny", targets=["q", "v"])
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, files)
     assert folder == tmp_path / "checkpoints" / "step-000001"
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert files == [
@@ -127,7 +120,7 @@ def test_checkpoint_folder_holds_the_adapter_and_no_pickles(tmp_path):
 def test_unreadable_checkpoint_is_refused_with_a_way_out(tmp_path):
     model, optimizer, scheduler = training_setup(seed=1)
     one_step(model, optimizer, scheduler)
-    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, MARKER)
     state = folder / STATE_TENSORS
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(LorafitError, match="unreadable.*delete it"):
@@ -136,7 +129,7 @@ def test_unreadable_checkpoint_is_refused_with_a_way_out(tmp_path):
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     model, optimizer, scheduler = training_setup(seed=1)
-    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, mark_adapter)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, MARKER)
     other = tiny_model("gpt2")
     inject_lora(other, ["q", "v"], rank=2, alpha=8.0)
     other_optimizer = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])

@@ -17,15 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorafit.data import (
-    IGNORE,
-    collate,
-    label_token_ids,
-    length_grouped_batches,
-    load_rows,
-    supervised_tokens,
-    tokenize_split,
-)
+from lorafit.batches import collate, length_grouped_batches, supervised_count
+from lorafit.data import IGNORE, label_token_ids, tokenize_split
+from lorafit.rows import load_rows
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 
@@ -191,10 +185,11 @@ def test_collate_pads_right_to_the_longest_row():
     assert all(tensor.dtype == torch.long for tensor in batch.values())
 
 
-def test_supervised_tokens_counts_positions_with_loss():
-    labels = [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
-    assert supervised_tokens(labels) == 3
-    assert supervised_tokens(torch.tensor(labels)) == 3
+def test_supervised_count_counts_predicted_positions_with_loss():
+    labels = torch.tensor([[IGNORE, 6, 7], [IGNORE, 8, IGNORE]])
+    assert supervised_count(labels) == 3
+    # nothing comes before a row's first token to predict it, so its label never carries loss
+    assert supervised_count(torch.tensor([[5, 6, IGNORE]])) == 1
 
 
 def test_tokenized_rows_collate_to_model_inputs(tmp_path, tokenizer):
@@ -203,7 +198,7 @@ def test_tokenized_rows_collate_to_model_inputs(tmp_path, tokenizer):
     lengths = [len(row) for row in split.examples["input_ids"]]
     assert batch["input_ids"].shape == (len(REVIEWS), max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert supervised_tokens(batch["labels"]) == len(REVIEWS)  # one-token label words
+    assert supervised_count(batch["labels"]) == len(REVIEWS)  # one-token label words
 
 
 # --------------------------------------------------------------------------- files and splits

@@ -10,7 +10,8 @@ from conftest import EOS  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.data import IGNORE, collate, tokenize_split
+from lorafit.batches import collate
+from lorafit.data import IGNORE, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 

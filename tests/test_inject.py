@@ -130,7 +130,7 @@ def test_module_name_wraps_the_whole_module():
     layers = inject_lora(model, ["c_attn"], RANK, ALPHA)
     assert sorted(layers) == [f"transformer.h.{i}.attn.c_attn" for i in range(model.config.n_layer)]
     for layer in layers.values():
-        assert layer.rows is None
+        assert layer.slices is None
         assert tuple(layer.lora_A.shape) == (RANK, d)
         assert tuple(layer.lora_B.shape) == (3 * d, RANK)
 
@@ -149,12 +149,12 @@ def test_target_order_does_not_change_the_layout():
     backward = inject_lora(tiny_model("gpt2"), ["v", "q"], RANK, ALPHA)
     assert forward.keys() == backward.keys()
     for path in forward:
-        assert torch.equal(forward[path].rows, backward[path].rows)
+        assert forward[path].out_index == backward[path].out_index
         assert forward[path].slice_sizes == backward[path].slice_sizes
         assert forward[path].lora_A.shape == backward[path].lora_A.shape
     d = tiny_config("gpt2").n_embd
-    rows = forward["transformer.h.0.attn.c_attn"].rows.tolist()
-    assert rows == list(range(0, d)) + list(range(2 * d, 3 * d))  # q rows first, then v; k untouched
+    features = list(forward["transformer.h.0.attn.c_attn"].out_index)
+    assert features == list(range(0, d)) + list(range(2 * d, 3 * d))  # q features first, then v; k untouched
 
 
 @pytest.mark.parametrize("chosen", [["c_attn", "q"], ["q", "c_attn"], ["q_proj", "q"]], ids=str)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.lora import LoRALinear
+from lorafit.lora import LoRALinear, projection_shape
 
 D_IN, D_OUT, RANK, ALPHA = 12, 20, 4, 8.0
 
@@ -34,24 +34,24 @@ def randomize_b(layer: LoRALinear, seed: int = 1) -> None:
 
 
 def slice_pairs(layer: LoRALinear, slices: list[list[int]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(rows, A_s, B_s) per slice, read out of the stacked lora_A / lora_B as the class documents."""
+    """(features, A_s, B_s) per slice, read out of the stacked lora_A / lora_B as the class documents."""
     pairs, offset = [], 0
-    for index, rows in enumerate(slices):
+    for index, features in enumerate(slices):
         a = layer.lora_A[index * layer.rank : (index + 1) * layer.rank].detach()
-        b = layer.lora_B[offset : offset + len(rows)].detach()
-        pairs.append((rows, a, b))
-        offset += len(rows)
+        b = layer.lora_B[offset : offset + len(features)].detach()
+        pairs.append((features, a, b))
+        offset += len(features)
     return pairs
 
 
 def dense_update(layer: LoRALinear, slices: list[list[int]] | None) -> torch.Tensor:
-    """ΔW [d_out, d_in]: each slice's rows moved by its own scaling·B_s·A_s, every other row zero."""
+    """ΔW [d_out, d_in]: each slice's features moved by its own scaling·B_s·A_s, every other feature zero."""
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     if slices is None:
         return layer.scaling * b @ a
     update = torch.zeros(layer.weight_shape)
-    for rows, a_s, b_s in slice_pairs(layer, slices):
-        update[torch.tensor(rows)] = layer.scaling * (b_s @ a_s)
+    for features, a_s, b_s in slice_pairs(layer, slices):
+        update[torch.tensor(features)] = layer.scaling * (b_s @ a_s)
     return update
 
 
@@ -74,7 +74,7 @@ def inputs(d_in: int = D_IN) -> torch.Tensor:
     return torch.randn(3, 5, d_in, generator=torch.Generator().manual_seed(2))
 
 
-def per_head_rows(part: int, heads: int, head_dim: int) -> list[int]:
+def per_head_features(part: int, heads: int, head_dim: int) -> list[int]:
     """Rows of part `part` in a projection laid out [head, (q, k, v), head_dim]."""
     return [(head * 3 + part) * head_dim + i for head in range(heads) for i in range(head_dim)]
 
@@ -99,18 +99,34 @@ def test_conv1d_weight_shape_is_read_transposed():
     assert tuple(layer.lora_B.shape) == (D_OUT, RANK)
 
 
+class PackedProjection(nn.Module):
+    """Stands in for a 4-bit linear: d_out·d_in/2 bytes in a [n, 1] weight, the real shape in in/out_features."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = nn.Parameter(torch.zeros(d_in * d_out // 2, 1, dtype=torch.uint8), requires_grad=False)
+
+
+def test_projection_shape_comes_from_in_and_out_features_not_a_packed_weight():
+    assert projection_shape(PackedProjection(D_IN, D_OUT)) == (D_OUT, D_IN)
+    layer = LoRALinear(PackedProjection(D_IN, D_OUT), RANK, ALPHA)
+    assert tuple(layer.lora_A.shape) == (RANK, D_IN)
+    assert tuple(layer.lora_B.shape) == (D_OUT, RANK)
+
+
 FUSED_D = 8  # a [3d, d] projection with d = 8: two heads of size 4
 FUSED_SLICES = {
     "contiguous q,v": [list(range(0, FUSED_D)), list(range(2 * FUSED_D, 3 * FUSED_D))],
-    "per-head q,v": [per_head_rows(0, 2, 4), per_head_rows(2, 2, 4)],
-    "per-head k only": [per_head_rows(1, 2, 4)],
-    "rows out of order": [[5, 0, 3], [23, 9, 16, 12]],
+    "per-head q,v": [per_head_features(0, 2, 4), per_head_features(2, 2, 4)],
+    "per-head k only": [per_head_features(1, 2, 4)],
+    "features out of order": [[5, 0, 3], [23, 9, 16, 12]],
 }
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("slices", FUSED_SLICES.values(), ids=FUSED_SLICES.keys())
-def test_fused_slices_move_only_their_own_rows(kind, slices):
+def test_fused_slices_move_only_their_own_features(kind, slices):
     base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
     layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
     randomize_b(layer)
@@ -120,9 +136,9 @@ def test_fused_slices_move_only_their_own_rows(kind, slices):
     expected = dense_output(x, sliced_dense_weight(layer, slices), base.bias.detach())
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
-    untouched = sorted(set(range(3 * FUSED_D)) - {row for rows in slices for row in rows})
+    untouched = sorted(set(range(3 * FUSED_D)) - {feature for features in slices for feature in features})
     assert torch.equal(out[..., untouched], base(x)[..., untouched])
-    adapted = sorted(row for rows in slices for row in rows)
+    adapted = sorted(feature for features in slices for feature in features)
     assert not torch.allclose(out[..., adapted], base(x)[..., adapted])
 
 
@@ -250,9 +266,9 @@ def test_gradients_reach_only_lora_and_match_dense(kind):
     a = layer.lora_A.detach().clone().requires_grad_(True)
     b = layer.lora_B.detach().clone().requires_grad_(True)
     weight = dense_weight(base, fan_in_fan_out)
-    q_rows, v_rows = (torch.tensor(rows) for rows in slices)
+    q_features, v_features = (torch.tensor(features) for features in slices)
     update = torch.zeros_like(weight)
-    update = update.index_add(0, q_rows, b[:FUSED_D] @ a[:RANK]).index_add(0, v_rows, b[FUSED_D:] @ a[RANK:])
+    update = update.index_add(0, q_features, b[:FUSED_D] @ a[:RANK]).index_add(0, v_features, b[FUSED_D:] @ a[RANK:])
     out = dense_output(x, weight + layer.scaling * update, base.bias)
     ((out - target) ** 2).sum().backward()
     torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-4)
@@ -300,62 +316,62 @@ def test_training_step_never_forms_a_dense_update():
     assert (2 * RANK, d_in) in recorder.shapes  # the recorder does see the LoRA gradients
 
 
-def test_peft_weights_round_trip():
+def test_plain_lora_weights_round_trip():
     slices = FUSED_SLICES["per-head q,v"]
     source = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
     randomize_b(source)
-    a, b = source.peft_weights()
+    a, b = source.plain_lora_weights()
     target = LoRALinear(source.base, RANK, ALPHA, slices=slices)
-    target.load_peft_weights(a, b)
+    target.load_plain_lora_weights(a, b)
     assert torch.equal(target.lora_A, source.lora_A)
     assert torch.equal(target.lora_B, source.lora_B)
     x = inputs(FUSED_D)
     assert torch.equal(target(x), source(x))
 
 
-def test_peft_weights_are_one_plain_lora_of_stacked_rank():
+def test_plain_lora_weights_are_one_lora_of_stacked_rank():
     slices = FUSED_SLICES["per-head q,v"]
     layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
     randomize_b(layer)
-    a, b = layer.peft_weights()
+    a, b = layer.plain_lora_weights()
     assert tuple(a.shape) == (2 * RANK, FUSED_D)
     assert tuple(b.shape) == (3 * FUSED_D, 2 * RANK)
-    k_rows = per_head_rows(1, 2, 4)
-    assert torch.count_nonzero(b[k_rows]) == 0
+    k_features = per_head_features(1, 2, 4)
+    assert torch.count_nonzero(b[k_features]) == 0
     # PEFT would hold rank 2r with lora_alpha 2·alpha: the same scaling alpha/r.
     plain = (2 * ALPHA) / (2 * RANK) * b @ a
     torch.testing.assert_close(plain, dense_update(layer, slices), rtol=1e-6, atol=1e-6)
 
 
-def test_load_peft_weights_refuses_non_zero_k_rows():
+def test_load_plain_lora_weights_refuses_non_zero_k_features():
     slices = FUSED_SLICES["contiguous q,v"]
     layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
     randomize_b(layer)
-    a, b = layer.peft_weights()
+    a, b = layer.plain_lora_weights()
     b = b.clone()
-    b[FUSED_D + 1, 0] = 0.5  # a k row
+    b[FUSED_D + 1, 0] = 0.5  # a k feature
     fresh = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
     with pytest.raises(ValueError, match="outside"):
-        fresh.load_peft_weights(a, b)
+        fresh.load_plain_lora_weights(a, b)
 
 
-def test_load_peft_weights_refuses_cross_slice_entries():
+def test_load_plain_lora_weights_refuses_cross_slice_entries():
     slices = FUSED_SLICES["contiguous q,v"]
     layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    a, b = layer.peft_weights()
+    a, b = layer.plain_lora_weights()
     b = b.clone()
-    b[0, RANK] = 1.0  # a q row reading v's half of A
+    b[0, RANK] = 1.0  # a q feature reading v's half of A
     with pytest.raises(ValueError, match="outside"):
-        layer.load_peft_weights(a, b)
+        layer.load_plain_lora_weights(a, b)
 
 
-def test_load_peft_weights_refuses_wrong_shapes():
+def test_load_plain_lora_weights_refuses_wrong_shapes():
     layer = LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA)
-    a, b = layer.peft_weights()
+    a, b = layer.plain_lora_weights()
     with pytest.raises(ValueError, match="lora_A"):
-        layer.load_peft_weights(a[:-1], b)
+        layer.load_plain_lora_weights(a[:-1], b)
     with pytest.raises(ValueError, match="lora_B"):
-        layer.load_peft_weights(a, b[:-1])
+        layer.load_plain_lora_weights(a, b[:-1])
 
 
 def test_rslora_scales_by_alpha_over_sqrt_rank():
@@ -386,9 +402,9 @@ def test_unknown_init_raises():
 
 BAD_SLICES = {
     "overlapping": [[0, 1, 2], [2, 3]],
-    "negative row": [[-1, 0]],
-    "row past d_out": [[0, D_OUT]],
-    "no rows at all": [[]],
+    "negative feature": [[-1, 0]],
+    "feature past d_out": [[0, D_OUT]],
+    "no features at all": [[]],
     "one empty slice": [[0, 1], []],
 }
 
@@ -414,10 +430,42 @@ def test_refused_load_leaves_the_layer_unchanged():
     layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
     randomize_b(layer)
     before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-    a, b = (t.clone() for t in layer.peft_weights())
+    a, b = (t.clone() for t in layer.plain_lora_weights())
     a += 1.0
-    b[FUSED_D, 0] = 0.5  # a k row
+    b[FUSED_D, 0] = 0.5  # a k feature
     with pytest.raises(ValueError):
-        layer.load_peft_weights(a, b)
+        layer.load_plain_lora_weights(a, b)
     assert torch.equal(layer.lora_A, before[0])
     assert torch.equal(layer.lora_B, before[1])
+
+
+def test_layer_built_on_meta_then_to_empty_gives_the_same_output():
+    """FSDP's path: build on the meta device, materialise with to_empty(), load the weights."""
+    slices = FUSED_SLICES["per-head q,v"]
+    reference = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    randomize_b(reference)
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(reference.state_dict())
+    x = inputs(FUSED_D)
+    assert torch.equal(layer(x), reference(x))
+    assert not torch.equal(reference(x), reference.base(x))
+
+
+def test_reset_parameters_after_to_empty_redraws_with_the_layers_init():
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA, init="gaussian")
+    layer.to_empty(device="cpu")
+    torch.manual_seed(4)
+    layer.reset_parameters()
+    torch.manual_seed(4)
+    expected = torch.empty(RANK, D_IN).normal_(std=1.0 / RANK)
+    assert torch.equal(layer.lora_A.detach(), expected)
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
+def test_state_dict_holds_the_base_and_lora_weights_only():
+    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=FUSED_SLICES["per-head q,v"])
+    assert set(layer.state_dict()) == {"base.weight", "base.bias", "lora_A", "lora_B"}
+    assert not list(layer.buffers())

@@ -22,7 +22,7 @@ from conftest import REPO, TINY_DATA, write_recipe
 from filelock import FileLock
 from typer.testing import CliRunner
 
-import lorafit.train
+import lorafit.loss
 from lorafit.checkpoint import latest_checkpoint
 from lorafit.cli import app
 
@@ -41,8 +41,8 @@ mode, step, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 
 def pause_in_step():
     # Block inside the forward pass of optimizer step `step` until the test creates marker/go.
-    import lorafit.train
-    real, calls = lorafit.train.loss_sum, []
+    import lorafit.loss
+    real, calls = lorafit.loss.loss_sum, []
 
     def loss_sum(model, batch):
         calls.append(1)
@@ -52,24 +52,24 @@ def pause_in_step():
                 time.sleep(0.01)
         return real(model, batch)
 
-    lorafit.train.loss_sum = loss_sum
+    lorafit.loss.loss_sum = loss_sum
 
 
 def die_writing_checkpoint():
-    # Write half of checkpoint `step`'s training state, then SIGKILL this process.
+    # Write half of checkpoint `step`'s training state into its staging folder, then SIGKILL this process.
     import lorafit.checkpoint
-    from safetensors.torch import save
-    real = lorafit.checkpoint.save_file
+    from lorafit.storage import staged_dir
+    real = lorafit.checkpoint.write_folder
 
-    def save_file(tensors, path, *args, **kwargs):
-        if f"step-{step:06d}" in str(path):
-            data = save(tensors)
-            with open(path, "wb") as file:
-                file.write(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(tensors, path, *args, **kwargs)
+    def write_folder(final, files):
+        if f"step-{step:06d}" in str(final):
+            with staged_dir(final) as staging:
+                data = files[lorafit.checkpoint.STATE_TENSORS]
+                (staging / lorafit.checkpoint.STATE_TENSORS).write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(final, files)
 
-    lorafit.checkpoint.save_file = save_file
+    lorafit.checkpoint.write_folder = write_folder
 
 
 {"pause": pause_in_step, "die": die_writing_checkpoint}[mode]()
@@ -174,14 +174,14 @@ def recipe(tiny_recipe) -> Path:
 
 def patch_loss(monkeypatch, at_step: int, action) -> None:
     """Call `action(summed_loss)` in place of returning the loss of optimizer step `at_step` (in-process runs)."""
-    real, calls = lorafit.train.loss_sum, []
+    real, calls = lorafit.loss.loss_sum, []
 
     def loss_sum(model, batch):
         summed, count = real(model, batch)
         calls.append(1)
         return (action(summed) if len(calls) == at_step else summed), count
 
-    monkeypatch.setattr(lorafit.train, "loss_sum", loss_sum)
+    monkeypatch.setattr(lorafit.loss, "loss_sum", loss_sum)
 
 
 @pytest.fixture

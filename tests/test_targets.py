@@ -1,17 +1,17 @@
-"""The architecture table against the models' own code: the rows it calls q, k, v, gate and up are the rows
-the transformers forward pass uses as q, k, v, gate and up.
+"""The architecture table against the models' own code: the output features it calls q, k, v, gate and up are
+the features the transformers forward pass uses as q, k, v, gate and up.
 
 Method: capture the tensors each model passes to its attention function (or, for BLOOM, returns from its
-own split) and, for Phi-3's MLP, the gate and up halves; then ask autograd which output rows of the fused
+own split) and, for Phi-3's MLP, the gate and up halves; then ask autograd which output features of the fused
 projection each captured tensor depends on. Rotary embeddings mix features within q and within k, never
-across q, k and v, so the dependence sets are exactly the rows the model assigns to each part.
+across q, k and v, so the dependence sets are exactly the features the model assigns to each part.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_model
+from conftest import ARCHITECTURES, tiny_config, tiny_model
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -55,8 +55,8 @@ def output_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 
-def rows_feeding(part: torch.Tensor, fused: torch.Tensor) -> list[int]:
-    """Output rows (last dim) of `fused` that `part` depends on; random weights rule out cancellation."""
+def features_feeding(part: torch.Tensor, fused: torch.Tensor) -> list[int]:
+    """Output features (last dim) of `fused` that `part` depends on; random weights rule out cancellation."""
     weights = torch.randn(part.shape, generator=torch.Generator().manual_seed(1))
     (grad,) = torch.autograd.grad((part * weights).sum(), fused, retain_graph=True)
     return grad.abs().flatten(0, -2).sum(0).nonzero().flatten().tolist()
@@ -85,14 +85,14 @@ def capture_qkv(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tensor], t
 
 
 @pytest.mark.parametrize("arch", sorted(FUSED_QKV))
-def test_qkv_rows_are_the_rows_the_model_uses(arch):
+def test_qkv_features_are_the_features_the_model_uses(arch):
     model = tiny_model(arch)
     table = targets.ARCHITECTURES[arch]
     parts, fused = capture_qkv(model, arch)
     for name, part in parts.items():
         assert FUSED_QKV[arch].endswith("." + table[name].module)
-        expected = rows_feeding(part, fused)
-        assert sorted(table[name].rows(model.config)) == expected, f"{arch} {name}"
+        expected = features_feeding(part, fused)
+        assert sorted(table[name].features(model.config)) == expected, f"{arch} {name}"
 
 
 class RecordGate(nn.Module):
@@ -108,7 +108,7 @@ class RecordGate(nn.Module):
         return torch.ones_like(gate).detach()
 
 
-def test_phi3_gate_and_up_rows_are_the_halves_the_mlp_uses():
+def test_phi3_gate_and_up_features_are_the_halves_the_mlp_uses():
     model = tiny_model("phi3")
     mlp = model.get_submodule("model.layers.0.mlp")
     fused = output_of(mlp.gate_up_proj)
@@ -120,7 +120,7 @@ def test_phi3_gate_and_up_rows_are_the_halves_the_mlp_uses():
     table = targets.ARCHITECTURES["phi3"]
     for name in ("gate", "up"):
         assert table[name].module == "mlp.gate_up_proj"
-        assert sorted(table[name].rows(model.config)) == rows_feeding(kept[name], fused["out"]), name
+        assert sorted(table[name].features(model.config)) == features_feeding(kept[name], fused["out"]), name
 
 
 def test_fused_targets_of_one_module_are_disjoint_and_cover_it():
@@ -128,12 +128,12 @@ def test_fused_targets_of_one_module_are_disjoint_and_cover_it():
         model = tiny_model(arch)
         by_module: dict[str, list[int]] = {}
         for target in table.values():
-            if target.rows is not None:
-                by_module.setdefault(target.module, []).extend(target.rows(model.config))
-        for suffix, rows in by_module.items():
+            if target.features is not None:
+                by_module.setdefault(target.module, []).extend(target.features(model.config))
+        for suffix, features in by_module.items():
             layer = next(m for path, m in model.named_modules() if path.endswith("." + suffix))
             d_out = layer.weight.shape[1] if type(layer).__name__ == "Conv1D" else layer.weight.shape[0]
-            assert sorted(rows) == list(range(d_out)), f"{arch} {suffix}"
+            assert sorted(features) == list(range(d_out)), f"{arch} {suffix}"
 
 
 def test_every_table_architecture_has_a_tiny_model():
@@ -154,3 +154,24 @@ def test_every_semantic_target_names_one_projection_per_layer(arch):
 
 def test_unknown_architecture_has_no_semantic_targets():
     assert targets.architecture("no-such-model") == {}
+
+
+def test_fused_slices_are_in_feature_order_whatever_the_request_order():
+    config = tiny_config("gpt2")
+    forward, backward = targets.fused_slices(config, ["q", "v"]), targets.fused_slices(config, ["v", "q"])
+    assert list(forward.items()) == list(backward.items())
+    d = config.n_embd
+    assert forward == {"q": list(range(0, d)), "v": list(range(2 * d, 3 * d))}
+
+
+@pytest.mark.parametrize("names", [[], ["o"], ["q", "o"], ["c_attn"]], ids=str)
+def test_fused_slices_need_every_name_to_be_a_fused_target(names):
+    assert targets.fused_slices(tiny_config("gpt2"), names) is None
+
+
+@pytest.mark.parametrize(
+    "path, suffix, selected",
+    [("h.0.attn.c_proj", "attn.c_proj", True), ("c_proj", "c_proj", True), ("h.0.attn.c_proj", "n.c_proj", False)],
+)
+def test_a_suffix_names_whole_dotted_parts_only(path, suffix, selected):
+    assert targets.matches_suffix(path, suffix) == selected

@@ -25,12 +25,14 @@ from typer.testing import CliRunner
 import lorafit.train as train_module
 from lorafit.adapter import load_adapter
 from lorafit.cli import app
-from lorafit.data import IGNORE, collate, load_rows
+from lorafit.batches import StepRows, collate
+from lorafit.data import IGNORE
+from lorafit.rows import load_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_layers
-from lorafit.loss import loss_sum
+from lorafit.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection, load_recipe
-from lorafit.train import Plan, _optimizer_step, lr_factor, prepare_model, train
+from lorafit.train import lr_factor, optimizer_step, prepare_model, train
 
 RANK = 4
 STEPS = 6
@@ -304,7 +306,7 @@ def independent_gradient(model: torch.nn.Module, rows: list[dict]) -> tuple[floa
 
 
 def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, dict]:
-    """Run `_optimizer_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient."""
+    """Run `optimizer_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient."""
     from accelerate import Accelerator
 
     model = copy.deepcopy(model)
@@ -312,9 +314,9 @@ def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: f
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Accelerator()
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    loss, _ = _optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, max_grad_norm)
-    after = dict(accelerator.unwrap_model(model).named_parameters())
+    scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
+    loss = optimizer_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm)
+    after = dict(model.named_parameters())
     return loss, {n: before[n] - after[n].detach() for n in before}
 
 
@@ -397,34 +399,33 @@ def test_accumulated_step_clips_the_whole_steps_gradient():
 # ---------------------------------------------------------------- (5) the plan
 
 
-def plan_steps(plan: Plan, steps: range) -> list[list[list[int]]]:
-    return [plan.micro_batches(step) for step in steps]
+def plan_steps(plan: StepRows, steps: range) -> list[list[int]]:
+    return [plan.rows(step) for step in steps]
 
 
 def test_plan_covers_each_row_once_per_epoch():
     lengths = [(7 * i) % 23 + 1 for i in range(41)]
-    plan = Plan(lengths, batch_size=4, grad_accum=2, seed=5)
-    assert plan.steps_per_epoch == 6  # 11 batches of at most 4, in steps of 2
+    plan = StepRows(lengths, global_batch=8, seed=5)
+    assert plan.steps_per_epoch == 6  # 41 rows in steps of at most 8
     for epoch in range(3):
         steps = plan_steps(plan, range(epoch * 6, (epoch + 1) * 6))
-        assert all(1 <= len(step) <= 2 for step in steps)
-        assert all(1 <= len(batch) <= 4 for step in steps for batch in step)
-        assert sorted(i for step in steps for batch in step for i in batch) == list(range(41))
+        assert all(1 <= len(step) <= 8 for step in steps)
+        assert sorted(i for step in steps for i in step) == list(range(41))
 
 
 def test_plan_is_deterministic_whatever_order_steps_are_asked_in():
     lengths = [(5 * i) % 17 + 1 for i in range(30)]
-    forward = plan_steps(Plan(lengths, 3, 2, seed=9), range(15))
-    backward = plan_steps(Plan(lengths, 3, 2, seed=9), range(14, -1, -1))[::-1]
+    forward = plan_steps(StepRows(lengths, 6, seed=9), range(15))
+    backward = plan_steps(StepRows(lengths, 6, seed=9), range(14, -1, -1))[::-1]
     assert forward == backward
 
 
 def test_plan_epochs_and_seeds_give_different_orders():
     lengths = [(5 * i) % 17 + 1 for i in range(30)]
-    plan = Plan(lengths, 3, 1, seed=9)
+    plan = StepRows(lengths, 3, seed=9)
     per_epoch = plan.steps_per_epoch
     assert plan_steps(plan, range(per_epoch)) != plan_steps(plan, range(per_epoch, 2 * per_epoch))
-    assert plan_steps(plan, range(per_epoch)) != plan_steps(Plan(lengths, 3, 1, seed=10), range(per_epoch))
+    assert plan_steps(plan, range(per_epoch)) != plan_steps(StepRows(lengths, 3, seed=10), range(per_epoch))
 
 
 # ---------------------------------------------------------------- (6) an existing run is never overwritten

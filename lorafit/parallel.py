@@ -1,0 +1,115 @@
+"""More than one process: how a launch becomes a process group, which rows each rank takes, what ranks agree on.
+
+The result must not depend on how many processes computed it. Every rank holds the whole tokenized data
+and the same step plan, so a rank knows the step's global supervised-token count without asking anyone;
+it takes its share of the step's rows, and the sums that are logged or evaluated are all-reduced.
+
+Strategies: plain DDP (the frozen model replicated; LoRA gradients are tiny, so it scales almost
+perfectly) or FSDP2 (`fully_shard` per decoder block, then the root) for a model that does not fit one
+device. FSDP1's flat parameters cannot mix a bf16 base with fp32 LoRA weights, so it is not offered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """The Accelerator for however the program was launched: torchrun, accelerate launch, or plain python.
+
+    Without GPUs accelerate would leave torchrun's processes unconnected, each training alone on the same
+    folder; `cpu=True` there makes them one gloo group instead.
+    """
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def launched_processes_missing() -> bool:
+    """`accelerate launch --num_processes N` on a machine without GPUs starts one process, not N.
+
+    Its single-process launcher sets MASTER_ADDR only when more than one process was asked for, and nothing
+    (WORLD_SIZE, an MPI size) then says how many processes exist.
+    """
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    return launched_by_accelerate and "MASTER_ADDR" in os.environ and not any(k in os.environ for k in sizes)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum `values` over all processes (one all-reduce); the values themselves with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value`, in rank order (a one-element list with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask the loop to stop after the current step, so a checkpoint can be saved."""
+    requested: list[int] = []
+
+    def request_stop(signum, _frame):
+        if requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def shard_model(scorer: nn.Module, blocks: nn.ModuleList, device: torch.device) -> nn.Module:
+    """`fully_shard` each decoder block, then the root, over all processes; the optimizer is built after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(scorer, mesh=mesh)
+    return scorer
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must call it); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `reference` is: this rank's shard of it when `reference` is sharded (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(reference, DTensor):
+        return full.to(reference.device)
+    full = full.to(reference.device, reference.dtype)
+    return distribute_tensor(full, reference.device_mesh, reference.placements, src_data_rank=None)
