@@ -25,6 +25,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import peft
@@ -35,13 +36,13 @@ from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lorafit.data import collate
-from lorafit.loss import loss_sum
-from lorafit.recipe import LoraSection
-from lorafit.train import Plan, _optimizer_step, prepare_model
+from lorafit.batches import StepRows, collate
+from lorafit.lora import set_dropout_keys
+from lorafit.loss import SupervisedLoss
+from lorafit.recipe import LoraSection, TrainSection
+from lorafit.train import build_optimizer, optimizer_step, prepare_model
 
 SEED = 0
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
@@ -74,7 +75,7 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.train._optimizer_step on its length-grouped batches."
+        "default implementation. lorafit runs lorafit.train.optimizer_step on its length-grouped batches."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
@@ -162,8 +163,8 @@ def shuffled_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
 
 def lorafit_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
     """The batches lorafit's training loop would form from these rows (length-grouped, shuffled)."""
-    plan = Plan([len(row["input_ids"]) for row in rows], batch_size, 1, SEED)
-    return [plan.micro_batches(step)[0] for step in range(plan.steps_per_epoch)]
+    plan = StepRows([len(row["input_ids"]) for row in rows], batch_size, SEED)
+    return [plan.rows(step) for step in range(plan.steps_per_epoch)]
 
 
 def worst_case_batch(rows: list[dict], batch_size: int) -> list[int]:
@@ -193,23 +194,29 @@ def build_method(key: str, base: nn.Module, device: torch.device, accelerator_fa
 
 
 def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool) -> Method:
-    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained as lorafit.train.train does."""
-    prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]), compile=compile)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # The optimizer and scheduler exactly as lorafit.train.train builds them.
-    optimizer = torch.optim.AdamW(trainable, lr=LR_LORA, weight_decay=0.0, foreach=True)
-    scheduler = LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained by lorafit.train's own functions."""
+    layers = prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]),
+                           compile=compile)
+    settings = TrainSection(lr=LR_LORA, schedule="constant", max_grad_norm=MAX_GRAD_NORM, seed=SEED)
+    optimizer, scheduler = build_optimizer(model, settings, total_steps=1)
+    scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
     pad_id = model.config.eos_token_id
+    steps = iter(range(1 << 62))
 
     def step(rows: list[dict]) -> tuple[float, int]:
-        return _optimizer_step(accelerator, model, optimizer, scheduler, [collate(rows, pad_id)], MAX_GRAD_NORM)
+        # Dropout keyed by (step, row) as in training; the bench's rows have no data-set index, so their place.
+        batch = {**collate(rows, pad_id), "rows": list(range(len(rows)))}
+        key_dropout = partial(set_dropout_keys, layers.values(), SEED, next(steps))
+        loss = optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=MAX_GRAD_NORM,
+                              key_dropout=key_dropout)
+        return loss, sum(len(row["input_ids"]) for row in rows)
 
     def first_loss(batch: dict) -> float:
-        summed, count = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        return float(summed) / count
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return float(scorer(**batch)) / int((batch["labels"][:, 1:] != NO_LOSS).sum())
 
-    return Method("lorafit", model, step, lorafit_batches, first_loss, sum(p.numel() for p in trainable))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Method("lorafit", model, step, lorafit_batches, first_loss, trainable)
 
 
 def build_plain(key: str, model: nn.Module, device: torch.device) -> Method:

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.parallel import all_gather_objects, full_tensor, like
+from lorafit.lora import whole
+from lorafit.parallel import all_gather_objects, like
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
 from lorafit.storage import write_folder
 
@@ -144,11 +145,11 @@ def save_checkpoint(
     """
     from safetensors.torch import save
 
-    tensors = {f"model.{name}": full_tensor(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"model.{name}": whole(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
     optimizer_state = optimizer.state_dict()
     for index, values in optimizer_state["state"].items():
         for key, value in values.items():
-            tensors[f"optimizer.{index}.{key}"] = full_tensor(torch.as_tensor(value))
+            tensors[f"optimizer.{index}.{key}"] = whole(torch.as_tensor(value))
     rng_plain = []
     for rank, (plain, rng_tensors) in enumerate(all_gather_objects(capture_rng())):
         rng_plain.append(plain)

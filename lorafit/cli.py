@@ -47,7 +47,13 @@ def _quiet_libraries() -> None:
 
 
 def _run(action: Callable[[], object], debug: bool) -> object:
-    """Turn LorafitError into one line and an exit code; anything else is a runtime failure (exit 1)."""
+    """Turn LorafitError into one line and an exit code; anything else is a runtime failure (exit 1).
+
+    With several processes every rank meets the same bad input, so only the main one says so; a failure
+    of one rank alone is printed by that rank, with its number.
+    """
+    from lorafit.parallel import rank
+
     if not debug:
         _quiet_libraries()
     try:
@@ -55,7 +61,8 @@ def _run(action: Callable[[], object], debug: bool) -> object:
     except LorafitError as error:
         if debug:
             stderr.print_exception()
-        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        if rank() == 0:
+            stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/]")
@@ -64,12 +71,24 @@ def _run(action: Callable[[], object], debug: bool) -> object:
         if debug:
             stderr.print_exception()
         else:
+            where = f"rank {rank()}: " if rank() else ""
             stderr.print(
-                f"[bold red]error:[/] {type(error).__name__}: {escape(str(error))} (run again with --debug for the traceback)",
+                f"[bold red]error:[/] {where}{type(error).__name__}: {escape(str(error))} (run again with --debug for the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )
         raise typer.Exit(1) from None
+
+
+def _start_missing_processes() -> None:
+    """Under `accelerate launch --num_processes N` without GPUs, become the N processes it meant to start."""
+    from lorafit.parallel import relaunch_command
+
+    command = _run(lambda: relaunch_command(sys.argv[1:]), debug=False)
+    if command:
+        stderr.print(f"[yellow]note:[/] accelerate started one process without GPUs; starting {command[3].split('=')[1]} processes "
+                     "through torch.distributed.run", highlight=False)
+        os.execv(command[0], command)
 
 
 def _print_json(data: dict) -> None:
@@ -92,6 +111,8 @@ def train(
     Ctrl-C or SIGTERM stops after the current step, saves a checkpoint and exits with code 130;
     continue with --resume. A second Ctrl-C stops at once.
     """
+
+    _start_missing_processes()
 
     def action():
         from lorafit.recipe import load_recipe

@@ -122,15 +122,15 @@ class LoRALinear(nn.Module):
     def lora_params(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
 
-    def full_B(self) -> torch.Tensor:
-        """B as one [d_out, n_slices·r] matrix: block-structured, zero in output features no slice adapts.
-
-        This is the B of the equivalent plain LoRA of rank n_slices·r on the whole projection.
+    def full_B(self, stacked: torch.Tensor | None = None) -> torch.Tensor:
+        """B (or `stacked`, a B laid out as lora_B) as one [d_out, n_slices·r] matrix: block-structured, zero in
+        output features no slice adapts. This is the B of the equivalent plain LoRA of rank n_slices·r.
         """
+        stacked = self.lora_B if stacked is None else stacked
         if self.out_index is None:
-            return self.lora_B
+            return stacked
         d_out, _ = self.weight_shape
-        blocks = torch.block_diag(*self.lora_B.split(self.slice_sizes))
+        blocks = torch.block_diag(*stacked.split(self.slice_sizes))
         return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self._index(blocks.device), blocks)
 
     def _index(self, device: torch.device) -> torch.Tensor:
@@ -186,9 +186,13 @@ class LoRALinear(nn.Module):
         weight = self.base.weight
         weight += (delta.t() if self.fan_in_fan_out else delta).to(weight.dtype)
 
+    @torch.no_grad()
     def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection."""
-        return self.lora_A.detach(), self.full_B().detach()
+        """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection.
+
+        Whole tensors even when FSDP holds only a shard here (then every process must call this).
+        """
+        return whole(self.lora_A), self.full_B(whole(self.lora_B))
 
     @torch.no_grad()
     def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -213,6 +217,13 @@ class LoRALinear(nn.Module):
         if self.slices is not None:
             parts += f", slices={self.slice_sizes}"
         return parts + (", merged" if self.merged else "")
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded DTensor (a collective: every process calls it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _checked_slices(slices: Sequence[Sequence[int]], d_out: int) -> tuple[tuple[int, ...], ...]:

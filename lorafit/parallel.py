@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,11 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     folder; `cpu=True` there makes them one gloo group instead.
     """
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched as one of several)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def launched_processes_missing() -> bool:
@@ -83,6 +90,34 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+def relaunch_command(argv: list[str]) -> list[str] | None:
+    """The torchrun command for the processes `accelerate launch --num_processes N` meant to start, or None.
+
+    accelerate launches one process when it finds no GPUs and --multi_gpu is not given; its command line
+    (our parent's) says how many were asked for, so lorafit starts them itself, as --multi_gpu would.
+    """
+    if not launched_processes_missing():
+        return None
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        parent = []
+    if "launch" not in parent:
+        raise LorafitError("accelerate started one process where more were asked for; add --multi_gpu to "
+                           "accelerate launch, or use torchrun --nproc_per_node N -m lorafit")
+    from accelerate.commands.launch import launch_command_parser
+
+    asked = launch_command_parser().parse_args(parent[parent.index("launch") + 1 :])
+    machines = asked.num_machines or 1
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={asked.num_processes // machines}", f"--nnodes={machines}",
+        f"--node_rank={asked.machine_rank or 0}",
+        f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}",
+        "-m", "lorafit", *argv,
+    ]
+
+
 # ---------------------------------------------------------------- FSDP2
 
 
@@ -96,13 +131,6 @@ def shard_model(scorer: nn.Module, blocks: nn.ModuleList, device: torch.device) 
         fully_shard(block, mesh=mesh)
     fully_shard(scorer, mesh=mesh)
     return scorer
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a shard (a collective: every rank must call it); other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ import torch
 
 from lorafit.batches import collate, length_grouped_batches, supervised_count
 from lorafit.data import IGNORE, label_token_ids, tokenize_split
-from lorafit.rows import load_rows
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
+from lorafit.rows import load_rows
 
 TEMPLATE = "Review: {text}\nSentiment:"
 

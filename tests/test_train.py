@@ -24,14 +24,14 @@ from typer.testing import CliRunner
 
 import lorafit.train as train_module
 from lorafit.adapter import load_adapter
-from lorafit.cli import app
 from lorafit.batches import StepRows, collate
+from lorafit.cli import app
 from lorafit.data import IGNORE
-from lorafit.rows import load_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_layers
 from lorafit.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection, load_recipe
+from lorafit.rows import load_rows
 from lorafit.train import lr_factor, optimizer_step, prepare_model, train
 
 RANK = 4
