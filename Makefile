@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/lorafit train --recipe recipes/tiny-sst2.toml
 
 test: install
-	$(PY) -m pytest -n 2 -q --durations=10
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=10
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"

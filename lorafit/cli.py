@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit.errors import LorafitError
+from lorafit.launch import rank
 
 app = typer.Typer(
     add_completion=False,
@@ -52,8 +53,6 @@ def _run(action: Callable[[], object], debug: bool) -> object:
     With several processes every rank meets the same bad input, so only the main one says so; a failure
     of one rank alone is printed by that rank, with its number.
     """
-    from lorafit.parallel import rank
-
     if not debug:
         _quiet_libraries()
     try:
@@ -82,7 +81,7 @@ def _run(action: Callable[[], object], debug: bool) -> object:
 
 def _start_missing_processes() -> None:
     """Under `accelerate launch --num_processes N` without GPUs, become the N processes it meant to start."""
-    from lorafit.parallel import relaunch_command
+    from lorafit.launch import relaunch_command
 
     command = _run(lambda: relaunch_command(sys.argv[1:]), debug=False)
     if command:
@@ -124,7 +123,7 @@ def train(
         return run_training(load_recipe(recipe, settings), resume=resume, console=stderr if as_json else Console())
 
     report = _run(action, debug)
-    if as_json:
+    if as_json and rank() == 0:
         _print_json(report)
 
 
@@ -149,6 +148,8 @@ def evaluate(
         return evaluate_recipe(load_recipe(recipe, list(overrides or [])), adapter=adapter, model_dir=model, split=split)
 
     result = _run(action, debug)
+    if rank() != 0:  # every process computed the same numbers; one prints them
+        return
     if as_json:
         _print_json({"eval": result})
     else:

@@ -115,4 +115,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return module
-    raise LorafitError(f"cannot find the {depth} decoder blocks of this {model.config.model_type} model to compile")
+    raise LorafitError(
+        f"cannot find the {depth} decoder blocks of this {model.config.model_type} model, which [train] compile and "
+        "parallel = 'fsdp' work on; turn them off for this model"
+    )

@@ -11,19 +11,14 @@ device. FSDP1's flat parameters cannot mix a bf16 base with fp32 LoRA weights, s
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
-
-from lorafit.errors import LorafitError
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -33,22 +28,6 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     folder; `cpu=True` there makes them one gloo group instead.
     """
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
-
-
-def rank() -> int:
-    """This process's rank as the launcher set it (0 when not launched as one of several)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def launched_processes_missing() -> bool:
-    """`accelerate launch --num_processes N` on a machine without GPUs starts one process, not N.
-
-    Its single-process launcher sets MASTER_ADDR only when more than one process was asked for, and nothing
-    (WORLD_SIZE, an MPI size) then says how many processes exist.
-    """
-    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
-    return launched_by_accelerate and "MASTER_ADDR" in os.environ and not any(k in os.environ for k in sizes)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -88,34 +67,6 @@ def stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def relaunch_command(argv: list[str]) -> list[str] | None:
-    """The torchrun command for the processes `accelerate launch --num_processes N` meant to start, or None.
-
-    accelerate launches one process when it finds no GPUs and --multi_gpu is not given; its command line
-    (our parent's) says how many were asked for, so lorafit starts them itself, as --multi_gpu would.
-    """
-    if not launched_processes_missing():
-        return None
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        parent = []
-    if "launch" not in parent:
-        raise LorafitError("accelerate started one process where more were asked for; add --multi_gpu to "
-                           "accelerate launch, or use torchrun --nproc_per_node N -m lorafit")
-    from accelerate.commands.launch import launch_command_parser
-
-    asked = launch_command_parser().parse_args(parent[parent.index("launch") + 1 :])
-    machines = asked.num_machines or 1
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={asked.num_processes // machines}", f"--nnodes={machines}",
-        f"--node_rank={asked.machine_rank or 0}",
-        f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}",
-        "-m", "lorafit", *argv,
-    ]
 
 
 # ---------------------------------------------------------------- FSDP2

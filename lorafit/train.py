@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -32,13 +32,12 @@ from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
-from lorafit.model import decoder_blocks, fuse_activations, load_model, load_tokenizer
+from lorafit.model import decoder_blocks, fuse_activations, load_config, load_model, load_tokenizer, meta_model
 from lorafit.parallel import all_sum, make_accelerator, shard_model, stop_on_signals
+from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables
 from lorafit.storage import write_atomic, write_folder, write_json
-
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -106,7 +105,10 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     state = RunState(data_fingerprint=data_fingerprint(rows), global_batch=global_batch, world_size=world)
     resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
 
-    model = load_model(recipe.model.name, recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+    model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
+    if settings.compile or settings.parallel == "fsdp":  # both work block by block: find the blocks before loading
+        decoder_blocks(meta_model(load_config(model_name, trust_remote_code=remote_code)))
+    model = load_model(model_name, recipe.model.dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
@@ -130,7 +132,7 @@ def start_or_resume(run: Run) -> None:
     run.start_step, saved = checkpoint.load_checkpoint(
         run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index
     )
-    run.state.eval_before, run.state.tokens, run.state.train_seconds = saved.eval_before, saved.tokens, saved.train_seconds
+    run.state = replace(saved, world_size=run.state.world_size)  # what is done so far, on this launch's processes
     run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
 
 
@@ -298,6 +300,7 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
 def _save(run: Run, step: int) -> None:
     checkpoint.save_checkpoint(run.run_dir, step, run.model, run.optimizer.optimizer, run.scheduler, run.state,
                                run.adapter_files(), write=run.accelerator.is_main_process)
+    run.accelerator.wait_for_everyone()  # no rank leaves (and gets the others killed) before the folder is whole
 
 
 def _evaluate(run: Run) -> dict:

@@ -1,0 +1,62 @@
+"""Batches and the rows of each optimizer step: every process takes its share of one global plan."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lorafit.batches import StepRows, collate, eval_shares, rank_share, supervised_count
+from lorafit.cli import app
+from lorafit.errors import LorafitError
+from lorafit.recipe import TrainSection
+from lorafit.train import global_batch_split
+
+
+@pytest.mark.parametrize(("world", "batch_size", "grad_accum"), [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2)])
+def test_ranks_and_micro_batches_share_a_step_each_row_once(world, batch_size, grad_accum):
+    step = [13, 4, 8, 1, 22, 9, 0, 7]
+    shares = [rank_share(step, rank, world, batch_size, grad_accum) for rank in range(world)]
+    assert all(len(share) == grad_accum for share in shares)
+    assert sorted(i for share in shares for micro in share for i in micro) == sorted(step)
+
+
+def test_a_short_last_step_leaves_empty_micro_batches_on_every_rank_alike():
+    shares = [rank_share([3, 1, 2], rank, world=2, batch_size=2, grad_accum=2) for rank in range(2)]
+    assert shares == [[[3, 1], []], [[2], []]]
+    empty = collate([], pad_id=5)
+    assert empty["input_ids"].shape == (1, 2) and supervised_count(empty["labels"]) == 0
+
+
+def test_the_step_plan_depends_on_the_global_batch_only():
+    lengths = [(7 * i) % 23 + 1 for i in range(41)]
+    plan = StepRows(lengths, global_batch=8, seed=3)
+    per_step = [plan.rows(step) for step in range(plan.steps_per_epoch)]
+    assert [len(rows) for rows in per_step] == [8, 8, 8, 8, 8, 1]
+    assert per_step == [StepRows(lengths, 8, seed=3).rows(step) for step in range(6)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shares_give_every_rank_as_many_batches_and_every_row_once(world):
+    shares = [eval_shares(11, rank, world, batch_size=2) for rank in range(world)]
+    assert len({len(batches) for batches in shares}) == 1
+    assert sorted(i for batches in shares for batch in batches for i in batch) == list(range(11))
+
+
+def test_global_batch_sets_the_accumulation_for_the_process_count():
+    settings = TrainSection(batch_size=4, global_batch=16)
+    assert [global_batch_split(settings, world) for world in (1, 2, 4)] == [4, 2, 1]
+    assert global_batch_split(TrainSection(batch_size=4, grad_accum=3), world=2) == 3
+
+
+@pytest.mark.parametrize("keys", [{"global_batch": 12}, {"global_batch": 16, "grad_accum": 2}])
+def test_global_batch_that_does_not_split_is_refused(keys):
+    with pytest.raises(LorafitError, match="global_batch = .* is not a multiple of batch_size 8 × 2 processes"):
+        global_batch_split(TrainSection(batch_size=8, **keys), world=2)
+
+
+def test_global_batch_that_does_not_split_is_one_line_exit_2_with_nothing_written(tiny_recipe, tmp_path):
+    path = tiny_recipe(train={"batch_size": 4, "global_batch": 10})
+    result = CliRunner().invoke(app, ["train", "-r", str(path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "global_batch = 10" in result.stderr
+    assert not (tmp_path / "run").exists()
