@@ -1,9 +1,13 @@
-"""Tiny models built from configs, one per architecture in the targets table."""
+"""What the tests share: tiny models built from configs (one per architecture in the targets table), adapters with
+a visible effect, recipes on the shipped tiny model, and the evidence helpers (logits, snapshots, one-line errors)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per xdist work
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+if TYPE_CHECKING:
+    from lorafit.lora import LoRALinear
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
@@ -58,6 +65,140 @@ def tokens() -> torch.Tensor:
     return torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+@torch.no_grad()
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens).logits
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to float32 rounding: what two computations of the same logits may differ by."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def supervised_rows() -> list[dict]:
+    """Eight token rows of different lengths with 1 to 8 supervised tokens each, so that micro-batch means differ."""
+    from lorafit.data import IGNORE
+
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(8):
+        prompt_len, target_len = 3 + (5 * i) % 7, 1 + i
+        ids = torch.randint(2, 128, (prompt_len + target_len,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt_len + ids[prompt_len:]})
+    return rows
+
+
+# ---------------------------------------------------------------- adapters with a visible effect
+
+RANK, ALPHA = 4, 8
+# What peft users write for q and v on each architecture.
+PEFT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"]}
+
+
+def randomize(layers: dict[str, LoRALinear], seed: int = 1) -> None:
+    """Non-zero A and B, so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator))
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
+
+
+def adapted(arch: str, targets: list[str], **options) -> tuple[torch.nn.Module, dict[str, LoRALinear]]:
+    """A tiny model with LoRA of rank RANK on `targets`, A and B randomized: the model and its LoRA layers."""
+    from lorafit.inject import inject_lora
+
+    model = tiny_model(arch)
+    layers = inject_lora(model, targets, RANK, ALPHA, **options)
+    randomize(layers)
+    return model, layers
+
+
+def saved_adapter(arch: str, directory: Path, targets: tuple[str, ...] = ("q", "v")) -> torch.nn.Module:
+    """An `adapted` model saved by lorafit into `directory`; returns the wrapped model it came from."""
+    from lorafit.adapter import save_adapter
+
+    model, _ = adapted(arch, list(targets))
+    save_adapter(model, directory, base_model="tiny", targets=list(targets))
+    return model
+
+
+def adapter_config(directory: Path) -> dict:
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+def peft_logits(arch: str, directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of a fresh tiny `arch` model with the adapter in `directory` loaded by peft itself."""
+    import peft
+
+    return logits(peft.PeftModel.from_pretrained(tiny_model(arch), directory).eval(), tokens)
+
+
+def peft_written(arch: str, directory: Path, **options) -> torch.nn.Module:
+    """An adapter saved by peft itself, with a non-zero B (init_lora_weights=False draws both A and B)."""
+    import peft
+
+    settings = {"r": RANK, "lora_alpha": ALPHA, "target_modules": PEFT_TARGETS[arch], "fan_in_fan_out": arch == "gpt2"}
+    settings.update(options)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **settings)
+    torch.manual_seed(3)
+    model = peft.get_peft_model(tiny_model(arch), config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+# ---------------------------------------------------------------- GPT-3 175B, from its config alone
+
+# GPT-3 175B's shape (Brown et al. 2020, table 2.1) as a GPT-2 config; the LoRA paper's table 4 counts.
+GPT3_SHAPE = {"n_layer": 96, "n_embd": 12288, "n_head": 96, "vocab_size": 50257, "n_positions": 2048}
+GPT2_MEDIUM_SHAPE = {"n_layer": 24, "n_embd": 1024, "n_head": 16}
+
+
+@pytest.fixture(scope="session")
+def gpt3_dir(tmp_path_factory) -> str:
+    """A folder holding only the config.json of GPT-3 175B's shape: all that `describe` and `lorafit info` read."""
+    folder = tmp_path_factory.mktemp("gpt3-175b")
+    transformers.GPT2Config(**GPT3_SHAPE).save_pretrained(folder)
+    return str(folder)
+
+
+def gpt2_closed_form(config) -> int:
+    """GPT-2 with tied lm_head: wte + wpe + per layer (12d² + 13d) + final layer norm."""
+    d, layers = config.n_embd, config.n_layer
+    return config.vocab_size * d + config.n_positions * d + layers * (12 * d * d + 13 * d) + 2 * d
+
+
+# ---------------------------------------------------------------- evidence that nothing was written
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int] | None]:
+    """Every entry under `folder`: a file as (hash of its bytes, modification time), a folder as None.
+
+    Two equal snapshots mean nothing was created, removed, rewritten or even touched in between.
+    """
+    return {
+        str(path.relative_to(folder)): (
+            (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) if path.is_file() else None
+        )
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def assert_one_line_error(result) -> str:
+    """A CLI result refused as bad input: exit 2, one `error: ` line on stderr, nothing on stdout, no traceback.
+
+    Returns that line.
+    """
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert result.stdout == ""
+    return lines[0]
+
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "data" / "tiny-gpt2"
 TINY_DATA = REPO / "data" / "sst-tiny"
@@ -85,6 +226,12 @@ def write_recipe(folder, **sections):
         recipe.setdefault(section, {}).update(values)
     path = folder / "recipe.toml"
     path.write_text(tomli_w.dumps(recipe))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a JSON-lines file at `path`."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
 

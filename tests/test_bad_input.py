@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ import datasets
 import huggingface_hub
 import pytest
 import tomli_w
-from conftest import TINY_DATA, TINY_MODEL, tiny_model
+from conftest import TINY_DATA, TINY_MODEL, assert_one_line_error, snapshot, tiny_model
 from typer.testing import CliRunner
 
 from lorafit.adapter import save_adapter
@@ -229,24 +228,6 @@ def work(tmp_path) -> Path:
     (folder / "data" / "train.jsonl").write_text(jsonl(*ROWS))
     (folder / "data" / "validation.jsonl").write_text(jsonl(*ROWS[:4]))
     return folder
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under `folder` with a hash of its content (folders too), to see anything created or changed."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        for path in sorted(folder.rglob("*"))
-    }
-
-
-def assert_one_line_error(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert result.stdout == ""
-    return lines[0]
 
 
 @pytest.mark.parametrize(("setup", "says"), CASES.values(), ids=CASES.keys())

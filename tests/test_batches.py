@@ -1,11 +1,11 @@
-"""Batches and the rows of each optimizer step: every process takes its share of one global plan."""
+"""Each process's share of a step and of evaluation: every row once, and as many batches on every rank."""
 
 from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
 
-from lorafit.batches import StepRows, collate, eval_shares, rank_share, supervised_count
+from lorafit.batches import collate, eval_shares, rank_share, supervised_count
 from lorafit.cli import app
 from lorafit.errors import LorafitError
 from lorafit.recipe import TrainSection
@@ -25,14 +25,6 @@ def test_a_short_last_step_leaves_empty_micro_batches_on_every_rank_alike():
     assert shares == [[[3, 1], []], [[2], []]]
     empty = collate([], pad_id=5)
     assert empty["input_ids"].shape == (1, 2) and supervised_count(empty["labels"]) == 0
-
-
-def test_the_step_plan_depends_on_the_global_batch_only():
-    lengths = [(7 * i) % 23 + 1 for i in range(41)]
-    plan = StepRows(lengths, global_batch=8, seed=3)
-    per_step = [plan.rows(step) for step in range(plan.steps_per_epoch)]
-    assert [len(rows) for rows in per_step] == [8, 8, 8, 8, 8, 1]
-    assert per_step == [StepRows(lengths, 8, seed=3).rows(step) for step in range(6)]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -9,23 +9,15 @@ import sys
 
 import pytest
 import transformers
-from conftest import tiny_config
+from conftest import GPT2_MEDIUM_SHAPE, assert_one_line_error, tiny_config
 from typer.testing import CliRunner
 
 from lorafit.cli import app
 
-GPT3_SHAPE = {"n_layer": 96, "n_embd": 12288, "n_head": 96, "vocab_size": 50257, "n_positions": 2048}
 REPORT_KEYS = {"total_params", "trainable_params", "trainable_ratio", "adapter_bytes", "modules", "memory"}
 MAX_RSS_BYTES = 3 * 1024**3
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def gpt3_dir(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("gpt3-175b")
-    transformers.GPT2Config(**GPT3_SHAPE).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +29,6 @@ def tiny_dir(tmp_path_factory) -> str:
 
 def info(*args: str):
     return runner.invoke(app, ["info", *args])
-
-
-def assert_one_line_usage_error(result) -> str:
-    """Exit 2, a single line on stderr, nothing on stdout, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    return lines[0]
 
 
 def test_prints_gpt3_rank1_trainable_count(gpt3_dir):
@@ -67,7 +48,7 @@ def test_json_has_the_report_keys_and_rank8_count(gpt3_dir):
 
 
 def test_gpt2_medium_rank4(tmp_path):
-    transformers.GPT2Config(n_layer=24, n_embd=1024, n_head=16).save_pretrained(tmp_path)
+    transformers.GPT2Config(**GPT2_MEDIUM_SHAPE).save_pretrained(tmp_path)
     result = info("--model", str(tmp_path), "--rank", "4", "--targets", "q,v", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["trainable_params"] == 393_216
@@ -93,12 +74,12 @@ def test_gpt3_shape_runs_in_well_under_3gb(gpt3_dir):
 
 
 def test_missing_model_folder_is_one_line_exit_2(tmp_path):
-    line = assert_one_line_usage_error(info("--model", str(tmp_path / "missing")))
+    line = assert_one_line_error(info("--model", str(tmp_path / "missing")))
     assert "missing" in line
 
 
 def test_unknown_target_is_one_line_naming_the_valid_ones(tiny_dir):
-    line = assert_one_line_usage_error(info("--model", tiny_dir, "--targets", "q,query"))
+    line = assert_one_line_error(info("--model", tiny_dir, "--targets", "q,query"))
     assert "query" in line
     for name in ("q", "k", "v", "o", "up", "down"):
         assert name in line
@@ -107,11 +88,11 @@ def test_unknown_target_is_one_line_naming_the_valid_ones(tiny_dir):
 def test_recipe_and_model_together_is_exit_2(tiny_dir, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[model]\nname = "{tiny_dir}"\n', encoding="utf-8")
-    assert_one_line_usage_error(info("--recipe", str(recipe), "--model", tiny_dir))
+    assert_one_line_error(info("--recipe", str(recipe), "--model", tiny_dir))
 
 
 def test_neither_recipe_nor_model_is_exit_2():
-    assert_one_line_usage_error(info())
+    assert_one_line_error(info())
 
 
 def test_rank_below_one_is_exit_2(tiny_dir):

@@ -1,11 +1,14 @@
-"""`lorafit train` on the command line: help, --set, --output, and one-line errors for bad input."""
+"""`lorafit train` on the command line: help, --set, --output, --json, and one-line errors for bad input."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, assert_one_line_error
 from typer.testing import CliRunner
 
 from lorafit.cli import app
@@ -62,16 +65,32 @@ def test_output_overrides_the_recipes_output_dir_relative_to_the_cwd(tiny_recipe
 )
 def test_bad_set_is_one_line_and_exit_two(tiny_recipe, tmp_path, args, named):
     result = runner.invoke(app, ["train", "--recipe", str(tiny_recipe()), *args], terminal_width=400)
-    assert result.exit_code == 2
-    assert named in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert named in assert_one_line_error(result)
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_json_prints_only_the_report_on_stdout(tiny_recipe, tmp_path):
+    path = tiny_recipe(train={"max_steps": 1})
+    completed = subprocess.run(
+        [sys.executable, "-m", "lorafit.cli", "train", "--recipe", str(path), "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    assert report == json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "eval after training" in completed.stderr
+    assert "training" in completed.stderr
 
 
 def test_missing_recipe_is_exit_two(tmp_path):
     result = runner.invoke(app, ["train", "--recipe", str(tmp_path / "nope.toml")])
-    assert result.exit_code == 2
-    assert "does not exist" in result.stderr
+    assert "does not exist" in assert_one_line_error(result)
 
 
 def test_shipped_demo_recipe_learns_the_task(tmp_path):

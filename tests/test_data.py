@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-from pathlib import Path
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_jsonl
 
 from lorafit.batches import collate, length_grouped_batches, supervised_count
 from lorafit.data import IGNORE, label_token_ids, tokenize_split
@@ -34,11 +34,6 @@ def datasets_cache(tmp_path_factory, monkeypatch):
 
 def ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def classification(source, **overrides) -> DataSection:

@@ -7,10 +7,9 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import supervised_rows, tiny_model
 
 from lorafit.batches import collate
-from lorafit.data import IGNORE
 from lorafit.inject import inject_lora, lora_layers
 from lorafit.lora import LoRALinear, dropout_keys, keyed_keep_mask, set_dropout_keys
 from lorafit.loss import SupervisedLoss
@@ -55,16 +54,6 @@ def test_keyed_layer_scales_kept_inputs_and_zeroes_dropped_ones():
     torch.testing.assert_close(layer(x), layer(x))  # the same keys give the same masks
 
 
-def rows() -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    made = []
-    for i in range(8):
-        prompt, target = 3 + (5 * i) % 7, 1 + i
-        ids = torch.randint(2, 128, (prompt + target,), generator=generator).tolist()
-        made.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return made
-
-
 def moved(model, micro_batches: list[list[int]], data: list[dict]) -> dict[str, torch.Tensor]:
     """How far one SGD step at lr 1 on these micro-batches moves each LoRA weight: minus its gradient."""
     from accelerate import Accelerator
@@ -95,7 +84,7 @@ def lora_model(**switches) -> torch.nn.Module:
 
 
 def test_one_batch_of_eight_moves_the_weights_as_two_micro_batches_of_four_with_dropout_on():
-    model, data = lora_model(), rows()
+    model, data = lora_model(), supervised_rows()
     whole = moved(model, [[0, 1, 2, 3, 4, 5, 6, 7]], data)
     split = moved(model, [[6, 1, 3, 0], [2, 7, 5, 4]], data)
     for name, grad in whole.items():
@@ -108,7 +97,7 @@ def test_one_batch_of_eight_moves_the_weights_as_two_micro_batches_of_four_with_
 
 
 def test_recomputed_checkpointed_activations_see_the_same_masks():
-    data = rows()
+    data = supervised_rows()
     plain = moved(lora_model(), [[0, 1, 2, 3]], data)
     checkpointed = moved(lora_model(gradient_checkpointing=True), [[0, 1, 2, 3]], data)
     for name, grad in plain.items():

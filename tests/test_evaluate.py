@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY_DATA, TINY_MODEL, write_recipe
+from conftest import TINY_DATA, TINY_MODEL, assert_one_line_error, write_recipe
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -31,7 +31,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def model_tokenizer():
+    """The shipped tiny model's own tokenizer (conftest's `tokenizer` is a small BPE of its own)."""
     return transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
 
 
@@ -127,15 +128,15 @@ def eval_rows() -> list[dict]:
     return read_jsonl(TINY_DATA / "validation.jsonl")[:EVAL_ROWS]
 
 
-def test_base_eval_matches_plain_transformers(evals, tokenizer):
-    assert_same_eval(evals["base"], independent_eval(base_model(), tokenizer, eval_rows()))
+def test_base_eval_matches_plain_transformers(evals, model_tokenizer):
+    assert_same_eval(evals["base"], independent_eval(base_model(), model_tokenizer, eval_rows()))
 
 
-def test_adapter_eval_matches_peft_on_the_same_rows(run, evals, tokenizer):
+def test_adapter_eval_matches_peft_on_the_same_rows(run, evals, model_tokenizer):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base_model(), str(run["adapter"]))
-    assert_same_eval(evals["adapter"], independent_eval(model, tokenizer, eval_rows()))
+    assert_same_eval(evals["adapter"], independent_eval(model, model_tokenizer, eval_rows()))
 
 
 def test_merged_model_scores_as_the_adapter_and_unlike_the_base(evals):
@@ -157,20 +158,19 @@ def test_eval_json_is_one_object_with_the_eval_keys(printed, name):
     assert document["eval"]["perplexity"] == pytest.approx(math.exp(document["eval"]["loss"]))
 
 
-def test_split_option_evaluates_another_split(run, tokenizer):
+def test_split_option_evaluates_another_split(run, model_tokenizer):
     found = cli_eval(run["recipe"], "--split", "test")
-    assert_same_eval(found, independent_eval(base_model(), tokenizer, run["test_rows"]))
+    assert_same_eval(found, independent_eval(base_model(), model_tokenizer, run["test_rows"]))
 
 
 def test_adapter_and_model_together_are_refused(run):
     result = runner.invoke(
         app, ["eval", "--recipe", str(run["recipe"]), "--adapter", str(run["adapter"]), "--model", str(run["merged"])]
     )
-    assert result.exit_code == 2
-    assert "not both" in result.stderr
+    assert "not both" in assert_one_line_error(result)
 
 
-def test_text_task_loss_is_the_mean_token_cross_entropy(tmp_path, tokenizer):
+def test_text_task_loss_is_the_mean_token_cross_entropy(tmp_path, model_tokenizer):
     texts = ["The film was good.", "A long and very boring song about the sea."]
     (tmp_path / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     source = {"train": str(tmp_path / "valid.jsonl"), "validation": str(tmp_path / "valid.jsonl")}
@@ -179,7 +179,7 @@ def test_text_task_loss_is_the_mean_token_cross_entropy(tmp_path, tokenizer):
 
     model, total, count = base_model().eval(), 0.0, 0
     for text in texts:
-        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        ids = model_tokenizer(text)["input_ids"] + [model_tokenizer.eos_token_id]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
         total += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()

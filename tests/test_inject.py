@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import ARCHITECTURES, tiny_config, tiny_model
+from conftest import ARCHITECTURES, gpt2_closed_form, logits, tiny_config, tiny_model
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -16,11 +16,6 @@ from lorafit.targets import architecture
 
 RANK, ALPHA = 4, 8.0
 LLAMA_FAMILY = ["llama", "mistral", "qwen2", "qwen3", "opt"]  # separate q_proj / v_proj modules
-
-
-def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
@@ -71,12 +66,6 @@ def unique_parameter_count(model: nn.Module) -> int:
     """Parameters counted once per tensor, found independently of parameters()' own de-duplication."""
     unique = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
     return sum(p.numel() for p in unique.values())
-
-
-def gpt2_closed_form(config) -> int:
-    """GPT-2 with tied lm_head: wte + wpe + per layer (12d² + 13d) + final layer norm."""
-    d, layers = config.n_embd, config.n_layer
-    return config.vocab_size * d + config.n_positions * d + layers * (12 * d * d + 13 * d) + 2 * d
 
 
 def test_count_parameters_counts_tied_embeddings_once():

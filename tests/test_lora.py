@@ -1,4 +1,4 @@
-"""LoRALinear against an independent dense computation: y = x·(W0 + scaling·B·A)ᵀ + bias."""
+"""LoRALinear against an independent dense computation: y = x·(W0 + scaling·B·A)ᵀ + bias, forward and backward."""
 
 from __future__ import annotations
 
@@ -6,77 +6,24 @@ import math
 
 import pytest
 import torch
+from lora_reference import (
+    ALPHA,
+    D_IN,
+    D_OUT,
+    FUSED_D,
+    FUSED_SLICES,
+    RANK,
+    dense_output,
+    dense_weight,
+    inputs,
+    make_base,
+    randomize_b,
+    sliced_dense_weight,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers.pytorch_utils import Conv1D
 
 from lorafit.lora import LoRALinear, projection_shape
-
-D_IN, D_OUT, RANK, ALPHA = 12, 20, 4, 8.0
-
-
-def dense_weight(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
-    """The base weight as [d_out, d_in], whatever the module stores."""
-    weight = base.weight.detach().clone()
-    return weight.t().contiguous() if fan_in_fan_out else weight
-
-
-def dense_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = x @ weight.t()
-    return out if bias is None else out + bias
-
-
-def randomize_b(layer: LoRALinear, seed: int = 1) -> None:
-    """B starts at zero; give it values so the update is visible."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
-
-
-def slice_pairs(layer: LoRALinear, slices: list[list[int]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(features, A_s, B_s) per slice, read out of the stacked lora_A / lora_B as the class documents."""
-    pairs, offset = [], 0
-    for index, features in enumerate(slices):
-        a = layer.lora_A[index * layer.rank : (index + 1) * layer.rank].detach()
-        b = layer.lora_B[offset : offset + len(features)].detach()
-        pairs.append((features, a, b))
-        offset += len(features)
-    return pairs
-
-
-def dense_update(layer: LoRALinear, slices: list[list[int]] | None) -> torch.Tensor:
-    """ΔW [d_out, d_in]: each slice's features moved by its own scaling·B_s·A_s, every other feature zero."""
-    a, b = layer.lora_A.detach(), layer.lora_B.detach()
-    if slices is None:
-        return layer.scaling * b @ a
-    update = torch.zeros(layer.weight_shape)
-    for features, a_s, b_s in slice_pairs(layer, slices):
-        update[torch.tensor(features)] = layer.scaling * (b_s @ a_s)
-    return update
-
-
-def sliced_dense_weight(layer: LoRALinear, slices: list[list[int]]) -> torch.Tensor:
-    """W0 + ΔW, from the layer's current (unmerged) base weight."""
-    return dense_weight(layer.base, layer.fan_in_fan_out) + dense_update(layer, slices)
-
-
-def make_base(kind: str, d_in: int = D_IN, d_out: int = D_OUT) -> tuple[nn.Module, bool]:
-    torch.manual_seed(0)
-    if kind == "linear":
-        return nn.Linear(d_in, d_out), False
-    base = Conv1D(d_out, d_in)  # weight stored [d_in, d_out]
-    nn.init.normal_(base.weight, std=0.2)
-    nn.init.normal_(base.bias, std=0.2)
-    return base, True
-
-
-def inputs(d_in: int = D_IN) -> torch.Tensor:
-    return torch.randn(3, 5, d_in, generator=torch.Generator().manual_seed(2))
-
-
-def per_head_features(part: int, heads: int, head_dim: int) -> list[int]:
-    """Rows of part `part` in a projection laid out [head, (q, k, v), head_dim]."""
-    return [(head * 3 + part) * head_dim + i for head in range(heads) for i in range(head_dim)]
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -113,15 +60,6 @@ def test_projection_shape_comes_from_in_and_out_features_not_a_packed_weight():
     layer = LoRALinear(PackedProjection(D_IN, D_OUT), RANK, ALPHA)
     assert tuple(layer.lora_A.shape) == (RANK, D_IN)
     assert tuple(layer.lora_B.shape) == (D_OUT, RANK)
-
-
-FUSED_D = 8  # a [3d, d] projection with d = 8: two heads of size 4
-FUSED_SLICES = {
-    "contiguous q,v": [list(range(0, FUSED_D)), list(range(2 * FUSED_D, 3 * FUSED_D))],
-    "per-head q,v": [per_head_features(0, 2, 4), per_head_features(2, 2, 4)],
-    "per-head k only": [per_head_features(1, 2, 4)],
-    "features out of order": [[5, 0, 3], [23, 9, 16, 12]],
-}
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -178,40 +116,6 @@ def test_kaiming_and_gaussian_inits_differ():
     assert within_one_std == pytest.approx(0.6827, abs=0.02)  # normal, not uniform (0.577)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("slices", [None, FUSED_SLICES["per-head q,v"]], ids=["whole", "sliced"])
-def test_merge_matches_unmerged_output_and_unmerge_restores_w0(kind, slices):
-    base, fan_in_fan_out = make_base(kind, d_in=FUSED_D, d_out=3 * FUSED_D)
-    layer = LoRALinear(base, RANK, ALPHA, slices=slices, fan_in_fan_out=fan_in_fan_out)
-    randomize_b(layer)
-    x = inputs(FUSED_D)
-    w0 = base.weight.detach().clone()
-    unmerged = layer(x)
-
-    layer.merge()
-    assert layer.merged
-    expected = (w0.t() if fan_in_fan_out else w0) + dense_update(layer, slices)
-    torch.testing.assert_close(dense_weight(base, fan_in_fan_out), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
-
-    layer.unmerge()
-    assert not layer.merged
-    assert torch.allclose(base.weight, w0, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
-
-
-def test_merge_twice_adds_the_update_once():
-    base, _ = make_base("linear")
-    layer = LoRALinear(base, RANK, ALPHA)
-    randomize_b(layer)
-    layer.merge()
-    once = base.weight.detach().clone()
-    layer.merge()
-    assert torch.equal(base.weight, once)
-    layer.unmerge()
-    restored = base.weight.detach().clone()
-    layer.unmerge()
-    assert torch.equal(base.weight, restored)
 
 
 def test_dropout_with_zero_b_leaves_output_unchanged_in_train_mode():
@@ -316,63 +220,6 @@ def test_training_step_never_forms_a_dense_update():
     assert (2 * RANK, d_in) in recorder.shapes  # the recorder does see the LoRA gradients
 
 
-def test_plain_lora_weights_round_trip():
-    slices = FUSED_SLICES["per-head q,v"]
-    source = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    randomize_b(source)
-    a, b = source.plain_lora_weights()
-    target = LoRALinear(source.base, RANK, ALPHA, slices=slices)
-    target.load_plain_lora_weights(a, b)
-    assert torch.equal(target.lora_A, source.lora_A)
-    assert torch.equal(target.lora_B, source.lora_B)
-    x = inputs(FUSED_D)
-    assert torch.equal(target(x), source(x))
-
-
-def test_plain_lora_weights_are_one_lora_of_stacked_rank():
-    slices = FUSED_SLICES["per-head q,v"]
-    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    randomize_b(layer)
-    a, b = layer.plain_lora_weights()
-    assert tuple(a.shape) == (2 * RANK, FUSED_D)
-    assert tuple(b.shape) == (3 * FUSED_D, 2 * RANK)
-    k_features = per_head_features(1, 2, 4)
-    assert torch.count_nonzero(b[k_features]) == 0
-    # PEFT would hold rank 2r with lora_alpha 2·alpha: the same scaling alpha/r.
-    plain = (2 * ALPHA) / (2 * RANK) * b @ a
-    torch.testing.assert_close(plain, dense_update(layer, slices), rtol=1e-6, atol=1e-6)
-
-
-def test_load_plain_lora_weights_refuses_non_zero_k_features():
-    slices = FUSED_SLICES["contiguous q,v"]
-    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    randomize_b(layer)
-    a, b = layer.plain_lora_weights()
-    b = b.clone()
-    b[FUSED_D + 1, 0] = 0.5  # a k feature
-    fresh = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    with pytest.raises(ValueError, match="outside"):
-        fresh.load_plain_lora_weights(a, b)
-
-
-def test_load_plain_lora_weights_refuses_cross_slice_entries():
-    slices = FUSED_SLICES["contiguous q,v"]
-    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    a, b = layer.plain_lora_weights()
-    b = b.clone()
-    b[0, RANK] = 1.0  # a q feature reading v's half of A
-    with pytest.raises(ValueError, match="outside"):
-        layer.load_plain_lora_weights(a, b)
-
-
-def test_load_plain_lora_weights_refuses_wrong_shapes():
-    layer = LoRALinear(nn.Linear(D_IN, D_OUT), RANK, ALPHA)
-    a, b = layer.plain_lora_weights()
-    with pytest.raises(ValueError, match="lora_A"):
-        layer.load_plain_lora_weights(a[:-1], b)
-    with pytest.raises(ValueError, match="lora_B"):
-        layer.load_plain_lora_weights(a, b[:-1])
-
 
 def test_rslora_scales_by_alpha_over_sqrt_rank():
     base, _ = make_base("linear")
@@ -424,19 +271,6 @@ def test_low_precision_base_keeps_its_dtype_and_starts_at_base():
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, base(x))
 
-
-def test_refused_load_leaves_the_layer_unchanged():
-    slices = FUSED_SLICES["contiguous q,v"]
-    layer = LoRALinear(nn.Linear(FUSED_D, 3 * FUSED_D), RANK, ALPHA, slices=slices)
-    randomize_b(layer)
-    before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-    a, b = (t.clone() for t in layer.plain_lora_weights())
-    a += 1.0
-    b[FUSED_D, 0] = 0.5  # a k feature
-    with pytest.raises(ValueError):
-        layer.load_plain_lora_weights(a, b)
-    assert torch.equal(layer.lora_A, before[0])
-    assert torch.equal(layer.lora_B, before[1])
 
 
 def test_layer_built_on_meta_then_to_empty_gives_the_same_output():

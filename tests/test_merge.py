@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.abc
 import json
 import sys
@@ -11,45 +10,32 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import LLAMA_SHAPE, SMALL, VOCAB, tiny_model
+from conftest import (
+    LLAMA_SHAPE,
+    SMALL,
+    VOCAB,
+    assert_one_line_error,
+    assert_same,
+    logits,
+    peft_logits,
+    peft_written,
+    saved_adapter,
+    snapshot,
+    tiny_model,
+)
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lorafit.adapter import save_adapter
 from lorafit.cli import app
 from lorafit.errors import LorafitError
-from lorafit.inject import inject_lora
 from lorafit.merge import merge_adapter
 
-peft = pytest.importorskip("peft")
-
-RANK, ALPHA = 4, 8
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens).logits
-
-
-def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+pytest.importorskip("peft")
 
 
 def saved_base(arch: str, directory: Path) -> Path:
     tiny_model(arch).save_pretrained(directory)
     return directory
-
-
-def our_adapter(arch: str, directory: Path, targets=("q", "v")) -> torch.nn.Module:
-    """A lorafit adapter with non-zero A and B; returns the wrapped model it came from."""
-    model = tiny_model(arch)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in inject_lora(model, list(targets), RANK, ALPHA).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator))
-            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
-    save_adapter(model, directory, base_model=arch, targets=list(targets))
-    return model
 
 
 def plain(directory: Path) -> torch.nn.Module:
@@ -64,24 +50,16 @@ def tensor_names(directory: Path) -> set[str]:
     return names
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root with its content hash: the evidence that nothing was written or changed."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
 def test_merged_model_matches_peft_and_the_unmerged_adapter(arch, tmp_path, tokens):
     base = saved_base(arch, tmp_path / "base")
-    wrapped = our_adapter(arch, tmp_path / "adapter")
+    wrapped = saved_adapter(arch, tmp_path / "adapter")
 
     result = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "out", force=False)
 
     merged = logits(plain(tmp_path / "out"), tokens)
     assert_same(merged, logits(wrapped, tokens))
-    assert_same(merged, logits(peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval(), tokens))
+    assert_same(merged, peft_logits(arch, tmp_path / "adapter", tokens))
     assert (merged - logits(tiny_model(arch), tokens)).abs().max() > 1e-2
     assert result["base"] == str(base) and result["out"] == str(tmp_path / "out")
     assert result["adapter"] == str(tmp_path / "adapter")
@@ -105,7 +83,7 @@ HIDDEN = ("lorafit", "peft")
 
 def test_merged_folder_loads_without_lorafit_or_peft(tmp_path, tokens, monkeypatch):
     base = saved_base("gpt2", tmp_path / "base")
-    wrapped = our_adapter("gpt2", tmp_path / "adapter")
+    wrapped = saved_adapter("gpt2", tmp_path / "adapter")
     merge_adapter(str(base), tmp_path / "adapter", tmp_path / "out", force=False)
     expected = logits(wrapped, tokens)
 
@@ -117,19 +95,10 @@ def test_merged_folder_loads_without_lorafit_or_peft(tmp_path, tokens, monkeypat
     assert not [name for name in sys.modules if name.partition(".")[0] in HIDDEN]
 
 
-PEFT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"]}
-
-
 @pytest.mark.parametrize("arch,use_rslora", [("gpt2", True), ("llama", False), ("gpt_neox", True)])
 def test_merge_reproduces_an_adapter_written_by_peft(arch, use_rslora, tmp_path, tokens):
     base = saved_base(arch, tmp_path / "base")
-    config = peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS[arch], fan_in_fan_out=arch == "gpt2",
-        use_rslora=use_rslora, init_lora_weights=False, task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(3)
-    peft_model = peft.get_peft_model(tiny_model(arch), config).eval()
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = peft_written(arch, tmp_path / "adapter", use_rslora=use_rslora)
 
     merge_adapter(str(base), tmp_path / "adapter", tmp_path / "out", force=False)
     assert_same(logits(plain(tmp_path / "out"), tokens), logits(peft_model, tokens))
@@ -147,7 +116,7 @@ def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
 def test_merge_copies_the_base_tokenizer(tmp_path):
     base = saved_base("llama", tmp_path / "base")
     word_tokenizer().save_pretrained(base)
-    our_adapter("llama", tmp_path / "adapter")
+    saved_adapter("llama", tmp_path / "adapter")
 
     result = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "out", force=False)
 
@@ -159,7 +128,7 @@ def test_merge_copies_the_base_tokenizer(tmp_path):
 
 def test_force_replaces_an_existing_out_completely(tmp_path, tokens):
     base = saved_base("llama", tmp_path / "base")
-    wrapped = our_adapter("llama", tmp_path / "adapter")
+    wrapped = saved_adapter("llama", tmp_path / "adapter")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("from an older merge")
 
@@ -172,7 +141,7 @@ def test_force_replaces_an_existing_out_completely(tmp_path, tokens):
 
 def test_force_never_replaces_the_adapter_it_reads(tmp_path):
     base = saved_base("llama", tmp_path / "base")
-    our_adapter("llama", tmp_path / "adapter")
+    saved_adapter("llama", tmp_path / "adapter")
     before = snapshot(tmp_path)
     with pytest.raises(LorafitError, match="holds the adapter"):
         merge_adapter(str(base), tmp_path / "adapter", tmp_path / "adapter", force=True)
@@ -189,7 +158,7 @@ def wider_llama(directory: Path) -> Path:
 
 
 def pickle_only(directory: Path) -> None:
-    our_adapter("gpt2", directory)
+    saved_adapter("gpt2", directory)
     (directory / "adapter_model.safetensors").unlink()
     (directory / "adapter_model.bin").write_bytes(b"never unpickled")
 
@@ -204,13 +173,13 @@ def setup_refusal(case: str, root: Path) -> tuple[list[str], str]:
         adapter.mkdir()
         return [gpt2, str(adapter), str(out)], "is not an adapter directory (no adapter_config.json)"
     if case == "other-architecture":
-        our_adapter("gpt2", adapter)
+        saved_adapter("gpt2", adapter)
         return [str(saved_base("llama", root / "llama")), str(adapter), str(out)], "was it trained for another"
     if case == "other-size":
-        our_adapter("llama", adapter)
+        saved_adapter("llama", adapter)
         return [str(wider_llama(root / "wide")), str(adapter), str(out)], "adapter for d_in=32 but base has 64"
     if case == "existing-out":
-        our_adapter("gpt2", adapter)
+        saved_adapter("gpt2", adapter)
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         return [gpt2, str(adapter), str(out)], "exists; pass --force to replace it"
@@ -229,16 +198,13 @@ def test_cli_merge_refuses_bad_input_with_one_line_and_writes_nothing(case, tmp_
 
     result = CliRunner().invoke(app, ["merge", *arguments])
 
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
-    assert result.stdout == ""
+    assert message in assert_one_line_error(result)
     assert snapshot(tmp_path) == before
 
 
 def test_cli_merge_json_prints_only_the_result(tmp_path):
     base = saved_base("gpt2", tmp_path / "base")
-    our_adapter("gpt2", tmp_path / "adapter")
+    saved_adapter("gpt2", tmp_path / "adapter")
 
     result = CliRunner().invoke(app, ["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "out"), "--json"])
 
@@ -250,7 +216,7 @@ def test_cli_merge_json_prints_only_the_result(tmp_path):
 
 def test_merge_keeps_a_bf16_base_in_bf16(tmp_path, tokens):
     tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "base")
-    wrapped = our_adapter("llama", tmp_path / "adapter")
+    wrapped = saved_adapter("llama", tmp_path / "adapter")
 
     result = merge_adapter(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "out", force=False)
 

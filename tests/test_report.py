@@ -5,28 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
+from conftest import GPT2_MEDIUM_SHAPE, GPT3_SHAPE, gpt2_closed_form, tiny_config
 
 from lorafit.errors import LorafitError
 from lorafit.report import describe
 
-# GPT-3 175B's shape (Brown et al. 2020, table 2.1) as a GPT-2 config; the LoRA paper's table 4 counts.
-GPT3_SHAPE = {"n_layer": 96, "n_embd": 12288, "n_head": 96, "vocab_size": 50257, "n_positions": 2048}
-GPT2_MEDIUM_SHAPE = {"n_layer": 24, "n_embd": 1024, "n_head": 16}
 FP32, LORA_BYTES, ADAM_BYTES = 4, 4, 8
-
-
-def gpt2_closed_form(config) -> int:
-    """GPT-2 with tied lm_head: wte + wpe + per layer (12d² + 13d) + final layer norm."""
-    d, layers = config.n_embd, config.n_layer
-    return config.vocab_size * d + config.n_positions * d + layers * (12 * d * d + 13 * d) + 2 * d
-
-
-@pytest.fixture(scope="module")
-def gpt3_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpt3-175b")
-    transformers.GPT2Config(**GPT3_SHAPE).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ FUSED_QKV = {
 }
 
 
-def tokens() -> torch.Tensor:
+def sample_tokens() -> torch.Tensor:
     return torch.randint(2, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
@@ -79,7 +79,7 @@ def capture_qkv(model: nn.Module, arch: str) -> tuple[dict[str, torch.Tensor], t
     else:
         _captured.clear()
         model.set_attn_implementation(CAPTURE)
-    model(tokens())
+    model(sample_tokens())
     query, key, value = split["qkv"] if arch == "bloom" else _captured[0]
     return {"q": query, "k": key, "v": value}, fused["out"]
 
@@ -115,7 +115,7 @@ def test_phi3_gate_and_up_features_are_the_halves_the_mlp_uses():
     kept: dict[str, torch.Tensor] = {}
     mlp.activation_fn = RecordGate(kept)
     mlp.down_proj.register_forward_pre_hook(lambda _m, args: kept.setdefault("up", args[0]))
-    model(tokens())
+    model(sample_tokens())
 
     table = targets.ARCHITECTURES["phi3"]
     for name in ("gate", "up"):
