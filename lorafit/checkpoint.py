@@ -57,9 +57,9 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
         return None
     if latest is None:
         raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
-    saved = run_dir / "recipe.toml"
-    if saved.is_file():
-        changed = changed_keys(load_recipe(saved), recipe) - resumable_keys()
+    saved_recipe = run_dir / "recipe.toml"
+    if saved_recipe.is_file():
+        changed = changed_keys(load_recipe(saved_recipe), recipe) - resumable_keys()
         if changed:
             key = sorted(changed)[0]
             raise LorafitError(f"recipe key {key} changed since the run started; restore it to resume, or start a new run")

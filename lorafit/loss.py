@@ -18,9 +18,10 @@ from lorafit.batches import supervised_mask
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
 
 # Model types whose *ForCausalLM.forward computes logits = lm_head(base_model(...).last_hidden_state) and does
-# nothing more to them (read in transformers 5.x modeling code). A type joins with a tiny config in tests/conftest.py,
-# where tests/test_loss.py checks it against the model's own logits. Left out on purpose, among others: Gemma-2/3 soft-cap the logits (tanh), Cohere multiplies them by
-# logit_scale, Granite divides them by logits_scaling, Falcon-H1 multiplies them by lm_head_multiplier.
+# nothing more to them (read in transformers 5.x modeling code). A type joins with a tiny config in
+# tests/conftest.py, where tests/test_loss.py checks it against the model's own logits. Left out on purpose,
+# among others: Gemma-2/3 soft-cap the logits (tanh), Cohere multiplies them by logit_scale, Granite divides
+# them by logits_scaling, Falcon-H1 multiplies them by lm_head_multiplier.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "bloom", "opt"})
 
 # Config attributes by which transformers models scale, cap or cut their logits after the head. A model whose

@@ -1,8 +1,9 @@
-"""More than one process: how a launch becomes a process group, which rows each rank takes, what ranks agree on.
+"""More than one process: how a launch becomes a process group, what ranks add up and agree on, and FSDP2.
 
 The result must not depend on how many processes computed it. Every rank holds the whole tokenized data
-and the same step plan, so a rank knows the step's global supervised-token count without asking anyone;
-it takes its share of the step's rows, and the sums that are logged or evaluated are all-reduced.
+and the same step plan (lorafit.batches), so a rank knows the step's global supervised-token count without
+asking anyone; it takes its share of the step's rows, and the sums that are logged or evaluated are
+all-reduced here, as is the decision to stop.
 
 Strategies: plain DDP (the frozen model replicated; LoRA gradients are tiny, so it scales almost
 perfectly) or FSDP2 (`fully_shard` per decoder block, then the root) for a model that does not fit one
