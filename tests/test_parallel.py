@@ -113,7 +113,9 @@ def runs(tmp_path_factory) -> dict:
     ddp = recipe(root / "ddp", batch_size=4)
     found["ddp"] = {"done": launch(torchrun("-m", "lorafit", "train", "-r", str(ddp)), root / "ddp.log")}
     fsdp = recipe(root / "fsdp", batch_size=4, parallel="fsdp")
-    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2",
+    script = Path(sys.executable).parent / "accelerate"  # `accelerate launch`, as users type it, where installed so
+    launcher = [str(script), "launch"] if script.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    accelerate = [*launcher, "--num_processes", "2",
                   "--main_process_port", str(free_port()), "-m", "lorafit", "train", "-r", str(fsdp)]
     found["fsdp"] = {"done": launch(accelerate, root / "fsdp.log")}
     for name, values in found.items():
