@@ -138,6 +138,7 @@ def save_checkpoint(
     adapter_files: dict[str, bytes],
     *,
     write: bool = True,
+    scaler=None,
 ) -> Path:
     """Write checkpoints/step-NNNNNN atomically: `adapter_files` under adapter/, and the training state.
 
@@ -162,6 +163,7 @@ def save_checkpoint(
         "progress": asdict(state),
         "param_groups": optimizer_state["param_groups"],
         "scheduler": scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scaling
         "rng": rng_plain,
     }
     files = {f"adapter/{name}": data for name, data in adapter_files.items()}
@@ -185,7 +187,7 @@ def _read_state(folder: Path, tensors: bool = False) -> dict:
 
 
 def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, rank: int = 0
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, rank: int = 0, scaler=None
 ) -> tuple[int, RunState]:
     """Put the LoRA weights, the optimizer, schedule and this rank's RNGs back; return the step and the run state.
 
@@ -210,6 +212,8 @@ def load_checkpoint(
             state.setdefault(int(index), {})[name] = value if value.ndim == 0 else like(value, param)
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
     scheduler.load_state_dict(plain["scheduler"])
+    if scaler is not None and plain.get("grad_scaler"):
+        scaler.load_state_dict(plain["grad_scaler"])
     saved_ranks = len(plain["rng"])
     mine = rank if rank < saved_ranks else 0  # more processes than before: the new ones take rank 0's
     restore_rng(plain["rng"][mine], {k.removeprefix(f"rng.{mine}."): v for k, v in tensors.items()

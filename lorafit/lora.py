@@ -148,7 +148,10 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        z = F.linear(self._dropped(x).to(self.lora_A.dtype), self.lora_A)
+        x = self._dropped(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # under autocast the matmul casts; an fp32 copy of x would be wasted
+        z = F.linear(x, self.lora_A)
         b = self.full_B()
         if z.dtype == out.dtype:
             # out + scaling·z·Bᵀ in one fused kernel, without a second [tokens, d_out] temporary.

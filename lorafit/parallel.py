@@ -26,8 +26,11 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """The Accelerator for however the program was launched: torchrun, accelerate launch, or plain python.
 
     Without GPUs accelerate would leave torchrun's processes unconnected, each training alone on the same
-    folder; `cpu=True` there makes them one gloo group instead.
+    folder; `cpu=True` there makes them one gloo group instead. On CUDA, float32 matmuls use TF32.
     """
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
 
 

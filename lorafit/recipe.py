@@ -39,7 +39,7 @@ RESUMABLE = {"resumable": True}
 
 class ModelSection(Section):
     name: str = "gpt2"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a CUDA GPU with bf16, else fp32
     trust_remote_code: bool = False
 
 
@@ -81,7 +81,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 42
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where [model] dtype auto gives bf16
     save_every: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     log_every: int = Field(10, gt=0, json_schema_extra=RESUMABLE)
     eval_batch_size: int = Field(32, gt=0, json_schema_extra=RESUMABLE)

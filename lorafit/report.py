@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 
 import torch
@@ -9,12 +10,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from lorafit.inject import count_parameters, inject_lora, lora_layers
-from lorafit.lora import LoRALinear
-from lorafit.model import DTYPES, load_config, meta_model
+from lorafit.inject import count_parameters, inject_lora, is_projection, lora_layers, stores_transposed
+from lorafit.lora import LoRALinear, projection_shape
+from lorafit.model import DTYPES, load_config, meta_model, resolve_precision
 
 ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
 LORA_BYTES = 4  # A and B are always kept in fp32
+# Dense bf16 tensor-core peaks in TFLOP/s; the first key found in the device name wins (specific names first).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
 
 
 def module_rows(layers: dict[str, LoRALinear]) -> list[dict]:
@@ -82,25 +94,114 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state, eval_after: dict, adapter_bytes: int) -> dict:
-    """report.json: parameters, memory, throughput and evaluation of a finished run."""
-    report = parameter_report(model, lora_layers(model), DTYPES[recipe.model.dtype].itemsize)
+def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state, eval_after: dict, adapter_bytes: int,
+               *, precision: tuple[str, str], flops_per_token: float) -> dict:
+    """report.json: parameters, memory, throughput (with MFU where the device's peak is known) and evaluation."""
+    weights, mixed_precision = precision
+    report = parameter_report(model, lora_layers(model), DTYPES[weights].itemsize)
     report["adapter_bytes"] = adapter_bytes
     report["memory"] = {**peak_memory(device), **report["memory"]}
     seconds = state.train_seconds
-    report["throughput"] = {"tokens_per_s": state.tokens / seconds if seconds else 0.0, "steps": steps, "wall_s": seconds}
+    tokens_per_s = state.tokens / seconds if seconds else 0.0
+    report["throughput"] = {"tokens_per_s": tokens_per_s, "steps": steps, "wall_s": seconds,
+                            **throughput_figures(flops_per_token, tokens_per_s, device_peak_flops(device))}
     report["eval"] = {**eval_after, "before": state.eval_before}
     report["device"] = device_name(device)
-    report["mixed_precision"] = recipe.train.mixed_precision
+    report["dtype"], report["mixed_precision"] = weights, mixed_precision
     return report
 
 
-def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "float32") -> dict:
+def model_dims(config) -> dict[str, int]:
+    """Layers, heads, head size, width and vocabulary from a config, in GPT-2 or Llama naming."""
+    def first(*names: str) -> int:
+        return next(getattr(config, n) for n in names if getattr(config, n, None) is not None)
+
+    hidden = first("hidden_size", "n_embd")
+    heads = first("num_attention_heads", "n_head")
+    return {
+        "layers": first("num_hidden_layers", "n_layer"),
+        "heads": heads,
+        "head_dim": getattr(config, "head_dim", None) or hidden // heads,
+        "hidden": hidden,
+        "vocab": config.vocab_size,
+    }
+
+
+def frozen_trunk_params(model: nn.Module) -> int:
+    """Weights of the frozen projections a token passes through: every linear / Conv1D (a LoRA layer's base
+    included) except the output head. Embeddings, norms and biases do no matmul and are not counted."""
+    head = model.get_output_embeddings()
+    skip = {id(head), id(getattr(head, "base", None))}
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            skip.add(id(module.base))  # counted here, through the wrapper
+            if id(module) not in skip:
+                total += math.prod(module.weight_shape)
+        elif is_projection(module) and id(module) not in skip:
+            total += math.prod(projection_shape(module, stores_transposed(module)))
+    return total
+
+
+def training_flops_per_token(
+    model: nn.Module, layers: dict[str, LoRALinear], *, seq_len: int, supervised_fraction: float
+) -> float:
+    """Model FLOPs per trained token of a LoRA step (multiply-add = 2 FLOPs; recomputation is not counted).
+
+    PaLM's convention (Chowdhery et al. 2022, appendix B) for full training is 6N + 12·L·H·Q·T: a forward of
+    2N + 4·L·H·Q·T (QKᵀ and AV, 2·T·H·Q each per layer) and a backward of twice that. With LoRA:
+    - frozen trunk, 4·N: forward 2N + gradient w.r.t. activations 2N; no weight gradient (the 6N's last 2N).
+    - attention, 12·L·H·Q·T: QKᵀ and AV have no weights, so their backward is all activation gradients
+      (dQ and dK, dA and dV), still twice the forward; freezing changes nothing here. T = seq_len, the
+      length attention runs over, not halved for the causal mask (PaLM's convention); H·Q = heads × head_dim.
+    - output head, 4·d·V on the supervised fraction of positions only: lorafit runs it only where labels are.
+    - LoRA matmuls, 6 × their parameter count: they train, so forward, activation and weight gradients.
+    """
+    if not 0.0 <= supervised_fraction <= 1.0:
+        raise ValueError(f"supervised_fraction must be in [0, 1], got {supervised_fraction}")
+    dims = model_dims(model.config)
+    head = model.get_output_embeddings()
+    head_params = math.prod(head.weight_shape if isinstance(head, LoRALinear) else projection_shape(head))
+    attention = 12 * dims["layers"] * dims["heads"] * dims["head_dim"] * seq_len
+    lora = 6 * sum(layer.lora_params for layer in layers.values())
+    return 4 * frozen_trunk_params(model) + attention + 4 * head_params * supervised_fraction + lora
+
+
+def peak_for_name(name: str) -> tuple[float | None, str]:
+    """(dense bf16 peak in FLOP/s, which entry gave it) for a device name; (None, why) when none matches."""
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{key} dense bf16 peak, {tflops:g} TFLOP/s"
+    return None, f"no known bf16 peak for {name!r}"
+
+
+def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """The peak MFU is measured against; none is claimed for CPUs, whose peak depends on cores and clocks."""
+    if device.type == "cuda":
+        return peak_for_name(torch.cuda.get_device_name(device))
+    return None, f"no known peak for {device.type.upper()}"
+
+
+def throughput_figures(flops_per_token: float, tokens_per_s: float, peak: tuple[float | None, str]) -> dict:
+    """FLOPs per token, achieved TFLOP/s and MFU (None without a known peak); `peak` as device_peak_flops gives it."""
+    peak_flops, source = peak
+    achieved = flops_per_token * tokens_per_s
+    return {
+        "model_flops_per_token": flops_per_token,
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / peak_flops if peak_flops else None,
+        "peak_tflops": peak_flops / 1e12 if peak_flops else None,
+        "peak_source": source,
+    }
+
+
+def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto") -> dict:
     """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
     config = load_config(model_name)
     model = meta_model(config)
     layers = inject_lora(model, targets, rank, alpha)
-    report = parameter_report(model, layers, DTYPES[dtype].itemsize)
+    weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
+    report = parameter_report(model, layers, DTYPES[weights].itemsize)
     report["model"] = model_name
     report["model_type"] = config.model_type
     report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets}
@@ -172,6 +273,9 @@ def summary_tables(report: dict, run_dir) -> list:
     throughput = report["throughput"]
     table.add_row("steps", f"{throughput['steps']:,} in {throughput['wall_s']:.1f} s")
     table.add_row("throughput", f"{throughput['tokens_per_s']:,.0f} tokens/s")
+    mfu = throughput.get("mfu")
+    of_peak = f" = {mfu:.1%} MFU of {throughput['peak_tflops']:g}" if mfu is not None else ""
+    table.add_row("model FLOP/s", f"{throughput.get('achieved_tflops', 0.0):.3g} TFLOP/s{of_peak}")
     memory = report["memory"]
     table.add_row(f"peak memory ({memory['peak_kind']})", human_bytes(memory["peak_bytes"]))
     table.add_row(

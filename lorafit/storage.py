@@ -40,6 +40,14 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync it: a crash loses at most the line being written, never the lines before."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(line.rstrip("\n") + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def write_json(path: Path, data: object) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 

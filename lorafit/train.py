@@ -32,12 +32,20 @@ from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
-from lorafit.model import decoder_blocks, fuse_activations, load_config, load_model, load_tokenizer, meta_model
+from lorafit.model import (
+    decoder_blocks,
+    fuse_activations,
+    load_config,
+    load_model,
+    load_tokenizer,
+    meta_model,
+    resolve_precision,
+)
 from lorafit.parallel import all_sum, make_accelerator, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
-from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables
-from lorafit.storage import write_atomic, write_folder, write_json
+from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
+from lorafit.storage import append_line, write_atomic, write_folder, write_json
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Run:
     scheduler: LambdaLR
     state: RunState
     resume_from: Path | None
+    precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
     start_step: int = 0
 
     @property
@@ -89,7 +98,8 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     """Tokenize, check the launch and the run folder, load the model with LoRA, build the optimizer: no file written."""
     settings = recipe.train
     set_seed(settings.seed)
-    accelerator = make_accelerator(settings.mixed_precision)
+    weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
+    accelerator = make_accelerator(mixed_precision)
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
     if not accelerator.is_main_process:
@@ -108,7 +118,7 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     if settings.compile or settings.parallel == "fsdp":  # both work block by block: find the blocks before loading
         decoder_blocks(meta_model(load_config(model_name, trust_remote_code=remote_code)))
-    model = load_model(model_name, recipe.model.dtype, trust_remote_code=remote_code)
+    model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
@@ -116,7 +126,7 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     supervised = [supervised_count(torch.tensor([row["labels"]])) for row in rows]
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
-               scorer, layers, optimizer, scheduler, state, resume_from)
+               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision))
 
 
 def start_or_resume(run: Run) -> None:
@@ -130,7 +140,8 @@ def start_or_resume(run: Run) -> None:
         print_eval(run.console, "before training", run.state.eval_before)
         return
     run.start_step, saved = checkpoint.load_checkpoint(
-        run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index
+        run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index,
+        scaler=run.accelerator.scaler,
     )
     run.state = replace(saved, world_size=run.state.world_size)  # what is done so far, on this launch's processes
     run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
@@ -140,7 +151,8 @@ def run_steps(run: Run) -> None:
     """The loop: one optimizer step per iteration, logging, checkpoints, and a stop that every rank agrees on."""
     settings, state, accelerator = run.recipe.train, run.state, run.accelerator
     metrics_path = run.run_dir / "metrics.jsonl"
-    metrics = _read_metrics(metrics_path, upto=run.start_step)
+    if accelerator.is_main_process:  # lines past the checkpoint are from steps that run again
+        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in _read_metrics(metrics_path, run.start_step)))
     run.scorer.train()
     with stop_on_signals() as stop, progress_bar(run.console) as bar:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
@@ -167,12 +179,11 @@ def run_steps(run: Run) -> None:
             window_tokens += tokens
             done = step + 1
             if done % settings.log_every == 0 or done == run.total_steps:
-                lr = run.scheduler.get_last_lr()[0]
-                metrics.append({"step": done, "loss": loss, "lr": lr,
-                                "tokens_per_s": window_tokens / (time.perf_counter() - window_start)})
+                record = {"step": done, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                          "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
                 if accelerator.is_main_process:
-                    write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-                bar.update(task, loss=loss, lr=lr, tps=metrics[-1]["tokens_per_s"])
+                    append_line(metrics_path, json.dumps(record))
+                bar.update(task, loss=loss, lr=record["lr"], tps=record["tokens_per_s"])
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
             if stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps):
@@ -188,8 +199,11 @@ def finish(run: Run) -> dict:
         write_folder(run.run_dir / "adapter", files)
     eval_after = _evaluate(run)
     print_eval(run.console, "after training", eval_after)
+    tokens = sum(len(row["input_ids"]) for row in run.rows)
+    flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / len(run.rows)),
+                                     supervised_fraction=sum(run.supervised) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
-                        len(files[WEIGHTS_FILE]))
+                        len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
     if run.accelerator.is_main_process:
@@ -299,7 +313,7 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
 
 def _save(run: Run, step: int) -> None:
     checkpoint.save_checkpoint(run.run_dir, step, run.model, run.optimizer.optimizer, run.scheduler, run.state,
-                               run.adapter_files(), write=run.accelerator.is_main_process)
+                               run.adapter_files(), write=run.accelerator.is_main_process, scaler=run.accelerator.scaler)
     run.accelerator.wait_for_everyone()  # no rank leaves (and gets the others killed) before the folder is whole
 
 

@@ -73,10 +73,11 @@ def test_every_design_key_is_accepted_with_its_value(tmp_path):
 @pytest.mark.parametrize(
     ("section", "key", "choices"),
     [
-        ("model", "dtype", ["float32", "bfloat16", "float16"]),
+        ("model", "dtype", ["auto", "float32", "bfloat16", "float16"]),
         ("data", "task", ["classification", "completion", "text"]),
         ("train", "schedule", ["linear", "cosine", "constant"]),
-        ("train", "mixed_precision", ["no", "bf16", "fp16"]),
+        ("train", "mixed_precision", ["auto", "no", "bf16", "fp16"]),
+        ("train", "parallel", ["ddp", "fsdp"]),
     ],
 )
 def test_every_documented_choice_is_accepted(section, key, choices):
@@ -97,7 +98,7 @@ def test_integer_is_accepted_where_a_float_is_expected():
 
 def test_empty_recipe_gives_the_documented_defaults(tmp_path):
     recipe = load_recipe(write_toml(tmp_path / "empty.toml", {}))
-    assert (recipe.model.name, recipe.model.dtype) == ("gpt2", "float32")
+    assert (recipe.model.name, recipe.model.dtype) == ("gpt2", "auto")  # bf16 on a CUDA GPU with bf16, else fp32
     assert (recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.targets) == (
         8,
         16.0,
@@ -110,7 +111,8 @@ def test_empty_recipe_gives_the_documented_defaults(tmp_path):
     train = recipe.train
     assert (train.max_steps, train.epochs, train.batch_size, train.grad_accum) == (0, 1, 16, 1)
     assert (train.lr, train.warmup_steps, train.schedule, train.weight_decay) == (2e-4, 0, "linear", 0.0)
-    assert (train.max_grad_norm, train.seed, train.mixed_precision) == (1.0, 42, "no")
+    assert (train.max_grad_norm, train.seed, train.mixed_precision) == (1.0, 42, "auto")
+    assert (train.global_batch, train.parallel) == (0, "ddp")
     assert (train.save_every, train.log_every) == (0, 10)
 
 
