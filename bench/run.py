@@ -212,7 +212,7 @@ def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: 
         key_dropout = partial(set_dropout_keys, layers.values(), SEED, next(steps))
         loss = optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=MAX_GRAD_NORM,
                               key_dropout=key_dropout)
-        return loss, sum(len(row["input_ids"]) for row in rows)
+        return loss.item(), sum(len(row["input_ids"]) for row in rows)  # read every step, as the plain loops do
 
     def first_loss(batch: dict) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -43,6 +43,21 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+_votes = None  # the process group for any_rank: gloo on the CPU, whatever the training backend
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: a CPU all-reduce, so a GPU stream is never waited for."""
+    global _votes
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    if _votes is None:  # every rank gets here at the same step, as new_group needs
+        _votes = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    vote = torch.tensor([int(flag)])
+    dist.all_reduce(vote, group=_votes)
+    return bool(vote.item())
+
+
 def all_gather_objects(value) -> list:
     """Every rank's `value`, in rank order (a one-element list with one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

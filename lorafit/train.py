@@ -41,7 +41,7 @@ from lorafit.model import (
     meta_model,
     resolve_precision,
 )
-from lorafit.parallel import all_sum, make_accelerator, shard_model, stop_on_signals
+from lorafit.parallel import all_sum, any_rank, make_accelerator, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
@@ -168,17 +168,18 @@ def run_steps(run: Run) -> None:
                 supervised=sum(run.supervised[i] for i in step_rows),
                 key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step),
             )
-            loss, stops = all_sum([local_loss, len(stop)], accelerator.device)  # every rank sees the same
-            if not math.isfinite(loss):
-                last = checkpoint.latest_checkpoint(run.run_dir)
-                kept = f"; the last good checkpoint is {last}" if last else ""
-                raise LorafitError(f"loss became {loss} at step {step + 1}; lower [train] lr or use float32{kept}", exit_code=1)
+            done = step + 1
+            logged = done % settings.log_every == 0 or done == run.total_steps
+            stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
+            saving = stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps)
+            if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
+                loss = all_sum([local_loss.item()], accelerator.device)[0]
+                _check_finite(run, loss, done)
             tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
             state.tokens += tokens
             state.train_seconds += time.perf_counter() - step_start
             window_tokens += tokens
-            done = step + 1
-            if done % settings.log_every == 0 or done == run.total_steps:
+            if logged:
                 record = {"step": done, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
                           "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
                 if accelerator.is_main_process:
@@ -186,7 +187,7 @@ def run_steps(run: Run) -> None:
                 bar.update(task, loss=loss, lr=record["lr"], tps=record["tokens_per_s"])
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
-            if stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps):
+            if saving:
                 _save(run, done)
             if stops:
                 raise LorafitError(f"stopped at step {done}; checkpoint saved, continue with --resume", exit_code=130)
@@ -256,8 +257,10 @@ def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) 
 def optimizer_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
     max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None,
-) -> float:
+) -> torch.Tensor:
     """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
+
+    The loss stays on the device (a 0-d tensor): reading it would make the host wait for the step to finish.
 
     Every token of the step weighs alike, whichever rank or micro-batch holds it: each micro-batch's summed
     loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
@@ -283,7 +286,7 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss.item()
+    return total_loss
 
 
 def global_batch_split(settings: TrainSection, world: int) -> int:
@@ -309,6 +312,14 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return max(0.0, 1.0 - progress)
+
+
+def _check_finite(run: Run, loss: float, step: int) -> None:
+    """A non-finite loss ends the run (exit 1) before it can be logged or saved; every rank sees the same loss."""
+    if not math.isfinite(loss):
+        last = checkpoint.latest_checkpoint(run.run_dir)
+        kept = f"; the last good checkpoint is {last}" if last else ""
+        raise LorafitError(f"loss became {loss} at step {step}; lower [train] lr or use float32{kept}", exit_code=1)
 
 
 def _save(run: Run, step: int) -> None:

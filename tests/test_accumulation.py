@@ -65,7 +65,7 @@ def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: f
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Accelerator()
     scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
-    loss = optimizer_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm)
+    loss = optimizer_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm).item()
     after = dict(model.named_parameters())
     return loss, {n: before[n] - after[n].detach() for n in before}
 
@@ -140,3 +140,30 @@ def test_speed_and_memory_switches_keep_the_gradients(switch):
     assert compiled == (switch == "compile")
     assert actual.keys() == expected.keys()
     assert_same_gradients(actual, expected)
+
+
+def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, monkeypatch):
+    """Reading a device tensor makes the host wait for the step: allowed at log and save steps only."""
+    import io
+
+    from rich.console import Console
+
+    import lorafit.train as train_module
+    from lorafit.recipe import load_recipe
+
+    reads = []
+    real_step = train_module.optimizer_step
+
+    class Counted(torch.Tensor):
+        def item(self):
+            reads.append(1)
+            return super().item()
+
+    def counted_step(*args, **kwargs):
+        return real_step(*args, **kwargs).as_subclass(Counted)
+
+    monkeypatch.setattr(train_module, "optimizer_step", counted_step)
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 8, "log_every": 4, "save_every": 0, "batch_size": 2},
+                                     data={"max_eval_examples": 2}))
+    train_module.train(recipe, console=Console(file=io.StringIO()))
+    assert len(reads) == 2  # steps 4 and 8

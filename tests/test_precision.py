@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import datasets
 import pytest
 import torch
 from conftest import assert_one_line_error, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
+import lorafit.evaluate as evaluate_module
 from lorafit.cli import app
+from lorafit.data import IGNORE, TokenizedSplit
 from lorafit.errors import LorafitError
+from lorafit.evaluate import evaluate_split
+from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear
+from lorafit.loss import SupervisedLoss
 from lorafit.model import resolve_precision
+from lorafit.recipe import DataSection
 
 
 @pytest.mark.parametrize(
@@ -79,36 +88,25 @@ def test_lora_without_autocast_still_runs_a_bf16_base_with_fp32_weights():
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_evaluation_under_bf16_autocast_scores_like_fp32(tokenizer):
-    from lorafit.evaluate import evaluate_split
-    from lorafit.inject import inject_lora
-    from lorafit.loss import SupervisedLoss
-    from lorafit.recipe import DataSection
-    from lorafit.data import TokenizedSplit
-    import datasets
-
+def test_evaluation_under_bf16_autocast_scores_like_fp32(monkeypatch):
     model = tiny_model("gpt2")
     inject_lora(model, ["q", "v"], rank=2, alpha=4)
     generator = torch.Generator().manual_seed(0)
+    label_words = [[40], [41]]  # the token ids of two label words
     rows = []
     for i in range(12):
         prompt = torch.randint(2, 128, (6 + i % 5,), generator=generator).tolist()
-        label = i % 2
-        rows.append({"input_ids": prompt + [[40], [41]][label], "labels": [-100] * len(prompt) + [[40], [41]][label],
-                     "prompt_len": len(prompt), "label_index": label})
+        word = label_words[i % 2]
+        rows.append({"input_ids": prompt + word, "labels": [IGNORE] * len(prompt) + word,
+                     "prompt_len": len(prompt), "label_index": i % 2})
     split = TokenizedSplit(datasets.Dataset.from_list(rows), dropped=0, total=len(rows))
     data = DataSection(source="x.jsonl", task="classification", labels=["a", "b"])
-
-    class Labels:  # the label words' token ids, as label_token_ids would give them
-        pad_token_id = 1
-
-    import lorafit.evaluate as evaluate_module
-
+    monkeypatch.setattr(evaluate_module, "label_token_ids", lambda data, tokenizer: label_words)
+    tokenizer = SimpleNamespace(pad_token_id=1)
     scorer = SupervisedLoss(model)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate_module, "label_token_ids", lambda data, tokenizer: [[40], [41]])
-        fp32 = evaluate_split(scorer, split, data, Labels(), batch_size=4)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = evaluate_split(scorer, split, data, Labels(), batch_size=4)
+    fp32 = evaluate_split(scorer, split, data, tokenizer, batch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = evaluate_split(scorer, split, data, tokenizer, batch_size=4)
     assert bf16["accuracy"] == fp32["accuracy"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert bf16["loss"] != fp32["loss"]  # it did run in bf16
