@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from lorafit.data import IGNORE
+from lorafit.errors import LorafitError
+from lorafit.recipe import TrainSection
 
 GROUP_CHUNK = 50  # batches per length-sorted chunk: big enough to group lengths, small enough to stay random
 
@@ -103,3 +105,16 @@ def eval_shares(count: int, rank: int, world: int, batch_size: int) -> list[list
     mine = list(range(rank, count, world))
     batches = math.ceil(math.ceil(count / world) / batch_size)
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(batches)]
+
+
+def global_batch_split(settings: TrainSection, world: int) -> int:
+    """Micro-batches per optimizer step on each process: grad_accum, or what [train] global_batch leaves."""
+    if not settings.global_batch:
+        return settings.grad_accum
+    per_pass = settings.batch_size * world
+    if settings.grad_accum != 1 or settings.global_batch % per_pass:
+        raise LorafitError(
+            f"[train] global_batch = {settings.global_batch} is not a multiple of batch_size {settings.batch_size} × "
+            f"{world} processes; change global_batch or batch_size (and leave grad_accum at 1, it is derived)"
+        )
+    return settings.global_batch // per_pass

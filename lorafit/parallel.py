@@ -36,10 +36,19 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum `values` over all processes (one all-reduce); the values themselves with one process."""
+    return _all_reduce(values, device, "sum")
+
+
+def all_max(values: list[float], device: torch.device) -> list[float]:
+    """The largest of each value over all processes; the values themselves with one process."""
+    return _all_reduce(values, device, "max")
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
 
 

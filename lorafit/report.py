@@ -82,10 +82,18 @@ def parameter_report(model: nn.Module, layers: dict[str, LoRALinear], weight_byt
 
 
 def peak_memory(device: torch.device) -> dict:
+    """The training steps' peak (the CUDA counters are reset when the steps start), the largest over processes."""
+    from lorafit.parallel import all_max
+
     if device.type == "cuda":
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "peak_kind": "CUDA allocator peak"}
-    # Linux reports ru_maxrss in KiB.
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_kind": "process peak RSS"}
+        allocated, reserved = all_max(
+            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device
+        )
+        return {"peak_bytes": int(allocated), "peak_reserved_bytes": int(reserved),
+                "peak_kind": "CUDA allocator peak of the training steps"}
+    # Linux reports ru_maxrss in KiB; the process's peak since it started, loading included.
+    (rss,) = all_max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], device)
+    return {"peak_bytes": int(rss), "peak_kind": "process peak RSS"}
 
 
 def device_name(device: torch.device) -> str:

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
 from lorafit.adapter import adapter_files
-from lorafit.batches import StepRows, collate, rank_share, supervised_count
+from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count
 from lorafit.checkpoint import RunState, data_fingerprint
 from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
@@ -154,6 +154,8 @@ def run_steps(run: Run) -> None:
     if accelerator.is_main_process:  # lines past the checkpoint are from steps that run again
         write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in _read_metrics(metrics_path, run.start_step)))
     run.scorer.train()
+    if accelerator.device.type == "cuda":  # report.json's peak is the steps', not loading's or evaluation's
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     with stop_on_signals() as stop, progress_bar(run.console) as bar:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
         window_tokens, window_start = 0, time.perf_counter()
@@ -287,19 +289,6 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss
-
-
-def global_batch_split(settings: TrainSection, world: int) -> int:
-    """Micro-batches per optimizer step on each process: grad_accum, or what [train] global_batch leaves."""
-    if not settings.global_batch:
-        return settings.grad_accum
-    per_pass = settings.batch_size * world
-    if settings.grad_accum != 1 or settings.global_batch % per_pass:
-        raise LorafitError(
-            f"[train] global_batch = {settings.global_batch} is not a multiple of batch_size {settings.batch_size} × "
-            f"{world} processes; change global_batch or batch_size (and leave grad_accum at 1, it is derived)"
-        )
-    return settings.global_batch // per_pass
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:

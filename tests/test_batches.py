@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from lorafit.batches import collate, eval_shares, rank_share, supervised_count
+from lorafit.batches import collate, eval_shares, global_batch_split, rank_share, supervised_count
 from lorafit.cli import app
 from lorafit.errors import LorafitError
 from lorafit.recipe import TrainSection
-from lorafit.train import global_batch_split
 
 
 @pytest.mark.parametrize(("world", "batch_size", "grad_accum"), [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2)])
