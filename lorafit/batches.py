@@ -35,7 +35,9 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
         labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
         attention_mask[i, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    positions, targets = supervised_positions(labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "positions": positions, "targets": targets}
 
 
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -44,6 +46,17 @@ def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
     Position t predicts token t + 1, so a row's first label is never predicted and never counts.
     """
     return labels[:, 1:] != IGNORE
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where each supervised token is predicted: a flat index into [batch · length] positions, the token) [M], [M].
+
+    collate builds them on the CPU, so the loss selects the predicting hidden states with an index instead of
+    a boolean mask on the device (which makes the host wait for the device to count the selected rows).
+    """
+    mask = supervised_mask(labels)
+    row, position = mask.nonzero(as_tuple=True)
+    return row * labels.shape[1] + position, labels[:, 1:][mask]
 
 
 def supervised_count(labels: torch.Tensor) -> int:

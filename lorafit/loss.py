@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.batches import supervised_mask
+from lorafit.batches import supervised_positions
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
 
@@ -54,19 +54,22 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     return head if plain and isinstance(head, nn.Linear) else None
 
 
-def _supervised_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions whose next token is supervised [batch, length - 1], those tokens [M])."""
-    keep = supervised_mask(labels)
-    return keep, labels[:, 1:][keep]
+def _supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat [batch · length] index of each position that predicts a supervised token [M], that token [M]).
+
+    Collated batches carry them, built on the CPU; for any other batch they are derived here from the labels.
+    """
+    if "positions" in batch:
+        return batch["positions"], batch["targets"]
+    return supervised_positions(batch["labels"])
 
 
-def _predicting_states(model: nn.Module, batch: dict, keep: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+def _predicting_states(model: nn.Module, batch: dict, positions: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
     """What predicts each supervised token: last hidden states [M, d] when `head` is given, else logits [M, vocab]."""
     # No key/value cache: nothing is generated, and building one costs memory and torch.compile recompiles.
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if head is not None:
-        return model.base_model(**inputs).last_hidden_state[:, :-1][keep]
-    return model(**inputs).logits[:, :-1][keep]
+    states = model.base_model(**inputs).last_hidden_state if head is not None else model(**inputs).logits
+    return states.reshape(-1, states.shape[-1]).index_select(0, positions)
 
 
 def _logits(states: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
@@ -76,9 +79,9 @@ def _logits(states: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
 
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised tokens, their count)."""
-    keep, targets = _supervised_targets(batch["labels"])
+    positions, targets = _supervised_targets(batch)
     head = plain_head(model)
-    states = _predicting_states(model, batch, keep, head)
+    states = _predicting_states(model, batch, positions, head)
     if targets.numel() == 0:
         return states.sum() * 0.0, 0
     if head is not None and not head.weight.requires_grad:
@@ -89,11 +92,12 @@ def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of each row's supervised tokens, [batch]."""
-    keep, targets = _supervised_targets(batch["labels"])
-    rows = keep.nonzero()[:, 0]  # the batch row of each supervised token
+    positions, targets = _supervised_targets(batch)
+    batch_size, length = batch["input_ids"].shape
+    rows = positions // length  # the batch row of each supervised token
     head = plain_head(model)
-    states = _predicting_states(model, batch, keep, head)
-    totals = torch.zeros(keep.shape[0], dtype=torch.float32, device=states.device)
+    states = _predicting_states(model, batch, positions, head)
+    totals = torch.zeros(batch_size, dtype=torch.float32, device=states.device)
     chunk = max(1, CHUNK_ELEMENTS // (states.shape[-1] if head is None else head.out_features))
     for start in range(0, targets.numel(), chunk):
         logits = _logits(states[start : start + chunk], head).float()
@@ -141,9 +145,11 @@ class SupervisedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, per_row: bool = False) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, positions=None, targets=None, per_row: bool = False):
         """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if positions is not None:
+            batch.update(positions=positions, targets=targets)
         if per_row:
             return sequence_logprobs(self.model, batch)
         return loss_sum(self.model, batch)[0]

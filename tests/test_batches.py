@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lorafit.batches import collate, eval_shares, global_batch_split, rank_share, supervised_count
 from lorafit.cli import app
+from lorafit.data import IGNORE
 from lorafit.errors import LorafitError
 from lorafit.recipe import TrainSection
 
@@ -51,3 +53,14 @@ def test_global_batch_that_does_not_split_is_one_line_exit_2_with_nothing_writte
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "global_batch = 10" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_collated_positions_pick_what_the_label_mask_picks():
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8]},
+            {"input_ids": [9, 10], "labels": [IGNORE, 10]},
+            {"input_ids": [11, 12, 13], "labels": [IGNORE, IGNORE, IGNORE]}]
+    batch = collate(rows, pad_id=0)
+    states = torch.arange(batch["input_ids"].numel() * 2).reshape(*batch["input_ids"].shape, 2)
+    by_mask = states[:, :-1][batch["labels"][:, 1:] != IGNORE]
+    torch.testing.assert_close(states.reshape(-1, 2)[batch["positions"]], by_mask)
+    assert batch["targets"].tolist() == [7, 8, 10] == batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE].tolist()
