@@ -138,3 +138,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
         f"cannot find the {depth} decoder blocks of this {model.config.model_type} model, which [train] compile and "
         "parallel = 'fsdp' work on; turn them off for this model"
     )
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward; transformers 5 renamed the switch."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

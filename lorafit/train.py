@@ -10,6 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,6 +35,7 @@ from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.model import (
     decoder_blocks,
+    enable_checkpointing,
     fuse_activations,
     load_config,
     load_model,
@@ -156,15 +158,15 @@ def run_steps(run: Run) -> None:
     run.scorer.train()
     if accelerator.device.type == "cuda":  # report.json's peak is the steps', not loading's or evaluation's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    with stop_on_signals() as stop, progress_bar(run.console) as bar:
+    with stop_on_signals() as stop, progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
         window_tokens, window_start = 0, time.perf_counter()
+        upcoming = prefetch.submit(_micro_batches, run, run.start_step)
         for step in range(run.start_step, run.total_steps):
             step_start = time.perf_counter()
-            step_rows = run.steps.rows(step)
-            share = rank_share(step_rows, accelerator.process_index, accelerator.num_processes,
-                               settings.batch_size, run.grad_accum)
-            micro = [{**collate([run.rows[i] for i in rows], run.tokenizer.pad_token_id), "rows": rows} for rows in share]
+            step_rows, micro = upcoming.result()
+            if step + 1 < run.total_steps:  # collate the next step while this one runs
+                upcoming = prefetch.submit(_micro_batches, run, step + 1)
             local_loss = optimizer_step(
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
                 supervised=sum(run.supervised[i] for i in step_rows),
@@ -224,7 +226,7 @@ def prepare_model(
     layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
     fuse_activations(model)
     if gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     if compile:
         # Block by block, as torchtune does: every block shares one compiled graph, and the loss code
         # that calls the trunk and the head separately stays as it is.
@@ -303,6 +305,21 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
+def _micro_batches(run: Run, step: int) -> tuple[list[int], list[dict]]:
+    """(the step's rows, this rank's collated micro-batches), in pinned memory on CUDA for an asynchronous copy."""
+    settings, accelerator = run.recipe.train, run.accelerator
+    step_rows = run.steps.rows(step)
+    share = rank_share(step_rows, accelerator.process_index, accelerator.num_processes, settings.batch_size,
+                       run.grad_accum)
+    micro = []
+    for rows in share:
+        batch = collate([run.rows[i] for i in rows], run.tokenizer.pad_token_id)
+        if accelerator.device.type == "cuda":
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        micro.append({**batch, "rows": rows})
+    return step_rows, micro
+
+
 def _check_finite(run: Run, loss: float, step: int) -> None:
     """A non-finite loss ends the run (exit 1) before it can be logged or saved; every rank sees the same loss."""
     if not math.isfinite(loss):
@@ -322,15 +339,6 @@ def _evaluate(run: Run) -> dict:
     with run.accelerator.autocast():
         return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
                               rank=run.accelerator.process_index, world=run.accelerator.num_processes)
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward; transformers 5 renamed the switch."""
-    options = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
