@@ -45,6 +45,7 @@ from lorafit.batches import StepRows, collate
 from lorafit.lora import set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
+from lorafit.report import peak_for_name
 from lorafit.train import build_optimizer, optimizer_step, prepare_model
 
 SEED = 0
@@ -58,17 +59,6 @@ METHODS = ("lorafit", "peft", "full")
 LABELS = {"lorafit": "lorafit LoRA q,v", "peft": "peft LoRA c_attn", "full": "full fine-tuning"}
 # FLOPs per token in units of N: forward 2N + activation gradients 2N, + weight gradients 2N when all train.
 FLOPS_FACTOR = {"lorafit": 4, "peft": 4, "full": 6}
-# Dense bf16 tensor-core peaks in TFLOP/s; the first key found in the device name wins (specific names first).
-PEAK_BF16_TFLOPS = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "GH200": 989.0,
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-}
 NOTES = [
     (
         "peft's target c_attn adapts q, k and v (the usual peft setup for GPT-2) with one rank-8 pair on the fused "
@@ -470,8 +460,8 @@ def ratios(job: Job, methods: dict, device: torch.device) -> list[dict]:
 def peak_tflops(args, device: torch.device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops
-    name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak, _ = peak_for_name(torch.cuda.get_device_name(device))
+    return peak / 1e12 if peak else None
 
 
 def machine(device: torch.device) -> dict:
