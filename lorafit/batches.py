@@ -59,6 +59,21 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return row * labels.shape[1] + position, labels[:, 1:][mask]
 
 
+def supervised_counts(examples) -> list[int]:
+    """Supervised tokens of each tokenized row, by supervised_mask's rule, from the rows' labels laid end to end.
+
+    Read from the data set's Arrow column without building a tensor (or a list) per row: a 67k-row set takes
+    about a tenth of a second at every start, against seconds row by row.
+    """
+    column = examples.with_format("arrow")["labels"].combine_chunks()  # honours a select()ed subset
+    offsets = torch.from_numpy(column.offsets.to_numpy().astype("int64"))
+    flat = torch.from_numpy(column.flatten().to_numpy().astype("int64"))
+    keep = torch.cat([torch.zeros(1, dtype=torch.bool), supervised_mask(flat[None])[0]])
+    keep[offsets[1:-1]] = False  # a row's first label follows the previous row, which does not predict it
+    owner = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    return torch.bincount(owner[keep], minlength=len(offsets) - 1).tolist()
+
+
 def supervised_count(labels: torch.Tensor) -> int:
     """How many tokens of a batch carry loss: what its summed loss is divided by."""
     return int(supervised_mask(labels).sum())

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
 from lorafit.adapter import adapter_files
-from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count
+from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count, supervised_counts
 from lorafit.checkpoint import RunState, data_fingerprint
 from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
@@ -126,7 +126,7 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
-    supervised = [supervised_count(torch.tensor([row["labels"]])) for row in rows]
+    supervised = supervised_counts(train_split.examples)
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
                scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision))
 

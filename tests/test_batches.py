@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorafit.batches import collate, eval_shares, global_batch_split, rank_share, supervised_count
+from lorafit.batches import collate, eval_shares, global_batch_split, rank_share, supervised_count, supervised_counts
 from lorafit.cli import app
 from lorafit.data import IGNORE
 from lorafit.errors import LorafitError
@@ -64,3 +65,12 @@ def test_collated_positions_pick_what_the_label_mask_picks():
     by_mask = states[:, :-1][batch["labels"][:, 1:] != IGNORE]
     torch.testing.assert_close(states.reshape(-1, 2)[batch["positions"]], by_mask)
     assert batch["targets"].tolist() == [7, 8, 10] == batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE].tolist()
+
+
+def test_supervised_counts_of_rows_laid_end_to_end_are_each_rows_own():
+    rows = [{"labels": [3, 4, 5]}, {"labels": [IGNORE, 6]}, {"labels": [7]}, {"labels": [IGNORE, IGNORE, 8, 9]}]
+    expected = [supervised_count(torch.tensor([row["labels"]])) for row in rows]
+    examples = datasets.Dataset.from_list(rows, features=datasets.Features(
+        {"labels": datasets.List(datasets.Value("int32"))}))
+    assert supervised_counts(examples) == expected == [2, 1, 0, 2]
+    assert supervised_counts(examples.select([3, 1])) == [2, 1]
