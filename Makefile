@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean gpu-wheels gpu-check
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -31,6 +31,20 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/run.py
+
+# A GPU machine's own python3 and CUDA torch, as they are: no venv, no registry. What its image lacks comes
+# from .whl/, which `make gpu-wheels` fills beforehand on a machine that reaches PyPI (for the GPU's python).
+gpu-check:
+	python3 bench/gpu_check.py
+
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.13.4 pydantic-core==2.46.4 \
+	annotated-types==0.7.0 typing-inspection==0.4.2 tomli-w==1.2.0
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 lint: install
 	$(PY) -m pip install -q ruff

@@ -3,7 +3,9 @@
 The three methods train copies of one randomly initialised GPT-2-small-shaped model on the same synthetic
 rows, one measured step of each in turn (lorafit, peft, full, lorafit, ...), so that noise from other
 work on the machine falls on all three alike. Peak memory is measured per method in a fresh child process.
-Job p trains the shipped tiny recipe as 1 process and as 2 (torchrun) on the same global batch.
+Job p trains the shipped tiny recipe as 1 process and as 2 (torchrun) on the same global batch. Jobs l and m are
+GPU-sized (a 1B-class Llama at 2,048 tokens, GPT-2-medium on the SST-2-style job; `make gpu-check` runs them)
+and compare lorafit with peft only; `--json` ends the output with one line of the ratios that matter.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lorafit.batches import StepRows, collate
 from lorafit.lora import set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
-from lorafit.report import peak_for_name
+from lorafit.report import peak_for_name, training_flops_per_token
 from lorafit.train import build_optimizer, optimizer_step, prepare_model
 
 SEED = 0
@@ -53,12 +55,13 @@ RANK, ALPHA, DROPOUT = 8, 16, 0.05
 LR_LORA, LR_FULL = 2e-4, 2e-5
 MAX_GRAD_NORM = 1.0  # lorafit's recipe default; the plain loops clip too, so every method does the same work
 LOSS_TOLERANCE = 1e-4  # relative, first-step loss of lorafit vs peft vs full (fp32, dropout off)
+BF16_LOSS_TOLERANCE = 1e-2  # the same on a GPU, where every method runs on bf16 weights
 NO_LOSS = -100  # the label transformers' loss ignores
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lorafit", "peft", "full")
 LABELS = {"lorafit": "lorafit LoRA q,v", "peft": "peft LoRA c_attn", "full": "full fine-tuning"}
-# FLOPs per token in units of N: forward 2N + activation gradients 2N, + weight gradients 2N when all train.
-FLOPS_FACTOR = {"lorafit": 4, "peft": 4, "full": 6}
+# peft's LoRA targets for the same projections lorafit adapts as q and v: (modules, weights stored [in, out]).
+PEFT_TARGETS = {"gpt2": (["c_attn"], True), "llama": (["q_proj", "v_proj"], False)}
 NOTES = [
     (
         "peft's target c_attn adapts q, k and v (the usual peft setup for GPT-2) with one rank-8 pair on the fused "
@@ -75,6 +78,12 @@ NOTES = [
         "groups among 50 batches), so its padding saving here is if anything understated."
     ),
     "tokens/s counts non-padding input tokens; step times include collating the batch.",
+    (
+        "Model FLOPs per token are lorafit.report.training_flops_per_token's (as in report.json: 4·N for the frozen "
+        "projections, the attention term, the head on supervised positions only, 6·the LoRA parameters) for both "
+        "LoRA methods, which do the same useful work; full fine-tuning adds 2·N of weight gradients. On a GPU "
+        "every method runs on bf16 weights under bf16 autocast (LoRA weights fp32), lorafit's default there."
+    ),
     (
         "Steps alternate lorafit, peft, full per round, so a noisy neighbour on the machine slows all three alike; "
         "timings on a shared machine still vary from run to run."
@@ -94,22 +103,40 @@ class Job:
     task: str
     batch_size: int
     max_length: int
-    target_ratios: tuple[str, ...]
+    targets: dict[str, float]  # ratio key -> target (tokens_per_s and mfu at least, the others at most)
+    model: str = "gpt2-small"
+    methods: tuple[str, ...] = METHODS
 
 
-def define_jobs(quick: bool) -> dict[str, Job]:
+def define_jobs(quick: bool, gpu: bool) -> dict[str, Job]:
     return {
-        "a": Job("a", "SST-2-style classification", "classification", 16, 128, ("tokens_per_s", "memory")),
+        "a": Job("a", "SST-2-style classification", "classification", 16, 128,
+                 {"tokens_per_s": 1.5 if gpu else 1.3, "memory": 0.75}),
         "b": Job("b", "language modelling, every token supervised", "text", 4, 128 if quick else 512,
-                 ("step_time", "memory")),
+                 {"step_time": 0.70, "memory": 0.75}),
+        "l": Job("l", "1B-class Llama, language modelling", "text", 4, 128 if quick else 2048,
+                 {"tokens_per_s": 2.0, "memory": 0.6, "mfu": 0.35}, "llama-1b", ("lorafit", "peft")),
+        "m": Job("m", "GPT-2-medium, SST-2-style classification", "classification", 16, 128, {}, "gpt2-medium",
+                 ("lorafit", "peft")),
     }
 
 
-def model_config(quick: bool):
-    """GPT-2 small's shape (random weights are enough to time it), or a tiny one for a smoke test."""
+def model_config(job: Job, quick: bool):
+    """The job's model shape (random weights are enough to time it), or a tiny one of its family for a smoke test."""
+    if job.model == "llama-1b":
+        if quick:
+            return LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096,
+                               bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+        # Llama-3.2-1B's shape: 1.24B parameters with a 128k vocabulary whose head is the tied embedding.
+        return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                           rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=True)
     if quick:
         return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1024, n_positions=512, bos_token_id=1023,
                           eos_token_id=1023)
+    if job.model == "gpt2-medium":
+        return GPT2Config(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)
     return GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 
 
@@ -178,6 +205,7 @@ class Method:
     arrange: Callable[[list[dict], int], list[list[int]]]
     first_loss: Callable[[dict], float]
     trainable: int
+    layers: dict | None = None  # lorafit's LoRA layers, for the model FLOPs
 
 
 def build_method(key: str, base: nn.Module, device: torch.device, accelerator_factory, compile: bool = False) -> Method:
@@ -209,14 +237,15 @@ def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: 
         return float(scorer(**batch)) / int((batch["labels"][:, 1:] != NO_LOSS).sum())
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Method("lorafit", model, step, lorafit_batches, first_loss, trainable)
+    return Method("lorafit", model, step, lorafit_batches, first_loss, trainable, layers)
 
 
 def build_plain(key: str, model: nn.Module, device: torch.device) -> Method:
     """peft LoRA on c_attn, or every parameter trainable; a plain forward/backward/AdamW loop either way."""
     if key == "peft":
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["c_attn"],
-                            fan_in_fan_out=True, task_type="CAUSAL_LM")
+        modules, fan_in_fan_out = PEFT_TARGETS[model.config.model_type]
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=modules,
+                            fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -240,16 +269,30 @@ def build_plain(key: str, model: nn.Module, device: torch.device) -> Method:
     return Method(key, model, step, shuffled_batches, first_loss, sum(p.numel() for p in trainable))
 
 
-def base_model(config, seed: int = SEED) -> nn.Module:
+def base_model(config, device: torch.device, seed: int = SEED) -> nn.Module:
+    """Random weights made on `device`: fp32 on a CPU, bf16 on a GPU (lorafit's default there, for every method)."""
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 def flop_params(model: nn.Module) -> int:
-    """N for the FLOPs per token: every weight a token passes through in a matmul; the tied wte counts once
-    (as the head), position embeddings (a lookup) not at all."""
+    """N: every weight a token passes through in a matmul. Lookups (position embeddings, an input embedding
+    not tied to the head) are not counted; a tied embedding counts once, as the head."""
     distinct = {p.data_ptr(): p.numel() for p in model.parameters()}
-    return sum(distinct.values()) - model.transformer.wpe.weight.numel()
+    head = model.get_output_embeddings().weight.data_ptr()
+    lookups = [model.get_input_embeddings(), getattr(getattr(model, "transformer", None), "wpe", None)]
+    return sum(distinct.values()) - sum(m.weight.numel() for m in lookups if m is not None
+                                        and m.weight.data_ptr() != head)
+
+
+def lora_flops_per_token(method: Method, rows: list[dict]) -> float:
+    """lorafit.report's model FLOPs per token of a LoRA step on these rows: attention over each row's own
+    length (token-weighted mean), the head on the supervised share of the positions."""
+    lengths = [len(row["input_ids"]) for row in rows]
+    supervised = sum(sum(label != NO_LOSS for label in row["labels"][1:]) for row in rows)
+    return training_flops_per_token(method.model, method.layers, seq_len=sum(n * n for n in lengths) / sum(lengths),
+                                    supervised_fraction=supervised / sum(lengths))
 
 
 # --------------------------------------------------------------------------- measuring
@@ -260,8 +303,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_first_loss(methods: list[Method], batch: dict) -> dict:
-    """With B = 0 every method is the base model: their losses on one batch must agree (fp32, no dropout)."""
+def check_first_loss(methods: list[Method], batch: dict, tolerance: float) -> dict:
+    """With B = 0 every method is the base model: their losses on one batch must agree (no dropout)."""
     losses = {}
     with torch.no_grad():
         for method in methods:
@@ -270,8 +313,7 @@ def check_first_loss(methods: list[Method], batch: dict) -> dict:
             method.model.train()
     reference = losses.get("peft", next(iter(losses.values())))
     worst = max(abs(value - reference) / abs(reference) for value in losses.values())
-    return {"losses": losses, "max_relative_difference": worst, "tolerance": LOSS_TOLERANCE,
-            "agree": worst <= LOSS_TOLERANCE}
+    return {"losses": losses, "max_relative_difference": worst, "tolerance": tolerance, "agree": worst <= tolerance}
 
 
 def run_rounds(methods: list[Method], rows: list[dict], batch_size: int, device: torch.device, console, what) -> dict:
@@ -320,11 +362,11 @@ def reset_peak_rss() -> bool:
 def measure_memory(args, job: Job, key: str) -> dict:
     """In this (fresh) process: the peak memory of one steady-state step of `key` on the worst-case batch."""
     device = torch.device(args.device)
-    config = model_config(args.quick)
+    config = model_config(job, args.quick)
     rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
     batch = [rows[i] for i in worst_case_batch(rows, job.batch_size)]
     baseline_kib = read_status_kib("VmRSS") if device.type == "cpu" else 0
-    method = build_method(key, base_model(config), device, lambda: make_accelerator(device), args.compile)
+    method = build_method(key, base_model(config, device), device, lambda: make_accelerator(device), args.compile)
     method.step([min(rows, key=lambda row: len(row["input_ids"]))])  # creates the AdamW state cheaply
     gc.collect()
     synchronize(device)
@@ -370,17 +412,21 @@ def make_accelerator(device: torch.device):
 def run_job(args, job: Job, console: Console) -> dict:
     started = time.perf_counter()
     device = torch.device(args.device)
-    config = model_config(args.quick)
+    config = model_config(job, args.quick)
     warmup_rows = make_rows(job, config.vocab_size, args.warmup * job.batch_size, "warmup")
     rows = make_rows(job, config.vocab_size, args.steps * job.batch_size, "measured")
-    base = base_model(config)
+    base = base_model(config, device)
     accelerator = make_accelerator(device)
-    methods = [build_method(key, copy.deepcopy(base), device, lambda: accelerator, args.compile) for key in METHODS]
-    n_flop = flop_params(base)
+    methods = [build_method(key, copy.deepcopy(base), device, lambda: accelerator, args.compile)
+               for key in job.methods]
+    # Model FLOPs per token: the same useful work for both LoRA methods; full fine-tuning adds 2N of weight gradients.
+    lora_flops = lora_flops_per_token(methods[0], rows)
+    flops = {key: lora_flops + (2 * flop_params(base) if key == "full" else 0) for key in job.methods}
     del base
 
     first_batch = pad_batch([rows[i] for i in shuffled_batches(rows, job.batch_size)[0]], config.eos_token_id)
-    numerics = check_first_loss(methods, first_batch)
+    tolerance = BF16_LOSS_TOLERANCE if device.type == "cuda" else LOSS_TOLERANCE
+    numerics = check_first_loss(methods, first_batch, tolerance)
     console.print(f"job {job.key}: first-step loss {numerics['losses']} "
                   f"(max relative difference {numerics['max_relative_difference']:.2e})", highlight=False)
     if args.warmup:
@@ -391,22 +437,21 @@ def run_job(args, job: Job, console: Console) -> dict:
     gc.collect()
 
     memory = {}
-    for key in METHODS:
+    for key in job.methods:
         console.print(f"  memory pass {key} (fresh process)", highlight=False)
         memory[key] = memory_in_child(args, job, key)
-    result = summarize(args, job, measured, memory, trainable, numerics, n_flop, device)
+    result = summarize(args, job, measured, memory, trainable, numerics, flops, device)
     result["wall_s"] = time.perf_counter() - started
     return result
 
 
-def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) -> dict:
+def summarize(args, job, measured, memory, trainable, numerics, flops, device) -> dict:
     peak = peak_tflops(args, device) if device.type == "cuda" else None
     peak_flops = peak * 1e12 if peak else None
     methods = {}
-    for key in METHODS:
+    for key in job.methods:
         times = measured["times"][key]
         tokens_per_s = measured["tokens"][key] / sum(times)
-        factor = FLOPS_FACTOR[key]
         methods[key] = {
             "label": LABELS[key] + (" (compiled)" if key == "lorafit" and args.compile else ""),
             "trainable_params": trainable[key],
@@ -418,39 +463,42 @@ def summarize(args, job, measured, memory, trainable, numerics, n_flop, device) 
             "padding_efficiency": measured["tokens"][key] / measured["padded"][key],
             "peak_memory_bytes": memory[key]["peak_bytes"],
             "memory_kind": memory[key]["kind"],
-            "flops_per_token": factor * n_flop,
-            "mfu": factor * n_flop * tokens_per_s / peak_flops if peak_flops else None,
+            "flops_per_token": flops[key],
+            "mfu": flops[key] * tokens_per_s / peak_flops if peak_flops else None,
         }
     return {
-        "job": {"key": job.key, "title": job.title, "task": job.task, "batch_size": job.batch_size,
-                "max_length": job.max_length, "measured_rows": args.steps * job.batch_size},
+        "job": {"key": job.key, "title": job.title, "task": job.task, "model": job.model,
+                "batch_size": job.batch_size, "max_length": job.max_length,
+                "measured_rows": args.steps * job.batch_size},
         "machine": machine(device),
         "settings": {"warmup_steps": args.warmup, "measured_steps": args.steps, "quick": args.quick,
                      "compile": args.compile, "seed": SEED,
-                     "mixed_precision": "bf16" if device.type == "cuda" else "no (fp32)",
+                     "precision": "bf16 weights, bf16 autocast" if device.type == "cuda" else "fp32",
                      "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "max_grad_norm": MAX_GRAD_NORM,
-                     "flop_params_N": n_flop, "peak_tflops": peak},
+                     "peak_tflops": peak},
         "methods": methods,
         "numerics": numerics,
-        "ratios": ratios(job, methods, device),
+        "ratios": ratios(job, methods),
         "notes": NOTES,
     }
 
 
-def ratios(job: Job, methods: dict, device: torch.device) -> list[dict]:
-    """The issue's ratios; those the issue sets a target for on this job carry it and a verdict."""
-    lora, peft, full = methods["lorafit"], methods["peft"], methods["full"]
-    speed_target = 1.5 if device.type == "cuda" else 1.3
+def ratios(job: Job, methods: dict) -> list[dict]:
+    """The issue's ratios; those the job sets a target for carry it and a verdict."""
+    lora, peft, full = methods["lorafit"], methods["peft"], methods.get("full")
     rows = [
-        ("tokens_per_s", "tokens/s lorafit / peft", lora["tokens_per_s"] / peft["tokens_per_s"], ">=", speed_target),
-        ("memory", "peak memory lorafit / peft", lora["peak_memory_bytes"] / peft["peak_memory_bytes"], "<=", 0.75),
-        ("step_time", "median step time lorafit / full", lora["median_step_s"] / full["median_step_s"], "<=", 0.70),
-        ("peft_step_time", "median step time peft / full", peft["median_step_s"] / full["median_step_s"], None, None),
+        ("tokens_per_s", "tokens/s lorafit / peft", lora["tokens_per_s"] / peft["tokens_per_s"]),
+        ("memory", "peak memory lorafit / peft", lora["peak_memory_bytes"] / peft["peak_memory_bytes"]),
     ]
+    if full:
+        rows += [("step_time", "median step time lorafit / full", lora["median_step_s"] / full["median_step_s"]),
+                 ("peft_step_time", "median step time peft / full", peft["median_step_s"] / full["median_step_s"])]
+    if lora["mfu"] is not None:
+        rows.append(("mfu", "MFU of lorafit (model FLOPs / dense bf16 peak)", lora["mfu"]))
     out = []
-    for key, name, value, sense, target in rows:
-        if key not in job.target_ratios:
-            sense = target = None
+    for key, name, value in rows:
+        target = job.targets.get(key)
+        sense = ">=" if key in ("tokens_per_s", "mfu") else "<="
         verdict = None if target is None else (value >= target if sense == ">=" else value <= target)
         out.append({"key": key, "name": name, "value": value, "target": f"{sense} {target}" if target else None,
                     "pass": verdict})
@@ -606,11 +654,15 @@ def ratio_table(result: dict) -> Table:
         table.add_column(column, justify="left" if column == "ratio" else "right")
     for ratio in result["ratios"]:
         verdict = "" if ratio["pass"] is None else ("[green]PASS[/]" if ratio["pass"] else "[red]MISS[/]")
-        table.add_row(ratio["name"], f"{ratio['value']:.2f}x", ratio["target"] or "—", verdict)
+        table.add_row(ratio["name"], ratio_value(ratio), ratio["target"] or "—", verdict)
     numerics = result["numerics"]
     verdict = "[green]PASS[/]" if numerics["agree"] else "[red]FAIL[/]"
     table.add_row(*numerics_cells(numerics), f"<= {numerics['tolerance']:.0e}", verdict)
     return table
+
+
+def ratio_value(ratio: dict) -> str:
+    return f"{ratio['value']:.1%}" if ratio["key"] == "mfu" else f"{ratio['value']:.2f}x"
 
 
 def numerics_cells(numerics: dict) -> tuple[str, str]:
@@ -644,7 +696,7 @@ def markdown(results: list[dict]) -> str:
         for ratio in result["ratios"]:
             if ratio["target"]:
                 verdict = "PASS" if ratio["pass"] else "MISS"
-                lines.append(f"| {ratio['name']} | {ratio['value']:.2f}x | {ratio['target']} ({verdict}) |")
+                lines.append(f"| {ratio['name']} | {ratio_value(ratio)} | {ratio['target']} ({verdict}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -667,6 +719,27 @@ def processes_markdown(result: dict) -> list[str]:
     return lines
 
 
+def one_line(results: list[dict]) -> dict:
+    """Each job's ratios, MFU and correctness check, keyed by job: the line `make gpu-check` ends with."""
+    jobs = {}
+    for result in results:
+        if "skipped" in result:
+            jobs[result["job"]["key"]] = {"skipped": result["skipped"]}
+            continue
+        numerics = result["numerics"]
+        line = {ratio["key"]: round(ratio["value"], 4) for ratio in result["ratios"]}
+        line["targets_met"] = all(ratio["pass"] is not False for ratio in result["ratios"])
+        if "max_relative_difference" in numerics:
+            line["first_step_loss_max_rel_diff"] = numerics["max_relative_difference"]
+        else:
+            line["adapter_max_abs_diff"] = numerics["max_abs_difference"]
+        line["numerics_agree"] = numerics["agree"]
+        line["title"] = result["job"]["title"]
+        jobs[result["job"]["key"]] = line
+    info = results[0]["machine"]
+    return {"device": info.get("gpu") or info["cpu"], "torch": info["torch"], "jobs": jobs}
+
+
 def write_results(results: list[dict], console: Console) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for result in results:
@@ -684,7 +757,8 @@ def write_results(results: list[dict], console: Console) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="a,b,p",
-                        help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes)")
+                        help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes); "
+                        "for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
@@ -693,6 +767,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="lorafit with [train] compile = true (2 warm-up steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line: each job's ratios and checks")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 4)
@@ -716,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     quiet_libraries()
-    jobs = define_jobs(args.quick)
+    jobs = define_jobs(args.quick, gpu=args.device == "cuda")
     if args.memory_child:
         job_key, method = args.memory_child.split(":")
         print(json.dumps(measure_memory(args, jobs[job_key], method)))
@@ -726,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=120)  # a log file gets the tables unwrapped
     unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of a, b, p")
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p")
         return 2
     results = []
     for key in args.jobs.split(","):
@@ -744,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         console.print("[yellow]--quick runs a tiny model: a smoke test whose timings and ratios mean nothing[/]")
     write_results(results, console)
+    if args.json:
+        print(json.dumps(one_line(results)), flush=True)
     failed = [result for result in measured if not result["numerics"]["agree"]]
     for result in failed:
         console.print(f"[red]job {result['job']['key']}: {numerics_cells(result['numerics'])[0]} is above its "

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 
@@ -27,7 +28,10 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
 
     Without GPUs accelerate would leave torchrun's processes unconnected, each training alone on the same
     folder; `cpu=True` there makes them one gloo group instead. On CUDA, float32 matmuls use TF32.
+    The mixed precision is this run's: a process that trains again (a sweep, a test) may choose another,
+    which accelerate's process-wide state would otherwise refuse. The process group is kept.
     """
+    AcceleratorState._reset_state(reset_partial_state=False)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
