@@ -148,7 +148,7 @@ def uninterrupted_run(folder: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         finished(train_cli(write_recipe(folder, train=TRAIN, data=DATA)))
-    assert checkpoint_entries(run) == ["step-000003", "step-000006"]
+    assert checkpoint_entries(run) == ["step-000003", "step-000006", "step-000008"]
     return {
         "run": run,
         "adapter": (run / ADAPTER_WEIGHTS).read_bytes(),
@@ -223,7 +223,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_o
     assert latest_checkpoint(run) == run / "checkpoints" / "step-000003"
 
     finished(train_cli(recipe, "--resume"))
-    assert checkpoint_entries(run) == ["step-000003", "step-000006"]
+    assert checkpoint_entries(run) == ["step-000003", "step-000006", "step-000008"]
     assert_matches_reference(run, reference)
 
 
@@ -276,7 +276,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(recipe, tmp_
     handler = signal.getsignal(signal.SIGINT)
     result = train_cli(recipe)
     assert result.exit_code == 130
-    assert result.stderr.strip().splitlines() == ["interrupted"]
+    assert result.stderr.strip().splitlines() == [
+        "error: stopped by a signal; the newest checkpoint is step-000003, continue with --resume"
+    ]
     assert checkpoint_entries(run) == ["step-000003"]
     assert hidden_entries(run) == []
     assert signal.getsignal(signal.SIGINT) is handler  # the run put the previous handler back
@@ -296,6 +298,7 @@ def interrupted(reference, tmp_path) -> Path:
     """A copy of the uninterrupted run's folder as it was after step 6: checkpoints 3, 6 and no adapter."""
     run = tmp_path / "copied-run"
     shutil.copytree(reference["run"], run)
+    shutil.rmtree(run / "checkpoints" / "step-000008")
     shutil.rmtree(run / "adapter")
     (run / "report.json").unlink()
     return run
