@@ -86,7 +86,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         steps = finished["throughput"]["steps"]
         console.print(
             f"[yellow]note:[/] {run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
-            f"lorafit train --resume --set train.max_steps=<more than {steps}>", highlight=False
+            f"lorafit train --resume --set train.max_steps=<more than {steps}>", highlight=False, soft_wrap=True
         )
     return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
                    Path(resume_from) if resume_from else None, finished)
