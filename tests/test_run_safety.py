@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 from conftest import TINY_DATA, TINY_MODEL, assert_one_line_error, snapshot
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
