@@ -71,11 +71,10 @@ class DataSection(Section):
     @field_validator("labels")
     @classmethod
     def _words(cls, labels: list[str]) -> list[str]:
-        """Each label a word, each once: an empty or repeated label would be scored as a class of its own."""
+        """An empty label would tokenize to a bare space and be scored as a class; repeats are refused by
+        lorafit.data.label_token_ids (same token ids), which train calls before tokenizing the data."""
         if any(not word.strip() for word in labels):
             raise ValueError("every label must be a non-empty word")
-        if len({word.strip() for word in labels}) < len(labels):
-            raise ValueError("label words must be distinct")
         return labels
 
 
