@@ -11,6 +11,7 @@ this module applies it to a model. Weights are read from safetensors only, never
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -241,6 +242,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     for path, (a, b) in weights.items():
         module = _fitting_module(model, modules, path, a, b)
         rank, alpha = rank_and_alpha(config, path, a.shape[0])
+        _check_finite(directory, path, a, b, alpha)
         plan = ModulePlan(
             path=path,
             module=module,
@@ -255,6 +257,22 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
         check_selected(directory, config, path)
         plans.append(_sliced(getattr(model, "config", None), plan, facts.get(path)) or plan)
     return plans
+
+
+def _check_finite(directory: Path, path: str, a: torch.Tensor, b: torch.Tensor, alpha) -> None:
+    """A NaN or inf anywhere in a LoRA pair or its alpha would spread into every output of the model."""
+    try:
+        finite_alpha = math.isfinite(float(alpha))
+    except (TypeError, ValueError):
+        finite_alpha = False
+    if not finite_alpha:
+        raise LorafitError(f"{directory} gives {path} lora_alpha = {alpha!r}, not a finite number; fix {CONFIG_FILE}")
+    for name, tensor in (("lora_A", a), ("lora_B", b)):
+        if not torch.isfinite(tensor).all():
+            raise LorafitError(
+                f"{directory} holds NaN or inf in {path}'s {name}; the run that wrote it diverged, "
+                "use the adapter of an earlier checkpoint"
+            )
 
 
 def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, a: torch.Tensor, b: torch.Tensor):

@@ -97,7 +97,8 @@ def _print_json(data: dict) -> None:
 @app.command()
 def train(
     recipe: RecipePath,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
+    # a str, not a Path: Path("") would turn an empty --output (an unset variable) into the current folder
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
@@ -119,7 +120,7 @@ def train(
 
         settings = list(overrides or [])
         if output is not None:
-            settings.append(f"output.dir={json.dumps(str(output))}")
+            settings.append(f"output.dir={json.dumps(output)}")
         return run_training(load_recipe(recipe, settings), resume=resume, console=stderr if as_json else Console())
 
     report = _run(action, debug)

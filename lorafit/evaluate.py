@@ -72,15 +72,17 @@ def evaluate_split(
 def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
     from lorafit.adapter import check_adapter, load_adapter
-    from lorafit.model import load_config, load_model, load_tokenizer, meta_model, resolve_precision
+    from lorafit.model import check_safetensors, load_config, load_model, load_tokenizer, meta_model, resolve_precision
 
     name = str(model_dir) if model_dir is not None else recipe.model.name
+    check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     if adapter is not None:  # refuse a misfit before tokenizing anything or reading weights
         check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     held_out = tokenize_split(recipe.data, tokenizer, split or recipe.data.eval_split)
     weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
-    model = load_model(name, weights_dtype, trust_remote_code=recipe.model.trust_remote_code)
+    model = load_model(name, weights_dtype, trust_remote_code=recipe.model.trust_remote_code,
+                       allow_pickle=recipe.model.allow_pickle)
     if adapter is not None:
         load_adapter(model, Path(adapter))
     accelerator = make_accelerator(mixed_precision)

@@ -14,7 +14,7 @@ from torch import nn
 from lorafit.adapter import check_adapter, load_adapter, read_adapter_config
 from lorafit.errors import LorafitError
 from lorafit.inject import merge_lora
-from lorafit.model import knows_only_special_tokens, load_config, load_model, meta_model
+from lorafit.model import context_length, knows_only_special_tokens, load_config, load_model, meta_model
 from lorafit.storage import staged_dir
 
 PROBE_SEQUENCES = 4
@@ -37,6 +37,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     probe = probe_inputs(model)
     before = logits(model, probe)
     merge_lora(model)
+    check_finite_weights(model, base, adapter)
     after = logits(model, probe)
     dtype = saved_dtype(config)
     model.to(dtype)
@@ -64,11 +65,20 @@ def check_out(out: Path, base: str, adapter: Path, *, force: bool) -> None:
             raise LorafitError(f"{out} holds the {name} {source}; choose another folder for the merged model")
 
 
+def check_finite_weights(model: nn.Module, base: str, adapter: Path) -> None:
+    """Refuse to write a merged model with NaN or inf in any weight (from the base or the sum)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LorafitError(
+                f"merging {adapter} into {base} gives NaN or inf in {name}; nothing was written. Check that the base "
+                "model's weights are finite and that the adapter fits it"
+            )
+
+
 def probe_inputs(model: nn.Module) -> torch.Tensor:
     """A few seeded token sequences, valid for this model's vocabulary and context length."""
     vocab = model.get_input_embeddings().num_embeddings
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = context_length(model.config)
     length = min(PROBE_LENGTH, context or PROBE_LENGTH)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (PROBE_SEQUENCES, length), generator=generator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # 0.5·x·(1 + tanh(sqrt(2/pi)·(x + 0.044715·x³))). Autograd keeps four [tokens, d_ff] tensors per layer for
 # them; PyTorch's own kernel computes the same function and keeps only its input.
 COMPOSED_TANH_GELUS = {"NewGELUActivation", "FastGELUActivation", "AccurateGELUActivation"}
+SAMPLE = 1 << 16  # bytes of each weight file that weights_fingerprint reads, at three places
 
 
 def resolve_precision(dtype: str, mixed_precision: str, *, cuda_bf16: bool | None = None) -> tuple[str, str]:
@@ -78,17 +80,79 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False) -> nn.Module:
+def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """The model's weights, from safetensors only: a pickle can run code, so it is read only from a local
+    folder whose recipe says `allow_pickle = true`."""
     from transformers import AutoModelForCausalLM
 
     load_config(name, trust_remote_code=trust_remote_code)
+    local = Path(name).expanduser().is_dir()
+    if local:
+        check_safetensors(name, allow_pickle=allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            use_safetensors=None if local and allow_pickle else True,
+        )
     except (OSError, ValueError) as error:
-        if Path(name).expanduser().is_dir():
+        if local:
             raise LorafitError(f"could not load the weights in {name}: {error}") from error
         raise _hub_error(name) from error
     return model
+
+
+def check_safetensors(name: str, *, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder whose weights are pickles only, naming the one-off conversion."""
+    folder = Path(name).expanduser()
+    pickles = sorted(p.name for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if allow_pickle or not pickles or any(folder.glob("*.safetensors")):
+        return
+    raise LorafitError(
+        f"model folder {name} holds only pickled weights ({pickles[0]}), which lorafit does not read; convert them "
+        f"once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+        f"M.from_pretrained('{name}').save_pretrained('{name}')\" (it writes model.safetensors), "
+        "or set [model] allow_pickle = true for a folder you trust"
+    )
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions cover, where its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(config, max_length: int) -> None:
+    """Rows longer than the model's positions cannot be run: refuse such a [data] max_length up front."""
+    context = context_length(config)
+    if context is not None and max_length > context:
+        raise LorafitError(
+            f"[data] max_length = {max_length} is longer than the model's context of {context} tokens; "
+            f"set max_length to {context} or less"
+        )
+
+
+def weights_fingerprint(name: str, config) -> str:
+    """What identifies the base weights without reading them: the hub commit, or for a local folder a hash of
+    each weight file's name, size, safetensors header and three 64 KiB samples (start, middle, end)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return f"hub:{name}@{getattr(config, '_commit_hash', None) or 'unknown'}"
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            if path.suffix == ".safetensors":
+                header = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(header, size)))
+            for offset in (0, size // 2, max(0, size - SAMPLE)):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE))
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):

@@ -80,22 +80,34 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+class StopRequest:
+    """The signals received. While `deferred` (the training steps), the first one only asks the loop to stop
+    after its step, so that a checkpoint can be saved; any other raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self.deferred = False
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+
 @contextmanager
 def stop_on_signals():
-    """SIGINT/SIGTERM ask the loop to stop after the current step, so a checkpoint can be saved."""
-    requested: list[int] = []
+    """SIGINT and SIGTERM as a StopRequest: SIGTERM stops a run the way Ctrl-C does, in every phase."""
+    stop = StopRequest()
 
     def request_stop(signum, _frame):
-        if requested:  # a second signal: stop now
+        stop.signals.append(signum)
+        if not (stop.deferred and len(stop.signals) == 1):
             raise KeyboardInterrupt
-        requested.append(signum)
 
     if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be installed from the main thread
+        yield stop  # signal handlers can only be installed from the main thread
         return
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield stop
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

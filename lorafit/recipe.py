@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafit.errors import LorafitError
 
@@ -41,11 +41,12 @@ class ModelSection(Section):
     name: str = "gpt2"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a CUDA GPU with bf16, else fp32
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read pytorch_model.bin from a local folder you trust (pickles can run code)
 
 
 class LoraSection(Section):
     rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     init: Literal["kaiming", "gaussian"] = "kaiming"
@@ -67,6 +68,15 @@ class DataSection(Section):
     max_length: int = Field(128, gt=1)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
+    @field_validator("labels")
+    @classmethod
+    def _words(cls, labels: list[str]) -> list[str]:
+        """An empty label would tokenize to a bare space and be scored as a class; repeats are refused by
+        lorafit.data.label_token_ids (same token ids), which train calls before tokenizing the data."""
+        if any(not word.strip() for word in labels):
+            raise ValueError("every label must be a non-empty word")
+        return labels
+
 
 class TrainSection(Section):
     max_steps: int = Field(0, ge=0)
@@ -75,12 +85,12 @@ class TrainSection(Section):
     batch_size: int = Field(16, gt=0, json_schema_extra=RESUMABLE)
     grad_accum: int = Field(1, gt=0, json_schema_extra=RESUMABLE)
     global_batch: int = Field(0, ge=0, json_schema_extra=RESUMABLE)  # 0: batch_size × grad_accum × processes
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where [model] dtype auto gives bf16
     save_every: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     log_every: int = Field(10, gt=0, json_schema_extra=RESUMABLE)
@@ -91,7 +101,7 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    dir: str = Field("runs/lorafit", json_schema_extra=RESUMABLE)
+    dir: str = Field("runs/lorafit", min_length=1, json_schema_extra=RESUMABLE)
 
 
 class Recipe(Section):
@@ -156,7 +166,7 @@ def _describe(problem: dict) -> str:
     if problem["type"] == "extra_forbidden":
         return f"unknown key {key}{_suggestion(location)}; remove it or fix its spelling"
     got = problem.get("input")
-    return f"{key}: {problem['msg'].lower()} (got {got!r}); fix the value"
+    return f"{key}: {problem['msg'].lower().removeprefix('value error, ')} (got {got!r}); fix the value"
 
 
 def _key_name(location: list[str]) -> str:
@@ -215,7 +225,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         elif isinstance(source, dict):
             data["source"] = {split: _absolute(file, base) if isinstance(file, str) else file for split, file in source.items()}
     output = raw.get("output")
-    if isinstance(output, dict) and isinstance(output.get("dir"), str):
+    if isinstance(output, dict) and isinstance(output.get("dir"), str) and output["dir"].strip():  # "" stays an error
         output["dir"] = _absolute(output["dir"], base)
 
 

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
 from lorafit.adapter import adapter_files
-from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count, supervised_counts
+from lorafit.batches import StepRows, collate, rank_share, supervised_count, supervised_counts
 from lorafit.checkpoint import RunState, data_fingerprint
 from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
@@ -33,20 +33,13 @@ from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
-from lorafit.model import (
-    decoder_blocks,
-    enable_checkpointing,
-    fuse_activations,
-    load_config,
-    load_model,
-    load_tokenizer,
-    meta_model,
-    resolve_precision,
-)
-from lorafit.parallel import all_sum, any_rank, make_accelerator, shard_model, stop_on_signals
+from lorafit.model import decoder_blocks, enable_checkpointing, fuse_activations, load_model
+from lorafit.parallel import StopRequest, all_sum, any_rank, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
+from lorafit.preflight import Checked, check_run
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
+from lorafit.run_folder import mark
 from lorafit.storage import append_line, write_atomic, write_folder, write_json
 
 
@@ -89,54 +82,63 @@ class Run:
 
 
 def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
-    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json."""
-    run = set_up(recipe, resume, console or Console(stderr=True))
-    start_or_resume(run)
-    run_steps(run)
-    return finish(run)
+    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json.
+
+    SIGINT/SIGTERM during the steps stop after the current one and save a checkpoint; in any other phase
+    (or a second signal) they stop at once. Either way the exit is 130 with a line that says what is saved.
+    """
+    with stop_on_signals() as stop, ExitStack() as held:
+        try:
+            checked = check_run(recipe, resume, console or Console(stderr=True), held)
+            if checked.finished is not None:
+                return checked.finished
+            run = set_up(recipe, checked)
+            start_or_resume(run)
+            stop.deferred = True
+            run_steps(run, stop)
+            stop.deferred = False
+            return finish(run)
+        except KeyboardInterrupt:
+            latest = checkpoint.latest_checkpoint(Path(recipe.output.dir))
+            saved = f"the newest checkpoint is {latest.name}, continue with --resume" if latest else "nothing to resume"
+            raise LorafitError(f"stopped by a signal; {saved}", exit_code=130) from None
 
 
-def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
-    """Tokenize, check the launch and the run folder, load the model with LoRA, build the optimizer: no file written."""
-    settings = recipe.train
+def set_up(recipe: Recipe, checked: Checked) -> Run:
+    """Tokenize, check the rows against a resumed run, load the model with LoRA, build the optimizer: no file written."""
+    settings, accelerator, console, tokenizer = recipe.train, checked.accelerator, checked.console, checked.tokenizer
     set_seed(settings.seed)
-    weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
-    accelerator = make_accelerator(mixed_precision)
-    world = accelerator.num_processes
-    grad_accum = global_batch_split(settings, world)
-    if not accelerator.is_main_process:
-        console = Console(quiet=True)
-    tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     with accelerator.main_process_first():  # the others read the main process's tokenized cache
         train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
         eval_split = tokenize_split(recipe.data, tokenizer, recipe.data.eval_split)
     print_dropped(console, recipe.data.train_split, train_split)
     print_dropped(console, recipe.data.eval_split, eval_split)
     rows = train_split.examples.to_list()
-    global_batch = settings.batch_size * grad_accum * world
-    state = RunState(data_fingerprint=data_fingerprint(rows), global_batch=global_batch, world_size=world)
-    resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
+    steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
+    total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
+    state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps)
+    if checked.resume_from is not None:
+        checkpoint.check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
-    if settings.compile or settings.parallel == "fsdp":  # both work block by block: find the blocks before loading
-        decoder_blocks(meta_model(load_config(model_name, trust_remote_code=remote_code)))
-    model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
+    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
-    steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
-    total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     supervised = supervised_counts(train_split.examples)
-    return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
-               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision))
+    return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
+               total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision)
 
 
 def start_or_resume(run: Run) -> None:
-    """A fresh run saves its recipe and evaluates the base; a resumed one restores its newest checkpoint."""
-    if run.accelerator.is_main_process:
+    """A fresh run marks its folder and saves its recipe, then evaluates the base; a resumed one restores its
+    newest checkpoint (a longer one first saves its new recipe and sets the old report aside)."""
+    main = run.accelerator.is_main_process
+    if main:
         checkpoint.remove_partial(run.run_dir)
     if run.resume_from is None:
-        if run.accelerator.is_main_process:
+        if main:
+            mark(run.run_dir)
             write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
         run.state.eval_before = _evaluate(run)
         print_eval(run.console, "before training", run.state.eval_before)
@@ -145,11 +147,17 @@ def start_or_resume(run: Run) -> None:
         run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index,
         scaler=run.accelerator.scaler,
     )
-    run.state = replace(saved, world_size=run.state.world_size)  # what is done so far, on this launch's processes
+    extended = saved.total_steps and saved.total_steps != run.total_steps
+    # what is done so far, on this launch's processes and schedule
+    run.state = replace(saved, world_size=run.state.world_size, total_steps=run.total_steps,
+                        model_fingerprint=run.state.model_fingerprint or saved.model_fingerprint)
+    if main and extended:  # until it ends, the folder holds an unfinished run of the new length
+        write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
+        (run.run_dir / "report.json").unlink(missing_ok=True)
     run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
 
 
-def run_steps(run: Run) -> None:
+def run_steps(run: Run, stop: StopRequest) -> None:
     """The loop: one optimizer step per iteration, logging, checkpoints, and a stop that every rank agrees on."""
     settings, state, accelerator = run.recipe.train, run.state, run.accelerator
     metrics_path = run.run_dir / "metrics.jsonl"
@@ -158,7 +166,7 @@ def run_steps(run: Run) -> None:
     run.scorer.train()
     if accelerator.device.type == "cuda":  # report.json's peak is the steps', not loading's or evaluation's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    with stop_on_signals() as stop, progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
+    with progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
         window_tokens, window_start = 0, time.perf_counter()
         upcoming = prefetch.submit(_micro_batches, run, run.start_step)
@@ -175,7 +183,8 @@ def run_steps(run: Run) -> None:
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
-            saving = stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps)
+            # the last step's state is always kept: a finished run can be trained longer from it
+            saving = stops or done == run.total_steps or (settings.save_every and done % settings.save_every == 0)
             if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
                 loss = all_sum([local_loss.item()], accelerator.device)[0]
                 _check_finite(run, loss, done)

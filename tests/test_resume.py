@@ -23,8 +23,11 @@ from filelock import FileLock
 from typer.testing import CliRunner
 
 import lorafit.loss
+import lorafit.train
 from lorafit.checkpoint import latest_checkpoint
 from lorafit.cli import app
+from lorafit.errors import LorafitError
+from lorafit.run_folder import RunLock
 
 runner = CliRunner()
 TRAIN = {"max_steps": 8, "save_every": 3, "batch_size": 2, "log_every": 2, "eval_batch_size": 2}
@@ -148,7 +151,7 @@ def uninterrupted_run(folder: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         finished(train_cli(write_recipe(folder, train=TRAIN, data=DATA)))
-    assert checkpoint_entries(run) == ["step-000003", "step-000006"]
+    assert checkpoint_entries(run) == ["step-000003", "step-000006", "step-000008"]
     return {
         "run": run,
         "adapter": (run / ADAPTER_WEIGHTS).read_bytes(),
@@ -194,14 +197,17 @@ def main_thread() -> None:
 # ---------------------------------------------------------------- hard kills
 
 
-def test_sigkill_mid_step_then_resume_ends_with_the_uninterrupted_adapter(recipe, reference, tmp_path):
+def test_sigkill_mid_step_leaves_no_lock_and_resume_ends_with_the_uninterrupted_adapter(recipe, reference, tmp_path):
     run, marker = tmp_path / "run", tmp_path / "marker"
     process = spawn("pause", 7, recipe, marker)  # checkpoints 3 and 6 are written before step 7
     wait_until_paused(process, marker)
+    with pytest.raises(LorafitError, match=f"pid {process.pid}"):  # held while it runs
+        RunLock(run)
     process.kill()
     returncode, _ = finish(process, marker)
 
     assert returncode == -signal.SIGKILL
+    assert (run / "lorafit.lock").exists()  # the file stays; the OS dropped the lock with the process
     assert checkpoint_entries(run) == ["step-000003", "step-000006"]
     assert latest_checkpoint(run) == run / "checkpoints" / "step-000006"
     assert not (run / "adapter").exists() and not (run / "report.json").exists()
@@ -223,11 +229,61 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_o
     assert latest_checkpoint(run) == run / "checkpoints" / "step-000003"
 
     finished(train_cli(recipe, "--resume"))
-    assert checkpoint_entries(run) == ["step-000003", "step-000006"]
+    assert checkpoint_entries(run) == ["step-000003", "step-000006", "step-000008"]
+    assert_matches_reference(run, reference)
+
+
+def test_a_second_train_on_a_running_folder_is_refused_naming_the_first_which_ends_as_a_lone_run(
+    recipe, reference, tmp_path
+):
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    first = spawn("pause", 2, recipe, marker)
+    wait_until_paused(first, marker)
+    before = snapshot(run)
+    for args in ([], ["--resume"]):
+        line = assert_one_line_error(train_cli(recipe, *args))
+        assert f"in use by another lorafit train (pid {first.pid})" in line
+    assert snapshot(run) == before
+    (marker / "go").touch()
+    returncode, stderr = finish(first, marker)
+    assert returncode == 0, stderr
     assert_matches_reference(run, reference)
 
 
 # ---------------------------------------------------------------- asking it to stop
+
+
+def signal_self(signum: int):
+    def stand_in(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not stop the run")
+
+    return stand_in
+
+
+def test_sigterm_while_loading_exits_130_and_leaves_no_folder(recipe, tmp_path, monkeypatch, main_thread):
+    monkeypatch.setattr(lorafit.train, "load_model", signal_self(signal.SIGTERM))
+    result = train_cli(recipe)
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == ["error: stopped by a signal; nothing to resume"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_in_the_final_evaluation_exits_130_and_resume_writes_the_report(
+    recipe, reference, tmp_path, monkeypatch, main_thread
+):
+    run = tmp_path / "run"
+    monkeypatch.setattr(lorafit.train, "run_report", signal_self(signal.SIGTERM))
+    result = train_cli(recipe)
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == [
+        "error: stopped by a signal; the newest checkpoint is step-000008, continue with --resume"
+    ]
+    assert not (run / "report.json").exists()
+    monkeypatch.undo()
+    finished(train_cli(recipe, "--resume"))
+    assert_matches_reference(run, reference)
+
 
 
 def test_sigterm_saves_a_checkpoint_at_that_step_and_resume_finishes_identically(recipe, reference, tmp_path):
@@ -276,7 +332,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(recipe, tmp_
     handler = signal.getsignal(signal.SIGINT)
     result = train_cli(recipe)
     assert result.exit_code == 130
-    assert result.stderr.strip().splitlines() == ["interrupted"]
+    assert result.stderr.strip().splitlines() == [
+        "error: stopped by a signal; the newest checkpoint is step-000003, continue with --resume"
+    ]
     assert checkpoint_entries(run) == ["step-000003"]
     assert hidden_entries(run) == []
     assert signal.getsignal(signal.SIGINT) is handler  # the run put the previous handler back
@@ -296,6 +354,7 @@ def interrupted(reference, tmp_path) -> Path:
     """A copy of the uninterrupted run's folder as it was after step 6: checkpoints 3, 6 and no adapter."""
     run = tmp_path / "copied-run"
     shutil.copytree(reference["run"], run)
+    shutil.rmtree(run / "checkpoints" / "step-000008")
     shutil.rmtree(run / "adapter")
     (run / "report.json").unlink()
     return run

@@ -90,7 +90,9 @@ def tiny_shape() -> transformers.GPT2Config:
 
 def test_run_folder_holds_exactly_the_documented_entries(trained):
     run = trained["run"]
-    assert {p.name for p in run.iterdir()} == {"adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json"}
+    assert {p.name for p in run.iterdir()} == {
+        "adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json", "lorafit-run.json", "lorafit.lock"
+    }
     assert {p.name for p in (run / "adapter").iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -98,9 +100,9 @@ def test_run_folder_holds_exactly_the_documented_entries(trained):
     }
 
 
-def test_checkpoints_are_saved_every_save_every_steps_before_the_last(trained):
+def test_checkpoints_are_saved_every_save_every_steps_and_at_the_last(trained):
     checkpoints = sorted(p.name for p in (trained["run"] / "checkpoints").iterdir())
-    expected = [f"step-{step:06d}" for step in range(SAVE_EVERY, STEPS, SAVE_EVERY)]
+    expected = [f"step-{step:06d}" for step in [*range(SAVE_EVERY, STEPS, SAVE_EVERY), STEPS]]
     assert checkpoints == expected
     assert (trained["run"] / "checkpoints" / expected[0] / "adapter" / "adapter_model.safetensors").is_file()
 
