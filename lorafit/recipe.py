@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lorafit.errors import LorafitError
 
@@ -66,6 +66,14 @@ class DataSection(Section):
     eval_split: str = "validation"
     max_length: int = Field(128, gt=1)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_field_of_the_task(cls, values):
+        """text_field defaults to "text" for task = "text", the name plain-text data sets use (GLUE's is "sentence")."""
+        if isinstance(values, dict) and values.get("task") == "text" and "text_field" not in values:
+            return {**values, "text_field": "text"}
+        return values
 
 
 class TrainSection(Section):
