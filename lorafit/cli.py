@@ -134,7 +134,9 @@ def evaluate(
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder to apply to the base.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
+    ] = None,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
