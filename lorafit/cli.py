@@ -2,96 +2,95 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from typer.core import TyperGroup
 
+from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.launch import rank
+from lorafit.messages import error, note, print_json, run_command, stderr
+
+# A usage error of the click that typer runs on (recent typers carry their own copy of click).
+UsageError = typer.BadParameter.__base__
+
+
+class Commands(TyperGroup):
+    """lorafit's commands, whose usage errors (a missing or malformed option) read like any other bad input:
+    one `error:` line and exit 2, instead of click's boxed usage text."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        with _usage_errors_in_one_line():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():  # a command's own options are parsed inside the group's invoke
+            return super().invoke(ctx)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command's first sentence whole (click would cut it at the terminal's width)."""
+        rows = [(name, self.get_command(ctx, name).get_short_help_str(limit=1000)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    try:
+        yield
+    except UsageError as problem:
+        if type(problem).__name__ == "NoArgsIsHelpError":
+            raise  # `lorafit` alone prints its help
+        where = problem.ctx.command_path if problem.ctx is not None else "lorafit"
+        error(f"{problem.format_message().rstrip('.')}; see {where} --help")
+        raise typer.Exit(problem.exit_code) from None
+
+
+def _print_version(show: bool) -> None:
+    if show:
+        print(f"lorafit {__version__}")
+        raise typer.Exit()
+
+
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
 
 app = typer.Typer(
+    cls=Commands,
+    callback=_options,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text, so that "[output] dir" is not read as markup
     help="Fine-tune Hugging Face causal language models with LoRA.",
 )
-stderr = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show library logs and full tracebacks.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 RecipePath = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file.")]
 
 
-def _quiet_libraries() -> None:
-    """Keep transformers/datasets warnings and loading bars off the screen."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
-
-
-def _run(action: Callable[[], object], debug: bool) -> object:
-    """Turn LorafitError into one line and an exit code; anything else is a runtime failure (exit 1).
-
-    With several processes every rank meets the same bad input, so only the main one says so; a failure
-    of one rank alone is printed by that rank, with its number.
-    """
-    if not debug:
-        _quiet_libraries()
-    try:
-        return action()
-    except LorafitError as error:
-        if debug:
-            stderr.print_exception()
-        if rank() == 0:
-            stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
-    except Exception as error:  # noqa: BLE001 - the last line of defence, so users see one line
-        if debug:
-            stderr.print_exception()
-        else:
-            where = f"rank {rank()}: " if rank() else ""
-            stderr.print(
-                f"[bold red]error:[/] {where}{type(error).__name__}: {escape(str(error))} (run again with --debug for the traceback)",
-                highlight=False,
-                soft_wrap=True,
-            )
-        raise typer.Exit(1) from None
-
-
 def _start_missing_processes() -> None:
     """Under `accelerate launch --num_processes N` without GPUs, become the N processes it meant to start."""
     from lorafit.launch import relaunch_command
 
-    command = _run(lambda: relaunch_command(sys.argv[1:]), debug=False)
+    command = run_command(lambda: relaunch_command(sys.argv[1:]), debug=False)
     if command:
-        stderr.print(f"[yellow]note:[/] accelerate started one process without GPUs; starting {command[3].split('=')[1]} processes "
-                     "through torch.distributed.run", highlight=False)
+        note(f"accelerate started one process without GPUs; starting {command[3].split('=')[1]} processes "
+             "through torch.distributed.run")
         os.execv(command[0], command)
-
-
-def _print_json(data: dict) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -101,7 +100,7 @@ def train(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
+        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
     ] = None,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -121,11 +120,13 @@ def train(
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
-        return run_training(load_recipe(recipe, settings), resume=resume, console=stderr if as_json else Console())
+        chosen = load_recipe(recipe, settings)
+        report = run_training(chosen, resume=resume, console=stderr if as_json else Console())
+        return {"run_dir": chosen.output.dir, "adapter": str(Path(chosen.output.dir) / "adapter"), **report}
 
-    report = _run(action, debug)
-    if as_json and rank() == 0:
-        _print_json(report)
+    result = run_command(action, debug)
+    if as_json:
+        print_json("train", result)
 
 
 @app.command("eval")
@@ -134,7 +135,9 @@ def evaluate(
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder to apply to the base.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
+    ] = None,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -146,17 +149,19 @@ def evaluate(
 
         if adapter is not None and model is not None:
             raise LorafitError("give --adapter or --model, not both")
-        return evaluate_recipe(load_recipe(recipe, list(overrides or [])), adapter=adapter, model_dir=model, split=split)
+        chosen = load_recipe(recipe, list(overrides or []))
+        scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split)
+        return {"model": str(model) if model is not None else chosen.model.name,
+                "adapter": str(adapter) if adapter is not None else None,
+                "split": split or chosen.data.eval_split, "eval": scores}
 
-    result = _run(action, debug)
-    if rank() != 0:  # every process computed the same numbers; one prints them
-        return
+    result = run_command(action, debug)
     if as_json:
-        _print_json({"eval": result})
-    else:
+        print_json("eval", result)
+    elif rank() == 0:  # every process computed the same numbers; one prints them
         from lorafit.report import eval_table
 
-        Console().print(eval_table(result))
+        Console().print(eval_table(result["eval"]))
 
 
 @app.command()
@@ -175,9 +180,9 @@ def merge(
 
         return merge_adapter(base, adapter, out, force=force)
 
-    result = _run(action, debug)
+    result = run_command(action, debug)
     if as_json:
-        _print_json(result)
+        print_json("merge", result)
     else:
         Console().print(
             f"merged {result['adapter']} into {result['base']} -> [bold]{result['out']}[/]\n"
@@ -185,49 +190,52 @@ def merge(
             f"{result['max_logit_diff']:.3g}",
             highlight=False,
         )
-        for note in result.get("notes", []):
-            stderr.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        for text in result.get("notes", []):
+            note(text)
 
 
 @app.command()
 def info(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take model and LoRA settings from a recipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", min=1, help="LoRA rank r (default 8).")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, help="LoRA alpha (default 16).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank r (default: [lora] rank, else 8).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default: [lora] alpha, else 16).")] = None,
     targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v.")] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option("--dtype", help="Base weights for the memory estimate: auto, float32, bfloat16 or float16 "
+                                     "(default: [model] dtype, else auto)."),
+    ] = None,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
     """Trainable parameters, adapter size and memory estimates; reads only the model's config."""
 
     def action():
-        from lorafit.recipe import LoraSection, ModelSection, load_recipe
+        from lorafit.recipe import load_recipe, validate
         from lorafit.report import describe
 
         if (recipe is None) == (model is None):
             raise LorafitError("give exactly one of --recipe PATH or --model ID_OR_DIR")
-        if recipe is not None:
-            chosen = load_recipe(recipe)
-            model_section, lora = chosen.model, chosen.lora
-        else:
-            model_section, lora = ModelSection(name=model), LoraSection()
-        return describe(
-            model_section.name,
-            rank=rank or lora.rank,
-            alpha=alpha if alpha is not None else lora.alpha,
-            targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else lora.targets,
-            dtype=model_section.dtype,
-        )
+        raw = load_recipe(recipe).model_dump() if recipe is not None else {"model": {"name": model}}
+        given = {"rank": rank, "alpha": alpha,
+                 "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None}
+        raw.setdefault("lora", {}).update({key: value for key, value in given.items() if value is not None})
+        if dtype is not None:
+            raw["model"]["dtype"] = dtype
+        chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
+        lora = chosen.lora
+        return describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
+                        dtype=chosen.model.dtype)
 
-    report = _run(action, debug)
+    report = run_command(action, debug)
     if as_json:
-        _print_json(report)
+        print_json("info", report)
     else:
         from lorafit.report import info_tables
 
         console = Console()
-        console.print(f"[bold]{report['model']}[/] ({report['model_type']})", highlight=False)
+        console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)
         for table in info_tables(report):
             console.print(table)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafit.errors import LorafitError
 
@@ -76,6 +76,14 @@ class DataSection(Section):
         if any(not word.strip() for word in labels):
             raise ValueError("every label must be a non-empty word")
         return labels
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_field_of_the_task(cls, values):
+        """text_field defaults to "text" for task = "text", the name plain-text data sets use (GLUE's is "sentence")."""
+        if isinstance(values, dict) and values.get("task") == "text" and "text_field" not in values:
+            return {**values, "text_field": "text"}
+        return values
 
 
 class TrainSection(Section):

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from lorafit import __version__
 from lorafit.inject import count_parameters, inject_lora, is_projection, lora_layers, stores_transposed
 from lorafit.lora import LoRALinear, projection_shape
 from lorafit.model import DTYPES, load_config, meta_model, resolve_precision
@@ -116,6 +117,7 @@ def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state
     report["eval"] = {**eval_after, "before": state.eval_before}
     report["device"] = device_name(device)
     report["dtype"], report["mixed_precision"] = weights, mixed_precision
+    report["lorafit_version"] = __version__
     return report
 
 
@@ -212,6 +214,7 @@ def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype
     report = parameter_report(model, layers, DTYPES[weights].itemsize)
     report["model"] = model_name
     report["model_type"] = config.model_type
+    report["dtype"] = weights
     report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets}
     return report
 
@@ -301,11 +304,11 @@ def summary_tables(report: dict, run_dir) -> list:
 
 
 def print_dropped(console: Console, name: str, split) -> None:
+    from lorafit.messages import note
+
     if split.dropped:
-        console.print(
-            f"[yellow]note:[/] {split.dropped} of {split.total} rows in {name!r} lost all supervised tokens to "
-            "\\[data] max_length and were left out"
-        )
+        note(f"{split.dropped} of {split.total} rows in {name!r} lost all supervised tokens to [data] max_length "
+             "and were left out", console)
 
 
 def progress_bar(console: Console) -> Progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,8 +49,23 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(file.fileno())
 
 
+def json_text(data: object) -> str:
+    """Strict JSON (RFC 8259) for files and `--json`: a NaN or infinite number is written as null, never as NaN."""
+    return json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finite(data: object) -> object:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
 def write_json(path: Path, data: object) -> None:
-    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    write_atomic(path, json_text(data))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ runner = CliRunner()
         ("train", ["--recipe", "--output", "--resume", "--set", "--json"]),
         ("eval", ["--recipe", "--adapter", "--model", "--split", "--json"]),
         ("merge", ["base", "adapter", "out", "--force", "--json"]),
-        ("info", ["--recipe", "--model", "--rank", "--alpha", "--targets", "--json"]),
+        ("info", ["--recipe", "--model", "--rank", "--alpha", "--targets", "--dtype", "--json"]),
     ],
 )
 def test_help_exits_zero_and_lists_the_documented_options(command, options):
@@ -82,8 +82,10 @@ def test_train_json_prints_only_the_report_on_stdout(tiny_recipe, tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout)
-    assert report == json.loads((tmp_path / "run" / "report.json").read_text())
+    printed = json.loads(completed.stdout)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert {key: printed[key] for key in report} == report
+    assert printed["adapter"] == str(tmp_path / "run" / "adapter")
     assert "eval after training" in completed.stderr
     assert "training" in completed.stderr
 

@@ -116,6 +116,12 @@ def test_empty_recipe_gives_the_documented_defaults(tmp_path):
     assert (train.save_every, train.log_every) == (0, 10)
 
 
+def test_text_field_defaults_to_text_for_plain_text_and_stays_when_given():
+    assert validate({"data": {"task": "text"}}).data.text_field == "text"
+    assert validate({"data": {"task": "text", "text_field": "body"}}).data.text_field == "body"
+    assert validate({"data": {"task": "classification"}}).data.text_field == "sentence"
+
+
 # ---------------------------------------------------------------- unknown keys
 
 
