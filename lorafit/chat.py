@@ -56,28 +56,40 @@ def render(messages: list[dict], tokenizer, template: str, *, generation_prompt:
                            "fix [data] chat_template or the rows") from error
 
 
-def encode_chat(messages: list[dict], tokenizer, template: str, last_only: bool) -> tuple[list[int], list[bool]]:
-    """(input_ids, which carry loss) of a conversation: each supervised assistant turn's content and its
-    end-of-turn token (the first special token after the content)."""
+def assistant_spans(messages: list[dict], tokenizer, template: str, last_only: bool) -> tuple[str, list[tuple]]:
+    """(the rendered conversation, the character span of each supervised assistant turn: from its content to the
+    end of the turn's rendering)."""
     text = render(messages, tokenizer, template)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    supervised = [False] * len(ids)
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    spans = []
     for turn in turns[-1:] if last_only else turns:
         start = len(render(messages[:turn], tokenizer, template, generation_prompt=True))
         through = render(messages[: turn + 1], tokenizer, template)
         if not text.startswith(through) or len(through) < start:
             raise LorafitError("the chat template does not render a conversation as its earlier turns followed by "
                                "the new one, so assistant turns cannot be located; give [data] chat_template")
-        inside = [j for j, (begin, _) in enumerate(offsets) if start <= begin < len(through)]
-        end = next((j for j in inside if ids[j] in special), None)
-        if end is None:
+        spans.append((start, len(through)))
+    return text, spans
+
+
+def turn_mask(ids: list[int], offsets: list[tuple], spans: list[tuple], special: set[int]) -> list[bool]:
+    """Which tokens carry loss: in each span, the tokens up to and including the first special token (the turn's
+    end-of-turn token; what follows it, such as a newline, is the template's and carries none)."""
+    supervised = [False] * len(ids)
+    for start, end in spans:
+        inside = [j for j, (begin, _) in enumerate(offsets) if start <= begin < end]
+        stop = next((j for j in inside if ids[j] in special), None)
+        if stop is None:
             raise LorafitError("the chat template ends an assistant turn without a special end-of-turn token, so "
                                "the model would not learn to stop; end turns with one (e.g. {{ eos_token }})")
         for j in inside:
-            if j > end:
+            if j > stop:
                 break
             supervised[j] = True
-    return ids, supervised
+    return supervised
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, the added ones marked special included."""
+    added = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(tokenizer.all_special_ids) | added

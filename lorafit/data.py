@@ -14,9 +14,8 @@ import datasets
 import numpy as np
 from datasets.fingerprint import Hasher
 
-from lorafit.chat import chat_template, encode_chat, messages_of
+from lorafit.chat import messages_of
 from lorafit.errors import LorafitError
-from lorafit.prompts import fill_template, start_id, template_fields
 from lorafit.recipe import DataSection
 from lorafit.rows import (
     DEFAULT_EVAL_SPLIT,
@@ -29,9 +28,10 @@ from lorafit.rows import (
     short_repr,
     task_fields,
 )
-from lorafit.truncation import CUT, KEPT, SHORTENED, fit_from_left, predicted, shorten_fields, windows
+from lorafit.tasks import IGNORE, encoder, label_token_ids
+from lorafit.truncation import CUT, SHORTENED
 
-IGNORE = -100  # the label of a position with no loss: the ignore_index of torch and transformers losses
+__all__ = ["IGNORE", "TokenizedSplit", "check_context", "label_token_ids", "tokenize_eval", "tokenize_split"]
 FEATURES = {
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
@@ -41,7 +41,8 @@ FEATURES = {
     "lost": datasets.Value("int32"),  # supervised tokens cut off
 }
 CODE_VERSION = hashlib.sha256(
-    b"".join((Path(__file__).parent / name).read_bytes() for name in ("data.py", "truncation.py", "chat.py", "prompts.py"))
+    b"".join((Path(__file__).parent / name).read_bytes()
+             for name in ("data.py", "tasks.py", "truncation.py", "chat.py", "prompts.py"))
 ).hexdigest()[:16]
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
@@ -91,26 +92,6 @@ def check_context(max_length: int, config) -> None:
             return
 
 
-def label_token_ids(data: DataSection, tokenizer) -> list[list[int]]:
-    """Token ids of " <label word>" for each label, exactly as they are appended after the prompt."""
-    if not data.labels:
-        raise LorafitError(
-            '[data] labels is empty; classification needs the label words, e.g. labels = ["negative", "positive"]'
-        )
-    ids = tokenizer([" " + word for word in data.labels], add_special_tokens=False)["input_ids"]
-    seen: dict[tuple[int, ...], str] = {}
-    for word, tokens in zip(data.labels, ids):
-        if not tokens:
-            raise LorafitError(f"[data] label {word!r} tokenizes to no tokens; use a label word")
-        if tuple(tokens) in seen:
-            raise LorafitError(
-                f"[data] labels {seen[tuple(tokens)]!r} and {word!r} tokenize to the same ids {tokens}; "
-                "use distinct label words"
-            )
-        seen[tuple(tokens)] = word
-    return ids
-
-
 def tokenize_split(data: DataSection, tokenizer, split: str, *, evaluation: bool = False) -> TokenizedSplit:
     """Rows -> input_ids, labels (IGNORE where no loss) and prompt_len, fitted to max_length.
 
@@ -146,18 +127,14 @@ def tokenize_eval(data: DataSection, tokenizer, split: str | None = None) -> Tok
 def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool) -> tuple[datasets.Dataset, int]:
     """(examples, rows read): every row's examples, tagged with the row they came from."""
     fields = task_fields(data)
-    encode = _encoder(data, tokenizer)
+    encode = encoder(data, tokenizer)
     rows = load_rows(data, split, evaluation=evaluation)
     where = describe_split(data, split)
     _check_fields(rows, fields, where)
 
     def encode_batch(batch: dict, indices: list[int]) -> dict:
-        out = {name: [] for name in features}
-        for index, row in zip(indices, _read_rows(data, fields, batch, indices, where)):
-            for example in encode(row, index, where):
-                for name, value in example.items():
-                    out[name].append(value)
-        return out
+        examples = encode(_read_rows(data, fields, batch, indices, where), indices, where)
+        return {name: [example[name] for example in examples] for name in features}
 
     features = dict(FEATURES)
     if data.task == "classification":
@@ -215,78 +192,6 @@ def _read_rows(data: DataSection, fields: dict[str, str], batch: dict, indices: 
     return rows
 
 
-def _encoder(data: DataSection, tokenizer):
-    """The task's `encode(row, index, where)`: the examples (usually one, none when nothing is to be predicted)."""
-    if data.task != "classification" and tokenizer.eos_token_id is None and data.task != "chat":
-        raise LorafitError(
-            f"the tokenizer has no eos token, which the {data.task} task appends to each row; use one that has"
-        )
-    names = template_fields(data)
-    max_length, eos = data.max_length, tokenizer.eos_token_id
-
-    def prompt_of(row: dict) -> str:
-        return fill_template(data, {name: row[field] for name, field in names.items()})
-
-    def example(index, ids, supervised, prompt_len, fit=KEPT, lost=0) -> dict:
-        labels = [token if flag else IGNORE for token, flag in zip(ids, supervised)]
-        return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, "row": index, "fit": fit, "lost": lost}
-
-    def fitted(index, ids, supervised) -> dict:
-        """A completion or chat row fitted from the left; its prompt is all before the first supervised token."""
-        keep = int(len(ids) > 1 and ids[0] == tokenizer.bos_token_id)
-        kept_ids, kept = fit_from_left(ids, supervised, max_length, keep)
-        lost = predicted(supervised) - predicted(kept)
-        fit = KEPT if kept_ids is ids else CUT if lost else SHORTENED
-        return example(index, kept_ids, kept, kept.index(True) if any(kept) else len(kept), fit, lost)
-
-    if data.task == "classification":
-        label_ids = label_token_ids(data, tokenizer)
-        longest = max(len(ids) for ids in label_ids)
-        if longest + 1 > max_length:
-            raise LorafitError(f"[data] max_length = {max_length} leaves no room for a prompt before the "
-                               f"{longest}-token label; raise max_length")
-
-        def encode(row, index, where):
-            target = label_ids[row[data.label_field]]
-            values = {name: row[field] for name, field in names.items()}
-            render = lambda values: _encode(tokenizer, fill_template(data, values), True) or [start_id(tokenizer)]  # noqa: E731
-            prompt, shortened = shorten_fields(render, values, max_length - len(target), tokenizer)
-            if prompt is None:
-                raise LorafitError(f"{where} row {index + 1}: the template and label alone are longer than [data] "
-                                   f"max_length = {max_length}; raise max_length or shorten the template")
-            yield {**example(index, prompt + target, [False] * len(prompt) + [True] * len(target), len(prompt),
-                             SHORTENED if shortened else KEPT), "label_index": row[data.label_field]}
-
-    elif data.task == "completion":
-        def encode(row, index, where):
-            prompt = _encode(tokenizer, prompt_of(row), True) or [start_id(tokenizer)]
-            target = _encode(tokenizer, row[data.response_field], False) + [eos]
-            yield fitted(index, prompt + target, [False] * len(prompt) + [True] * len(target))
-
-    elif data.task == "chat":
-        template, last_only = chat_template(data, tokenizer), data.assistant_turns == "last"
-
-        def encode(row, index, where):
-            ids, supervised = encode_chat(row[data.messages_field], tokenizer, template, last_only)
-            if predicted(supervised):
-                yield fitted(index, ids, supervised)
-
-    else:
-        if data.stride >= max_length - 1:
-            raise LorafitError(f"[data] stride = {data.stride} leaves no new tokens in a window of max_length = "
-                               f"{max_length}; make stride smaller than max_length - 1")
-
-        def encode(row, index, where):
-            text = prompt_of(row)
-            if not text:
-                return  # an empty document: nothing to predict
-            ids = _encode(tokenizer, text, True) + [eos]
-            for number, (window, supervised) in enumerate(windows(ids, max_length, data.stride)):
-                yield example(index, window, supervised, supervised.index(True) if number else 0)
-
-    return encode
-
-
 def _text(value, key: str, field: str, where: str, index: int) -> str:
     if isinstance(value, str):
         return value
@@ -306,7 +211,3 @@ def _label_index(value, labels: list[str], where: str, index: int) -> int:
         f"{where} row {index + 1}: label {short_repr(value)} is not in [data] labels {labels} "
         f"(nor an index 0..{len(labels) - 1}); add it to labels or fix the row"
     )
-
-
-def _encode(tokenizer, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
