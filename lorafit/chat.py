@@ -77,7 +77,8 @@ def turn_mask(ids: list[int], offsets: list[tuple], spans: list[tuple], special:
     end-of-turn token; what follows it, such as a newline, is the template's and carries none)."""
     supervised = [False] * len(ids)
     for start, end in spans:
-        inside = [j for j, (begin, _) in enumerate(offsets) if start <= begin < end]
+        # a token that begins before the content but runs into it (" It" after "assistant:") is the content's
+        inside = [j for j, (begin, finish) in enumerate(offsets) if begin < end and finish > start]
         stop = next((j for j in inside if ids[j] in special), None)
         if stop is None:
             raise LorafitError("the chat template ends an assistant turn without a special end-of-turn token, so "
