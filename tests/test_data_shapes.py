@@ -225,7 +225,10 @@ def test_empty_eval_split_means_no_evaluation(tmp_path, tokenizer):
 
 
 def test_single_file_trains_without_the_file_beside_it_and_eval_fraction_evaluates(tmp_path):
-    recipe = write_recipe(tmp_path, data={"source": str(TINY_DATA / "train.jsonl"), "max_eval_examples": 0},
+    lines = (TINY_DATA / "train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(lines[:200]))
+    (tmp_path / "validation.jsonl").write_text("".join(lines[200:240]))  # beside it, never named: not used
+    recipe = write_recipe(tmp_path, data={"source": str(tmp_path / "train.jsonl"), "max_eval_examples": 0},
                           train={"max_steps": 1})
     result = runner.invoke(app, ["train", "--recipe", str(recipe), "--json"])
     assert result.exit_code == 0, result.stderr
@@ -233,10 +236,10 @@ def test_single_file_trains_without_the_file_beside_it_and_eval_fraction_evaluat
     assert evaluation["examples"] == 0 and "one file" in evaluation["skipped"]
     line = assert_one_line_error(runner.invoke(app, ["eval", "--recipe", str(recipe)]))
     assert "no evaluation rows" in line
-    held = write_recipe(tmp_path, data={"source": str(TINY_DATA / "train.jsonl"), "eval_fraction": 0.01,
+    held = write_recipe(tmp_path, data={"source": str(tmp_path / "train.jsonl"), "eval_fraction": 0.1,
                                         "max_eval_examples": 0}, output={"dir": str(tmp_path / "held")},
                         train={"max_steps": 1})
     result = runner.invoke(app, ["train", "--recipe", str(held), "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["eval"]["examples"] == 30 and report["data"]["train"]["rows"] == 2970
+    assert report["eval"]["examples"] == 20 and report["data"]["train"]["rows"] == 180
