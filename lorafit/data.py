@@ -1,96 +1,126 @@
-"""Tokenized rows with label masks: templates, label words, and what is cut at max_length.
+"""Tokenized rows with label masks, per task, fitted to max_length without losing what is supervised.
 
-Rows come from `lorafit.rows`; batches of tokenized rows are made in `lorafit.batches`.
+Rows come from `lorafit.rows`, prompts from `lorafit.prompts` and `lorafit.chat`, the length rules from
+`lorafit.truncation`; batches of tokenized rows are made in `lorafit.batches`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets.fingerprint import Hasher
 
+from lorafit.chat import messages_of
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
-from lorafit.rows import describe_split, load_rows, short_repr, task_fields
+from lorafit.rows import (
+    DEFAULT_EVAL_SPLIT,
+    HELD_OUT,
+    MissingSplit,
+    describe_split,
+    evaluation_split,
+    held_out_rows,
+    load_rows,
+    short_repr,
+    task_fields,
+)
+from lorafit.tasks import IGNORE, encoder, label_token_ids
+from lorafit.truncation import CUT, SHORTENED
 
-IGNORE = -100  # the label of a position with no loss: the ignore_index of torch and transformers losses
+__all__ = ["IGNORE", "TokenizedSplit", "label_token_ids", "tokenize_eval", "tokenize_split"]
 FEATURES = {
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
     "prompt_len": datasets.Value("int32"),
+    "row": datasets.Value("int32"),  # the split's row this example came from (a long document gives several)
+    "fit": datasets.Value("int8"),  # KEPT, SHORTENED or CUT (truncation.py)
+    "lost": datasets.Value("int32"),  # supervised tokens cut off
 }
-CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+CODE_VERSION = hashlib.sha256(
+    b"".join((Path(__file__).parent / name).read_bytes()
+             for name in ("data.py", "tasks.py", "truncation.py", "chat.py", "prompts.py"))
+).hexdigest()[:16]
 
 
 @dataclass
 class TokenizedSplit:
-    """One split ready for batching; `dropped` rows lost every supervised token to max_length."""
+    """One split ready for batching, and what fitting it to max_length did, counted in rows of the split."""
 
     examples: datasets.Dataset
-    dropped: int
-    total: int
+    dropped: int  # rows with nothing to predict, left out
+    total: int  # rows read
+    shortened: int = 0  # rows whose prompt or text was shortened, every supervised token kept
+    cut: int = 0  # rows that lost supervised tokens (a response longer than max_length, early chat turns)
+    cut_tokens: int = 0
+    windowed: int = 0  # long documents split into several max_length windows
+    name: str = ""
+
+    def counts(self) -> dict[str, int]:
+        """The counts as JSON-ready numbers (for reports and dry runs)."""
+        return {"rows": self.total, "examples": len(self.examples), "shortened": self.shortened, "cut": self.cut,
+                "cut_tokens": self.cut_tokens, "windowed": self.windowed, "dropped": self.dropped}
+
+    def note(self) -> str | None:
+        """One line saying what max_length and empty rows did to the split, or None when nothing happened."""
+        parts = []
+        if self.shortened:
+            parts.append(f"{self.shortened} shortened to fit [data] max_length, every supervised token kept")
+        if self.cut:
+            parts.append(f"{self.cut} lost {self.cut_tokens} supervised tokens to max_length")
+        if self.windowed:
+            parts.append(f"{self.windowed} long documents split into windows ({len(self.examples)} rows now)")
+        if self.dropped:
+            parts.append(f"{self.dropped} with nothing to predict left out")
+        return f"{self.name!r}: of {self.total} rows, " + "; ".join(parts) if parts else None
 
 
-def check_template(template: str) -> None:
-    """The template must hold `{text}` and no other field; literal braces are written `{{` and `}}`."""
+def tokenize_split(data: DataSection, tokenizer, split: str, *, evaluation: bool = False) -> TokenizedSplit:
+    """Rows -> input_ids, labels (IGNORE where no loss) and prompt_len, fitted to max_length.
+
+    Under [data] eval_fraction the training split is the rows not held out and HELD_OUT the rest. Evaluation
+    splits are capped at max_eval_examples rows.
+    """
+    if not (data.eval_fraction and split in (HELD_OUT, data.train_split)):
+        examples, total = _tokenize(data, tokenizer, split, evaluation)
+        return _counted(examples, total, split)
+    examples, total = _tokenize(data, tokenizer, data.train_split, False)
+    held = held_out_rows(total, data.eval_fraction)
+    rows = sorted(held if split == HELD_OUT else set(range(total)) - held)
+    if evaluation and data.max_eval_examples:
+        rows = rows[: data.max_eval_examples]
+    wanted = np.isin(np.asarray(examples["row"]), rows)
+    return _counted(examples.select(np.flatnonzero(wanted)), len(rows), split)
+
+
+def tokenize_eval(data: DataSection, tokenizer, split: str | None = None) -> TokenizedSplit | None:
+    """The evaluation rows: `split`, else the recipe's (eval_fraction's held-out rows or eval_split). None when the
+    recipe has none: eval_split empty, or the default 'validation' missing from the data."""
+    name = split or evaluation_split(data)
+    if name is None:
+        return None
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as error:
-        raise LorafitError(
-            f"[data] template {template!r} is not a valid template ({error}); write literal braces as {{{{ and }}}}"
-        ) from error
-    if "text" not in names:
-        raise LorafitError(
-            f"[data] template must contain {{text}}, where each row's text goes (got {template!r}); "
-            'e.g. template = "Review: {text}\\nSentiment:"'
-        )
-    others = sorted(set(names) - {"text"})
-    if others:
-        raise LorafitError(
-            f"[data] template has {{{others[0]}}}, but only {{text}} is filled in; "
-            "write a literal brace as {{ or }}"
-        )
+        return tokenize_split(data, tokenizer, name, evaluation=True)
+    except MissingSplit:
+        if split is None and name == DEFAULT_EVAL_SPLIT:
+            return None
+        raise
 
 
-def label_token_ids(data: DataSection, tokenizer) -> list[list[int]]:
-    """Token ids of " <label word>" for each label, exactly as they are appended after the prompt."""
-    if not data.labels:
-        raise LorafitError(
-            '[data] labels is empty; classification needs the label words, e.g. labels = ["negative", "positive"]'
-        )
-    ids = _encode(tokenizer, [" " + word for word in data.labels], special=False)
-    seen: dict[tuple[int, ...], str] = {}
-    for word, tokens in zip(data.labels, ids):
-        if not tokens:
-            raise LorafitError(f"[data] label {word!r} tokenizes to no tokens; use a label word")
-        if tuple(tokens) in seen:
-            raise LorafitError(
-                f"[data] labels {seen[tuple(tokens)]!r} and {word!r} tokenize to the same ids {tokens}; "
-                "use distinct label words"
-            )
-        seen[tuple(tokens)] = word
-    return ids
-
-
-def tokenize_split(data: DataSection, tokenizer, split: str) -> TokenizedSplit:
-    """Rows -> input_ids, labels (IGNORE where no loss) and prompt_len, cut at max_length from the right."""
-    check_template(data.template)
-    label_ids = label_token_ids(data, tokenizer) if data.task == "classification" else []
-    if data.task != "classification" and tokenizer.eos_token_id is None:
-        raise LorafitError(
-            f"the tokenizer has no eos token, which the {data.task} task appends to each row; use one that has"
-        )
-    rows = load_rows(data, split)
+def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool) -> tuple[datasets.Dataset, int]:
+    """(examples, rows read): every row's examples, tagged with the row they came from."""
+    fields = task_fields(data)
+    encode = encoder(data, tokenizer)
+    rows = load_rows(data, split, evaluation=evaluation)
     where = describe_split(data, split)
-    _check_fields(rows, data, where)
+    _check_fields(rows, fields, where)
 
     def encode_batch(batch: dict, indices: list[int]) -> dict:
-        pieces = _encode_rows(data, tokenizer, label_ids, _read_fields(data, batch, indices, where))
-        return _assemble(pieces, data.max_length, data.task == "classification")
+        examples = encode(_read_rows(data, fields, batch, indices, where), indices, where)
+        return {name: [example[name] for example in examples] for name in features}
 
     features = dict(FEATURES)
     if data.task == "classification":
@@ -105,48 +135,47 @@ def tokenize_split(data: DataSection, tokenizer, split: str) -> TokenizedSplit:
         desc=f"Tokenizing {split}",
     )
     if len(examples) == 0:
-        raise LorafitError(
-            f"every row of {where} lost its supervised tokens to max_length={data.max_length}; raise [data] max_length"
-        )
-    return TokenizedSplit(examples=examples, dropped=len(rows) - len(examples), total=len(rows))
+        raise LorafitError(f"no row of {where} has anything to predict; check [data] {next(iter(fields.values()))}")
+    return examples, len(rows)
+
+
+def _counted(examples: datasets.Dataset, total: int, name: str) -> TokenizedSplit:
+    """The split with its counts, read from the examples' row, fit and lost columns."""
+    columns = examples.with_format("numpy", columns=["row", "fit", "lost"])[:]
+    _, per_row = np.unique(columns["row"], return_counts=True)
+    return TokenizedSplit(
+        examples=examples, dropped=total - len(per_row), total=total, name=name,
+        shortened=int((columns["fit"] == SHORTENED).sum()), cut=int((columns["fit"] == CUT).sum()),
+        cut_tokens=int(columns["lost"].sum()), windowed=int((per_row > 1).sum()),
+    )
 
 
 def _fingerprint(rows: datasets.Dataset, data: DataSection, tokenizer) -> str:
-    """Name the tokenized rows by all they depend on, this file's code included, so a cached copy is never stale."""
+    """Name the tokenized rows by all they depend on, this code included, so a cached copy is never stale."""
     return Hasher.hash((rows._fingerprint, data.model_dump(), Hasher.hash(tokenizer), CODE_VERSION))
 
 
-def _check_fields(rows: datasets.Dataset, data: DataSection, where: str) -> None:
-    for key, field in task_fields(data).items():
+def _check_fields(rows: datasets.Dataset, fields: dict[str, str], where: str) -> None:
+    for field, key in fields.items():
         if field not in rows.column_names:
-            fields = ", ".join(rows.column_names) or "none"
-            raise LorafitError(f"{where} has no field {field!r} (fields: {fields}); set [data] {key}")
+            names = ", ".join(rows.column_names) or "none"
+            fix = f"the template's {{{field}}}: add the field or fix [data] template" if key == "template" else (
+                f"set [data] {key}")
+            raise LorafitError(f"{where} has no field {field!r} (fields: {names}); {fix}")
 
 
-def _read_fields(data: DataSection, batch: dict, indices: list[int], where: str) -> dict[str, list]:
-    """The task's fields of a batch, keyed by recipe key: texts checked to be text, labels as label indexes."""
-    read = {}
-    for key, field in task_fields(data).items():
-        if key == "label_field":
-            read[key] = [_label_index(value, data.labels, where, index) for value, index in zip(batch[field], indices)]
-        else:
-            read[key] = [_text(value, key, field, where, index) for value, index in zip(batch[field], indices)]
-    return read
-
-
-def _encode_rows(data: DataSection, tokenizer, label_ids: list[list[int]], read: dict[str, list]) -> list[tuple]:
-    """(prompt ids, target ids, label index) per row; the loss falls on the target ids only."""
-    eos = tokenizer.eos_token_id
-    if data.task == "text":  # no prompt: every token is a target (the shift happens in the loss)
-        texts = _encode(tokenizer, [data.template.format(text=text) for text in read["text_field"]], special=True)
-        return [([], ids + [eos], None) for ids in texts]
-    key = "text_field" if data.task == "classification" else "prompt_field"
-    prompts = _encode(tokenizer, [data.template.format(text=text) for text in read[key]], special=True)
-    prompts = [prompt or [_start_id(tokenizer)] for prompt in prompts]
-    if data.task == "completion":
-        responses = _encode(tokenizer, read["response_field"], special=False)
-        return [(prompt, response + [eos], None) for prompt, response in zip(prompts, responses)]
-    return [(prompt, label_ids[label], label) for prompt, label in zip(prompts, read["label_field"])]
+def _read_rows(data: DataSection, fields: dict[str, str], batch: dict, indices: list[int], where: str) -> list[dict]:
+    """The task's fields of a batch's rows: texts checked to be text, labels as label indexes."""
+    rows = [{} for _ in indices]
+    for field, key in fields.items():
+        for row, value, index in zip(rows, batch[field], indices):
+            if key == "label_field":
+                row[field] = _label_index(value, data.labels, where, index)
+            elif key == "messages_field":
+                row[field] = messages_of(value, where, index, field)
+            else:
+                row[field] = _text(value, key, field, where, index)
+    return rows
 
 
 def _text(value, key: str, field: str, where: str, index: int) -> str:
@@ -168,37 +197,3 @@ def _label_index(value, labels: list[str], where: str, index: int) -> int:
         f"{where} row {index + 1}: label {short_repr(value)} is not in [data] labels {labels} "
         f"(nor an index 0..{len(labels) - 1}); add it to labels or fix the row"
     )
-
-
-def _assemble(pairs: list[tuple], max_length: int, with_label_index: bool) -> dict:
-    """Concatenate prompt and target, cut at max_length, and leave out rows with no supervised token left."""
-    out = {"input_ids": [], "labels": [], "prompt_len": []}
-    if with_label_index:
-        out["label_index"] = []
-    for prompt, target, label in pairs:
-        input_ids = (prompt + target)[:max_length]
-        labels = ([IGNORE] * len(prompt) + target)[:max_length]
-        if all(token == IGNORE for token in labels):
-            continue
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-        out["prompt_len"].append(len(prompt))
-        if with_label_index:
-            out["label_index"].append(label)
-    return out
-
-
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
-
-
-def _start_id(tokenizer) -> int:
-    """An empty prompt starts with bos (or eos, GPT-2's start token) so the first target token has a context."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise LorafitError(
-            "a row's prompt is empty and the tokenizer has no bos/eos token to start it; set [data] template"
-        )
-    return start

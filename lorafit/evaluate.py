@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from lorafit.batches import collate, eval_shares, supervised_count
-from lorafit.data import IGNORE, TokenizedSplit, label_token_ids, tokenize_split
+from lorafit.data import IGNORE, TokenizedSplit, label_token_ids, tokenize_eval
+from lorafit.errors import LorafitError
 from lorafit.loss import SupervisedLoss
 from lorafit.parallel import all_sum, make_accelerator
 from lorafit.recipe import DataSection, Recipe
@@ -72,14 +73,28 @@ def evaluate_split(
 def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
     from lorafit.adapter import check_adapter, load_adapter
-    from lorafit.model import check_safetensors, load_config, load_model, load_tokenizer, meta_model, resolve_precision
+    from lorafit.model import (
+        check_context_length,
+        check_safetensors,
+        load_config,
+        load_model,
+        load_tokenizer,
+        meta_model,
+        resolve_precision,
+    )
+    from lorafit.rows import no_evaluation_reason
 
     name = str(model_dir) if model_dir is not None else recipe.model.name
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
+    config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
+    check_context_length(config, recipe.data.max_length)
     if adapter is not None:  # refuse a misfit before tokenizing anything or reading weights
-        check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
+        check_adapter(meta_model(config), Path(adapter))
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    held_out = tokenize_split(recipe.data, tokenizer, split or recipe.data.eval_split)
+    held_out = tokenize_eval(recipe.data, tokenizer, split)
+    if held_out is None:
+        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
+                           "pass --split NAME, or set [data] eval_split or eval_fraction")
     weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = load_model(name, weights_dtype, trust_remote_code=recipe.model.trust_remote_code,
                        allow_pickle=recipe.model.allow_pickle)

@@ -117,7 +117,7 @@ def check_safetensors(name: str, *, allow_pickle: bool = False) -> None:
 
 def context_length(config) -> int | None:
     """The longest sequence the model's positions cover, where its config says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value

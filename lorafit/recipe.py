@@ -56,16 +56,21 @@ class LoraSection(Section):
 class DataSection(Section):
     source: str | dict[str, str] = "glue"
     config: str | None = None
-    task: Literal["classification", "completion", "text"] = "classification"
+    task: Literal["classification", "completion", "chat", "text"] = "classification"
     text_field: str = "sentence"
     label_field: str = "label"
     labels: list[str] = Field(default_factory=list)
     prompt_field: str = "prompt"
     response_field: str = "response"
-    template: str = "{text}"
+    template: str = "{text}"  # {text} is text_field (prompt_field for completion); any other {name} is that field
+    messages_field: str = "messages"  # chat: a list of {role, content} (or ShareGPT's {from, value})
+    chat_template: str = ""  # chat: a Jinja template for tokenizers without one ("" = the tokenizer's)
+    assistant_turns: Literal["all", "last"] = "all"  # chat: which assistant turns carry the loss
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str = "validation"  # "" = no evaluation
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # > 0: hold out this share of the training rows for evaluation
     max_length: int = Field(128, gt=1)
+    stride: int = Field(0, ge=0)  # text: tokens a window repeats from the one before as context (at least 1)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
     @field_validator("labels")

@@ -299,16 +299,19 @@ def summary_tables(report: dict, run_dir) -> list:
         if key in evaluation:
             was = f"{before[key]:.4f} -> " if key in before else ""
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
+    if "skipped" in evaluation:
+        table.add_row("eval", f"none: {evaluation['skipped']}")
     table.add_row("device", report["device"])
     return [table]
 
 
-def print_dropped(console: Console, name: str, split) -> None:
+def print_fitting(console: Console, split) -> None:
+    """A split's rows shortened, cut, split into windows or left out, when there are any."""
     from lorafit.messages import note
 
-    if split.dropped:
-        note(f"{split.dropped} of {split.total} rows in {name!r} lost all supervised tokens to [data] max_length "
-             "and were left out", console)
+    text = split.note()
+    if text:
+        note(text, console)
 
 
 def progress_bar(console: Console) -> Progress:
@@ -325,6 +328,8 @@ def progress_bar(console: Console) -> Progress:
 
 
 def print_eval(console: Console, when: str, result: dict) -> None:
+    if "skipped" in result:
+        return  # said once, when the data was read
     accuracy = f"  accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
     console.print(
         f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}  ({result['examples']} examples)"

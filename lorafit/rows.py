@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import datasets
@@ -15,34 +16,73 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 
 from lorafit.errors import LorafitError
+from lorafit.prompts import template_fields
 from lorafit.recipe import DATA_SUFFIXES, DataSection
 
 BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(data: DataSection, split: str) -> datasets.Dataset:
+DEFAULT_EVAL_SPLIT = "validation"  # [data] eval_split's default: when the data has no such split, no evaluation
+HELD_OUT = "held-out"  # the split name of the training rows that [data] eval_fraction holds out
+
+
+class MissingSplit(LorafitError):
+    """The data has no such split (a missing default evaluation split only means no evaluation)."""
+
+
+def load_rows(data: DataSection, split: str, *, evaluation: bool = False) -> datasets.Dataset:
     """Raw rows of one split, from the hub (or a dataset folder) or from a local file.
 
-    The eval split is capped at `max_eval_examples` rows (the first ones) when that is set.
+    Evaluation rows are capped at `max_eval_examples` (the first ones) whatever the split.
     """
     path = split_file(data, split)
     if path:
-        rows = _read_file(path, needed={field: key for key, field in task_fields(data).items()})
+        rows = _read_file(path, needed=task_fields(data))
     else:
         rows = _read_hub(data, split)
     if len(rows) == 0:
         raise LorafitError(f"{describe_split(data, split)} has no rows; point [data] source at a file with data")
-    if data.max_eval_examples and split == data.eval_split and split != data.train_split:
+    if evaluation and data.max_eval_examples:
         rows = rows.select(range(min(data.max_eval_examples, len(rows))))
     return rows
 
 
+def evaluation_split(data: DataSection) -> str | None:
+    """The split evaluation reads: HELD_OUT under eval_fraction, else eval_split; None when eval_split is empty."""
+    if data.eval_fraction:
+        return HELD_OUT
+    return data.eval_split or None
+
+
+def held_out_rows(count: int, fraction: float) -> set[int]:
+    """Which of `count` training rows [data] eval_fraction holds out: a fixed seeded draw, so every run (whatever
+    its [train] seed) is scored on the same rows."""
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise LorafitError(
+            f"[data] eval_fraction = {fraction} of {count} training rows leaves none to train on; lower it"
+        )
+    return set(random.Random(f"lorafit-held-out:{count}").sample(range(count), held))
+
+
+def no_evaluation_reason(data: DataSection) -> str:
+    """Why a recipe trains without evaluation, for the run's note and report."""
+    if not data.eval_split:
+        return "[data] eval_split is empty"
+    if isinstance(data.source, str) and data.source.endswith(DATA_SUFFIXES):
+        return f"[data] source is one file, {Path(data.source).name}, which holds only the {data.train_split!r} split"
+    return f"the data has no {data.eval_split!r} split"
+
+
 def split_file(data: DataSection, split: str) -> Path | None:
-    """The local file that holds `split`, or None when the source is a hub dataset or a dataset folder."""
+    """The local file that holds `split`, or None when the source is a hub dataset or a dataset folder.
+
+    A single file is the training split only: a file beside it is a split only when the recipe names it.
+    """
     source = data.source
     if isinstance(source, dict):
         if split not in source:
-            raise LorafitError(
+            raise MissingSplit(
                 f"[data] source has no file for split {split!r} (splits: {', '.join(source)}); "
                 f'add {split} = "path" to it'
             )
@@ -50,30 +90,35 @@ def split_file(data: DataSection, split: str) -> Path | None:
     if not source.endswith(DATA_SUFFIXES):
         return None
     path = Path(source)
-    if split == data.train_split:
-        return _checked_file(path)
-    sibling = path.with_name(split + path.suffix)
-    if not sibling.is_file():
-        raise LorafitError(
-            f"no {split!r} split for {path}: {sibling} does not exist; name one file per split with "
-            f'[data] source = {{ {data.train_split} = "...", {split} = "..." }}'
+    if split != data.train_split:
+        raise MissingSplit(
+            f"[data] source {path.name} is one file, the {data.train_split!r} split; name a file for {split!r} with "
+            f'source = {{ {data.train_split} = "...", {split} = "..." }}, or set [data] eval_fraction'
         )
-    return sibling
+    return _checked_file(path)
 
 
 def describe_split(data: DataSection, split: str) -> str:
     """How messages name a split: its file, or the hub dataset and split."""
+    if split == HELD_OUT:
+        return f"the rows held out of {describe_split(data, data.train_split)} by [data] eval_fraction"
     path = split_file(data, split)
     return str(path) if path else f"dataset {_hub_name(data)!r} split {split!r}"
 
 
 def task_fields(data: DataSection) -> dict[str, str]:
-    """The recipe keys the task reads from each row, and the field each one names."""
+    """The fields the task reads from each row, and the recipe key that names each one."""
+    if data.task == "chat":
+        return {data.messages_field: "messages_field"}
+    names = template_fields(data)
+    fields = {field: "template" for field in names.values()}
+    if "text" in names:
+        fields[names["text"]] = "prompt_field" if data.task == "completion" else "text_field"
     if data.task == "classification":
-        return {"text_field": data.text_field, "label_field": data.label_field}
+        fields[data.label_field] = "label_field"
     if data.task == "completion":
-        return {"prompt_field": data.prompt_field, "response_field": data.response_field}
-    return {"text_field": data.text_field}
+        fields[data.response_field] = "response_field"
+    return fields
 
 
 def _checked_file(path: Path) -> Path:
@@ -149,7 +194,7 @@ def _rows_to_dataset(path: Path, rows: list[dict], lines: list[int], needed: dic
 def _mixed_column(path: Path, name: str, key: str, values: list, lines: list[int], error: Exception) -> str:
     """Name the first line that breaks the column: a non-text value in a text field, else a change of type."""
     present = [(value, line) for value, line in zip(values, lines) if value is not None]
-    if key != "label_field":
+    if key not in ("label_field", "messages_field"):
         odd = next(((value, line) for value, line in present if not isinstance(value, str)), None)
         if odd:
             value, line = odd
@@ -184,7 +229,7 @@ def _read_hub(data: DataSection, split: str) -> datasets.Dataset:
             'use a local file: [data] source = "train.jsonl"'
         ) from error
     if split not in splits:
-        raise LorafitError(
+        raise MissingSplit(
             f"dataset {name!r} has no split {split!r} (splits: {', '.join(splits)}); set [data] train_split/eval_split"
         )
     return splits[split]

@@ -26,19 +26,22 @@ from torch.optim.lr_scheduler import LambdaLR
 from lorafit import checkpoint
 from lorafit.adapter import adapter_files
 from lorafit.batches import StepRows, collate, rank_share, supervised_count, supervised_counts
+from lorafit.chat import TEMPLATE_FILE, chat_template
 from lorafit.checkpoint import RunState, data_fingerprint
-from lorafit.data import TokenizedSplit, tokenize_split
+from lorafit.data import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
+from lorafit.messages import note
 from lorafit.model import decoder_blocks, enable_checkpointing, fuse_activations, load_model
 from lorafit.parallel import StopRequest, all_sum, any_rank, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.preflight import Checked, check_run
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
-from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
+from lorafit.report import print_eval, print_fitting, progress_bar, run_report, summary_tables, training_flops_per_token
+from lorafit.rows import no_evaluation_reason
 from lorafit.run_folder import mark
 from lorafit.storage import append_line, write_atomic, write_folder, write_json
 
@@ -53,7 +56,7 @@ class Run:
     tokenizer: object
     rows: list[dict]
     supervised: list[int]  # supervised tokens of each training row
-    eval_split: TokenizedSplit
+    eval_split: TokenizedSplit | None  # None: the recipe has no evaluation
     steps: StepRows
     grad_accum: int
     total_steps: int
@@ -65,6 +68,7 @@ class Run:
     resume_from: Path | None
     precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
     start_step: int = 0
+    fitting: dict | None = None  # {"train"/"eval": what fitting the split to max_length did}, for the report
 
     @property
     def run_dir(self) -> Path:
@@ -78,7 +82,10 @@ class Run:
     def adapter_files(self) -> dict[str, bytes]:
         """The adapter as files; a collective under FSDP2, so every rank calls it."""
         lora, name = self.recipe.lora, self.recipe.model.name
-        return adapter_files(self.model, base_model=name, targets=lora.targets, extra={"recipe": self.recipe.model_dump()})
+        files = adapter_files(self.model, base_model=name, targets=lora.targets, extra={"recipe": self.recipe.model_dump()})
+        if self.recipe.data.task == "chat":  # so that inference formats conversations exactly as training did
+            files[TEMPLATE_FILE] = chat_template(self.recipe.data, self.tokenizer).encode()
+        return files
 
 
 def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
@@ -110,9 +117,12 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     set_seed(settings.seed)
     with accelerator.main_process_first():  # the others read the main process's tokenized cache
         train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
-        eval_split = tokenize_split(recipe.data, tokenizer, recipe.data.eval_split)
-    print_dropped(console, recipe.data.train_split, train_split)
-    print_dropped(console, recipe.data.eval_split, eval_split)
+        eval_split = tokenize_eval(recipe.data, tokenizer)
+    for split in (train_split, eval_split):
+        if split is not None:
+            print_fitting(console, split)
+    if eval_split is None:
+        note(f"no evaluation: {no_evaluation_reason(recipe.data)}", console)
     rows = train_split.examples.to_list()
     steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
@@ -126,8 +136,11 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
                            compile=settings.compile)
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     supervised = supervised_counts(train_split.examples)
+    fitting = {role: {"split": split.name, **split.counts()}
+               for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
-               total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision)
+               total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision,
+               fitting=fitting)
 
 
 def start_or_resume(run: Run) -> None:
@@ -219,7 +232,8 @@ def finish(run: Run) -> dict:
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
-                  batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
+                  batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
+                  data=run.fitting)
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
     for table in summary_tables(report, run.run_dir):
@@ -344,6 +358,8 @@ def _save(run: Run, step: int) -> None:
 
 
 def _evaluate(run: Run) -> dict:
+    if run.eval_split is None:
+        return {"examples": 0, "skipped": no_evaluation_reason(run.recipe.data)}
     scorer = run.accelerator.unwrap_model(run.scorer)  # DDP's wrapper is not needed without gradients
     with run.accelerator.autocast():
         return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,

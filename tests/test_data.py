@@ -18,7 +18,7 @@ import torch
 from conftest import write_jsonl
 
 from lorafit.batches import collate, length_grouped_batches, supervised_count
-from lorafit.data import IGNORE, label_token_ids, tokenize_split
+from lorafit.data import IGNORE, label_token_ids, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 from lorafit.rows import load_rows
@@ -115,50 +115,72 @@ def test_completion_supervises_response_and_eos(tmp_path, tokenizer):
         assert example["prompt_len"] == len(prompt)
 
 
-def test_text_supervises_every_token(tmp_path, tokenizer):
+def test_text_supervises_every_token_and_leaves_out_empty_rows(tmp_path, tokenizer):
     rows = [{"text": "I loved the story."}, {"text": ""}]
     data = DataSection(source=str(write_jsonl(tmp_path / "train.jsonl", rows)), task="text", text_field="text")
     split = tokenize_split(data, tokenizer, "train")
-    expected = [ids(tokenizer, "I loved the story.") + [tokenizer.eos_token_id], [tokenizer.eos_token_id]]
+    expected = [ids(tokenizer, "I loved the story.") + [tokenizer.eos_token_id]]
     assert split.examples["input_ids"] == expected
     assert split.examples["labels"] == expected
-    assert split.examples["prompt_len"] == [0, 0]
+    assert split.examples["prompt_len"] == [0]
+    assert (split.total, split.dropped) == (2, 1)  # an empty row would train to a loss of zero: left out, counted
+    assert "1 with nothing to predict left out" in split.note()
 
 
 # --------------------------------------------------------------------------- truncation
 
 
-def test_row_whose_label_is_cut_off_is_dropped_and_counted(tmp_path, tokenizer):
+def test_long_classification_row_keeps_its_label_and_template_tail(tmp_path, tokenizer):
     long_text = " ".join(["the film was very good and the acting was great"] * 6)
     rows = [{"text": "good", "label": 1}, {"text": long_text, "label": 0}]
     short_prompt = ids(tokenizer, TEMPLATE.replace("{text}", "good"))
-    max_length = len(short_prompt) + 1
-    assert len(ids(tokenizer, TEMPLATE.replace("{text}", long_text))) >= max_length
+    max_length = len(short_prompt) + 6
     data = classification(str(write_jsonl(tmp_path / "train.jsonl", rows)), max_length=max_length)
     split = tokenize_split(data, tokenizer, "train")
-    assert (split.total, split.dropped) == (2, 1)
-    assert split.examples["input_ids"] == [short_prompt + ids(tokenizer, " positive")]
+    assert (split.total, split.dropped, split.shortened) == (2, 0, 1)
+    assert split.examples[0]["input_ids"] == short_prompt + ids(tokenizer, " positive")
+    long_row = split.examples[1]
+    assert len(long_row["input_ids"]) <= max_length and long_row["label_index"] == 0
+    # the text was shortened from its end inside the template: its start, the template's tail and the label remain
+    kept = tokenizer.decode(long_row["input_ids"])
+    assert kept.startswith("Review: the film was") and kept.endswith("\nSentiment: negative")
+    assert long_row["labels"] == [IGNORE] * long_row["prompt_len"] + ids(tokenizer, " negative")
 
 
-def test_row_with_part_of_the_label_inside_max_length_is_kept(tmp_path, tokenizer):
+def test_multi_token_label_is_kept_whole(tmp_path, tokenizer):
     labels = ["negative", "zqxjv"]
     target = ids(tokenizer, " zqxjv")
-    prompt = ids(tokenizer, TEMPLATE.replace("{text}", "good"))
-    data = classification(str(write_jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": 1}])),
-                          labels=labels, max_length=len(prompt) + 1)
-    split = tokenize_split(data, tokenizer, "train")
-    assert split.dropped == 0
-    assert split.examples[0]["input_ids"] == prompt + target[:1]
-    assert split.examples[0]["labels"] == [IGNORE] * len(prompt) + target[:1]
-
-
-def test_text_rows_are_cut_from_the_right_at_max_length(tmp_path, tokenizer):
-    text = "the film was good but the plot was dull and the acting was bad"
-    data = DataSection(source=str(write_jsonl(tmp_path / "train.jsonl", [{"text": text}])), task="text",
-                       text_field="text", max_length=5)
+    assert len(target) > 1
+    prompt = ids(tokenizer, TEMPLATE.replace("{text}", "the film was good"))
+    data = classification(str(write_jsonl(tmp_path / "train.jsonl", [{"text": "the film was good", "label": 1}])),
+                          labels=labels, max_length=len(prompt) + len(target) - 2)
     example = tokenize_split(data, tokenizer, "train").examples[0]
-    assert example["input_ids"] == ids(tokenizer, text)[:5]
-    assert example["labels"] == example["input_ids"]
+    assert len(example["input_ids"]) <= len(prompt) + len(target) - 2
+    assert example["input_ids"][-len(target):] == target
+    assert example["labels"] == [IGNORE] * example["prompt_len"] + target
+
+
+@pytest.mark.parametrize("stride", [0, 1, 3])
+def test_long_document_becomes_windows_that_predict_every_token_once(tmp_path, tokenizer, stride):
+    text = "the film was good but the plot was dull and the acting was bad and I hated it"
+    data = DataSection(source=str(write_jsonl(tmp_path / "train.jsonl", [{"text": text}])), task="text",
+                       text_field="text", max_length=6, stride=stride)
+    split = tokenize_split(data, tokenizer, "train")
+    document = ids(tokenizer, text) + [tokenizer.eos_token_id]
+    predicted = []  # (position in the document, token) of every supervised, predicted token
+    start = 0
+    for number, example in enumerate(split.examples):
+        assert len(example["input_ids"]) <= 6
+        context = 0 if number == 0 else max(stride, 1)
+        # each window is a stretch of the document, starting `context` tokens before the first new one
+        assert example["input_ids"] == document[start - context : start - context + len(example["input_ids"])]
+        assert example["labels"][:context] == [IGNORE] * context
+        for offset, label in enumerate(example["labels"]):
+            if label != IGNORE and offset > 0:
+                predicted.append((start - context + offset, label))
+        start = start - context + len(example["input_ids"])
+    assert predicted == list(enumerate(document))[1:]  # every token but the first, each once
+    assert (split.total, split.windowed, split.dropped) == (1, 1, 0)
 
 
 def test_every_row_cut_off_is_an_error(tmp_path, tokenizer):
@@ -218,12 +240,13 @@ def test_local_formats_give_the_same_examples(tmp_path, tokenizer):
     assert csv_rows["label"] == [row["label"] for row in rows]
 
 
-def test_eval_split_is_the_sibling_file_named_like_the_split(tmp_path, tokenizer):
+def test_a_file_beside_the_source_is_a_split_only_when_named(tmp_path, tokenizer):
     write_jsonl(tmp_path / "train.jsonl", REVIEWS)
     write_jsonl(tmp_path / "validation.jsonl", [{"text": "the plot", "label": 1}])
-    split = tokenize_split(classification(str(tmp_path / "train.jsonl")), tokenizer, "validation")
+    assert tokenize_eval(classification(str(tmp_path / "train.jsonl")), tokenizer) is None
+    named = classification({"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")})
     expected = ids(tokenizer, TEMPLATE.replace("{text}", "the plot")) + ids(tokenizer, " positive")
-    assert split.examples["input_ids"] == [expected]
+    assert tokenize_eval(named, tokenizer).examples["input_ids"] == [expected]
 
 
 def test_dict_source_maps_splits_to_files(tmp_path):
@@ -261,14 +284,16 @@ def test_cached_tokenization_follows_changes_to_the_recipe(tmp_path, tokenizer):
 
 def test_max_eval_examples_keeps_the_first_rows_of_the_eval_split(tmp_path, tokenizer):
     rows = [{"text": " ".join(["good"] * (i + 1)), "label": i % 2} for i in range(10)]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "validation.jsonl", rows)
-    full = tokenize_split(classification(str(tmp_path / "train.jsonl")), tokenizer, "validation")
-    capped = classification(str(tmp_path / "train.jsonl"), max_eval_examples=3)
-    eval_split = tokenize_split(capped, tokenizer, "validation")
+    source = {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+              "validation": str(write_jsonl(tmp_path / "validation.jsonl", rows))}
+    full = tokenize_split(classification(source), tokenizer, "validation")
+    capped = classification(source, max_eval_examples=3)
+    eval_split = tokenize_eval(capped, tokenizer)
     assert eval_split.total == 3
     assert eval_split.examples["input_ids"] == full.examples["input_ids"][:3]
     assert tokenize_split(capped, tokenizer, "train").total == 10
+    # the cap holds whatever split evaluation reads, the training split included
+    assert tokenize_eval(classification(source, max_eval_examples=3, eval_split="train"), tokenizer).total == 3
 
 
 # --------------------------------------------------------------------------- bad input
@@ -365,7 +390,7 @@ def test_empty_file_is_an_error(tmp_path, tokenizer, name):
 def test_missing_eval_file_explains_the_dict_source(tmp_path):
     data = classification(str(write_jsonl(tmp_path / "train.jsonl", REVIEWS)))
     message = error_of(lambda: load_rows(data, "validation"))
-    assert "validation.jsonl" in message and "source = { train" in message
+    assert "train.jsonl is one file" in message and "source = { train" in message and "eval_fraction" in message
 
 
 def test_dict_source_without_the_split_lists_its_splits(tmp_path):

@@ -187,3 +187,28 @@ def test_text_task_loss_is_the_mean_token_cross_entropy(tmp_path, model_tokenize
     assert "accuracy" not in found and found["examples"] == 2
     assert found["loss"] == pytest.approx(total / count, rel=1e-5)
     assert found["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def longest_fitting_prefix(tokenizer, sentence: str, budget: int) -> str:
+    """The sentence's longest prefix, in whole tokens, whose templated prompt takes at most `budget` tokens."""
+    tokens = tokenizer(sentence)["input_ids"]
+    for keep in range(len(tokens), -1, -1):
+        prefix = tokenizer.decode(tokens[:keep])
+        if len(tokenizer(TEMPLATE.format(text=prefix))["input_ids"]) <= budget:
+            return prefix
+    raise AssertionError("even the bare template does not fit")
+
+
+def test_long_rows_keep_their_labels_and_every_eval_row_is_scored(tmp_path, model_tokenizer):
+    max_length = 20  # the bare template and a label take 13 tokens of the shipped tokenizer; the rows 22 to 36
+    recipe = load_recipe(write_recipe(tmp_path, data={"max_length": max_length}))
+    rows = eval_rows()
+    label_length = {label: len(model_tokenizer(" " + LABELS[label])["input_ids"]) for label in (0, 1)}
+    too_long = [row for row in rows if len(model_tokenizer(TEMPLATE.format(text=row["sentence"]))["input_ids"])
+                + label_length[row["label"]] > max_length]
+    assert len(too_long) > len(rows) // 2
+    found = evaluate_recipe(recipe)
+    # every row is scored, on its sentence cut from the end so that the template's tail and the label still fit
+    shortened = [{**row, "sentence": longest_fitting_prefix(model_tokenizer, row["sentence"],
+                                                            max_length - label_length[row["label"]])} for row in rows]
+    assert_same_eval(found, independent_eval(base_model(), model_tokenizer, shortened))
