@@ -41,6 +41,7 @@ class RunState:
     eval_before: dict | None = None
     tokens: int = 0
     train_seconds: float = 0.0
+    best: dict | None = None  # [train] keep_best: the best evaluation so far, with its step
 
 
 def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> Path | None:

@@ -6,7 +6,6 @@ every rank runs the same code on its share of each step's rows; only the main pr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,16 +22,18 @@ from rich.console import Console
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lorafit import checkpoint
+from lorafit import checkpoint, metrics
 from lorafit.adapter import adapter_files
 from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count, supervised_counts
 from lorafit.checkpoint import RunState, data_fingerprint
+from lorafit.curves import loss_sparkline, save_curves
 from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
 from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
+from lorafit.metrics import LogWindow, eval_record, improves
 from lorafit.model import (
     decoder_blocks,
     enable_checkpointing,
@@ -43,11 +44,11 @@ from lorafit.model import (
     meta_model,
     resolve_precision,
 )
-from lorafit.parallel import all_sum, any_rank, make_accelerator, shard_model, stop_on_signals
+from lorafit.parallel import any_rank, make_accelerator, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
-from lorafit.storage import append_line, write_atomic, write_folder, write_json
+from lorafit.storage import write_atomic, write_folder, write_json
 
 
 @dataclass
@@ -91,17 +92,21 @@ class Run:
 def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
     """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json."""
     run = set_up(recipe, resume, console or Console(stderr=True))
-    start_or_resume(run)
-    run_steps(run)
-    return finish(run)
+    try:
+        start_or_resume(run)
+        run_steps(run)
+        return finish(run)
+    finally:
+        metrics.stop_trackers(run.accelerator)
 
 
 def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     """Tokenize, check the launch and the run folder, load the model with LoRA, build the optimizer: no file written."""
     settings = recipe.train
+    metrics.check_settings(settings)
     set_seed(settings.seed)
     weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
-    accelerator = make_accelerator(mixed_precision)
+    accelerator = make_accelerator(mixed_precision, **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
     if not accelerator.is_main_process:
@@ -135,62 +140,64 @@ def start_or_resume(run: Run) -> None:
     """A fresh run saves its recipe and evaluates the base; a resumed one restores its newest checkpoint."""
     if run.accelerator.is_main_process:
         checkpoint.remove_partial(run.run_dir)
+    metrics.start_trackers(run.accelerator, run.recipe)
     if run.resume_from is None:
         if run.accelerator.is_main_process:
             write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
+        metrics.restart_metrics(run.accelerator, run.run_dir, 0)
         run.state.eval_before = _evaluate(run)
         print_eval(run.console, "before training", run.state.eval_before)
+        if run.recipe.train.eval_every:
+            metrics.log(run.accelerator, run.run_dir, eval_record(0, run.state.eval_before))
         return
     run.start_step, saved = checkpoint.load_checkpoint(
         run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index,
         scaler=run.accelerator.scaler,
     )
     run.state = replace(saved, world_size=run.state.world_size)  # what is done so far, on this launch's processes
+    metrics.restart_metrics(run.accelerator, run.run_dir, run.start_step)
     run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
 
 
 def run_steps(run: Run) -> None:
     """The loop: one optimizer step per iteration, logging, checkpoints, and a stop that every rank agrees on."""
     settings, state, accelerator = run.recipe.train, run.state, run.accelerator
-    metrics_path = run.run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:  # lines past the checkpoint are from steps that run again
-        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in _read_metrics(metrics_path, run.start_step)))
     run.scorer.train()
     if accelerator.device.type == "cuda":  # report.json's peak is the steps', not loading's or evaluation's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     with stop_on_signals() as stop, progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
-        window_tokens, window_start = 0, time.perf_counter()
+        window = LogWindow(accelerator.device)
         upcoming = prefetch.submit(_micro_batches, run, run.start_step)
         for step in range(run.start_step, run.total_steps):
             step_start = time.perf_counter()
             step_rows, micro = upcoming.result()
             if step + 1 < run.total_steps:  # collate the next step while this one runs
                 upcoming = prefetch.submit(_micro_batches, run, step + 1)
+            norms = []
             local_loss = optimizer_step(
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
                 supervised=sum(run.supervised[i] for i in step_rows),
-                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step),
+                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step), norms=norms,
             )
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
             saving = stops or (settings.save_every and done % settings.save_every == 0 and done < run.total_steps)
-            if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
-                loss = all_sum([local_loss.item()], accelerator.device)[0]
-                _check_finite(run, loss, done)
             tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
             state.tokens += tokens
             state.train_seconds += time.perf_counter() - step_start
-            window_tokens += tokens
+            window.add(local_loss, norms[0] if norms else None, tokens)
+            if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
+                loss = window.mean_loss()
+                _check_finite(run, loss, done)
             if logged:
-                record = {"step": done, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                          "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
-                if accelerator.is_main_process:
-                    append_line(metrics_path, json.dumps(record))
+                record = window.record(done, loss, run.scheduler.get_last_lr()[0], clipped=settings.max_grad_norm > 0)
+                metrics.log(accelerator, run.run_dir, record)
                 bar.update(task, loss=loss, lr=record["lr"], tps=record["tokens_per_s"])
-                window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
+            if settings.eval_every and done % settings.eval_every == 0 and done < run.total_steps:
+                _evaluate_at(run, done)
             if saving:
                 _save(run, done)
             if stops:
@@ -204,6 +211,8 @@ def finish(run: Run) -> dict:
         write_folder(run.run_dir / "adapter", files)
     eval_after = _evaluate(run)
     print_eval(run.console, "after training", eval_after)
+    if run.recipe.train.eval_every:
+        _evaluate_at(run, run.total_steps, eval_after, files)
     tokens = sum(len(row["input_ids"]) for row in run.rows)
     flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / len(run.rows)),
                                      supervised_fraction=sum(run.supervised) / tokens)
@@ -211,9 +220,14 @@ def finish(run: Run) -> dict:
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
+    if run.state.best:
+        report["eval"]["best"] = run.state.best
+    history = []
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
-    for table in summary_tables(report, run.run_dir):
+        history = metrics.read_metrics(run.run_dir)
+        save_curves(history, run.run_dir / "curves.png", run.console)
+    for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
     run.accelerator.wait_for_everyone()
     return report
@@ -260,7 +274,7 @@ def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) 
 
 def optimizer_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
-    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None,
+    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None, norms: list | None = None,
 ) -> torch.Tensor:
     """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
 
@@ -270,7 +284,8 @@ def optimizer_step(
     loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
     of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
     of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
-    data-set rows (its "rows" entry) before its forward.
+    data-set rows (its "rows" entry) before its forward. Where the gradient is clipped, its norm before
+    clipping (a device tensor) is appended to `norms`.
     """
     if supervised is None:
         supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
@@ -286,7 +301,9 @@ def optimizer_step(
         accelerator.backward(summed * scale)
         total_loss += summed.detach() / max(supervised, 1)
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+        if norms is not None:
+            norms.append(norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -334,14 +351,23 @@ def _save(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()  # no rank leaves (and gets the others killed) before the folder is whole
 
 
+def _evaluate_at(run: Run, step: int, result: dict | None = None, files: dict | None = None) -> None:
+    """[train] eval_every: log the eval scores at `step`; with keep_best, keep the adapter as adapter-best/ when
+    they beat the best so far. `result` and `files` are passed when the caller already has them."""
+    if result is None:
+        result = _evaluate(run)
+        print_eval(run.console, f"at step {step}", result)
+    metrics.log(run.accelerator, run.run_dir, eval_record(step, result))
+    if run.recipe.train.keep_best and improves(result, run.state.best):
+        files = files or run.adapter_files()  # a collective under FSDP2: every rank is here
+        if run.accelerator.is_main_process:
+            write_folder(run.run_dir / "adapter-best", files)
+        run.state.best = {"step": step, **result}
+
+
 def _evaluate(run: Run) -> dict:
     scorer = run.accelerator.unwrap_model(run.scorer)  # DDP's wrapper is not needed without gradients
     with run.accelerator.autocast():
         return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
                               rank=run.accelerator.process_index, world=run.accelerator.num_processes)
 
-
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= upto]
