@@ -27,6 +27,9 @@ stderr = Console(stderr=True)
 Debug = Annotated[bool, typer.Option("--debug", help="Show library logs and full tracebacks.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 RecipePath = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Show the resolved recipe, model, data, first tokenized rows and plan, then stop; writes nothing."
+)]
 
 
 def _quiet_libraries() -> None:
@@ -102,6 +105,7 @@ def train(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
     ] = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -111,7 +115,8 @@ def train(
     continue with --resume. A second Ctrl-C stops at once.
     """
 
-    _start_missing_processes()
+    if not dry_run:
+        _start_missing_processes()
 
     def action():
         from lorafit.recipe import load_recipe
@@ -120,7 +125,12 @@ def train(
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(str(output))}")
-        return run_training(load_recipe(recipe, settings), resume=resume, console=stderr if as_json else Console())
+        console = stderr if as_json else Console()
+        if dry_run:
+            from lorafit.dryrun import dry_run as show_plan
+
+            return show_plan(load_recipe(recipe, settings), console, resume=resume)
+        return run_training(load_recipe(recipe, settings), resume=resume, console=console)
 
     report = _run(action, debug)
     if as_json and rank() == 0:
@@ -134,6 +144,7 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key.")] = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -145,10 +156,20 @@ def evaluate(
 
         if adapter is not None and model is not None:
             raise LorafitError("give --adapter or --model, not both")
-        return evaluate_recipe(load_recipe(recipe, list(overrides or [])), adapter=adapter, model_dir=model, split=split)
+        chosen = load_recipe(recipe, list(overrides or []))
+        if dry_run:
+            from lorafit.dryrun import dry_run as show_plan
+
+            return show_plan(chosen, stderr if as_json else Console(), eval_split=split or chosen.data.eval_split,
+                             adapter=adapter, model_dir=model)
+        return evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split)
 
     result = _run(action, debug)
     if rank() != 0:  # every process computed the same numbers; one prints them
+        return
+    if dry_run:
+        if as_json:
+            _print_json(result)
         return
     if as_json:
         _print_json({"eval": result})
@@ -229,6 +250,42 @@ def info(
         console.print(f"[bold]{report['model']}[/] ({report['model_type']})", highlight=False)
         for table in info_tables(report):
             console.print(table)
+
+
+@app.command()
+def sweep(
+    recipe: RecipePath,
+    ranks: Annotated[Optional[str], typer.Option("--ranks", help="LoRA ranks to train, e.g. 1,2,4,8,16.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Any recipe key to sweep instead, e.g. lora.alpha.")] = None,
+    values: Annotated[Optional[str], typer.Option("--values", help="Its values, comma-separated, e.g. 8,16,32.")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="LoRA targets for every run, e.g. q,v.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key in every run.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Sweep folder (default: [output] dir + -sweep).")] = None,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """One run per value in its own sub-folder, then a table, sweep.json and sweep.png. Run it again to resume:
+    finished runs are kept and an interrupted one continues from its checkpoint."""
+
+    def action():
+        from lorafit.sweep import sweep as run_sweep
+
+        if (ranks is None) == (key is None) or (key is None) != (values is None):
+            raise LorafitError("give --ranks 1,2,4,... or --key section.key with --values a,b,...")
+        swept, chosen = ("lora.rank", ranks) if ranks is not None else (key, values)
+        settings = list(overrides or [])
+        if targets:
+            settings.append("lora.targets=" + json.dumps([t.strip() for t in targets.split(",") if t.strip()]))
+        return run_sweep(recipe, swept, [v.strip() for v in chosen.split(",") if v.strip()], overrides=settings,
+                         output=output, console=stderr if as_json else Console(), train_output=2 if as_json else None)
+
+    result = _run(action, debug)
+    if as_json:
+        _print_json(result)
+    else:
+        from lorafit.sweep import sweep_table
+
+        Console().print(sweep_table(result))
 
 
 if __name__ == "__main__":

@@ -69,12 +69,13 @@ def save_curves(history: list[dict], path: Path, console: Console) -> bool:
     if scored:
         metric = "eval_accuracy" if "eval_accuracy" in scored[0] else "eval_loss"
         panels.append((metric.replace("_", " "), scored, metric))
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     for axis, (title, lines, key) in zip(axes[0], panels):
         axis.plot([line["step"] for line in lines], [line[key] for line in lines], marker="o" if len(lines) < 30 else None)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+        axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     figure.suptitle(Path(path).parent.name)
     save_figure(figure, path)
     plt.close(figure)
