@@ -120,7 +120,8 @@ def test_metrics_has_one_line_per_log_step_and_the_last(trained):
     expected_steps = sorted({*range(LOG_EVERY, STEPS + 1, LOG_EVERY), STEPS})
     assert [r["step"] for r in records] == expected_steps
     for record in records:
-        assert set(record) == {"step", "loss", "lr", "tokens_per_s"}
+        assert set(record) == {"step", "loss", "lr", "tokens_per_s", "grad_norm", "memory_bytes"}
+        assert record["grad_norm"] > 0 and record["memory_bytes"] > 0
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert record["tokens_per_s"] > 0
 
