@@ -42,6 +42,7 @@ class RunState:
     tokens: int = 0
     train_seconds: float = 0.0
     best: dict | None = None  # [train] keep_best: the best evaluation so far, with its step
+    log_window: dict | None = None  # the log window open at the checkpoint (metrics.LogWindow.saved)
 
 
 def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> Path | None:

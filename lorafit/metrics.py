@@ -125,6 +125,7 @@ class LogWindow:
         self.loss = torch.zeros((), device=self.device)
         self.grad_norm = torch.zeros((), device=self.device)
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.summed = 0.0  # the loss sum over ranks, as last read by mean_loss
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, tokens: int) -> None:
         """`loss` is this rank's part of the step's loss; `grad_norm` the norm of the whole gradient (or None)."""
@@ -137,7 +138,20 @@ class LogWindow:
 
     def mean_loss(self) -> float:
         """The window's mean step loss over all ranks: the one read of the loss from the device."""
-        return all_sum([self.loss.item()], self.device)[0] / max(self.steps, 1)
+        self.summed = all_sum([self.loss.item()], self.device)[0]
+        return self.summed / max(self.steps, 1)
+
+    def saved(self) -> dict:
+        """The open window for a checkpoint (call after mean_loss), so a resumed run logs what this one would."""
+        return {"loss": self.summed, "grad_norm": self.grad_norm.item(), "steps": self.steps}
+
+    def restore(self, saved: dict | None, main: bool) -> None:
+        """Reopen a checkpoint's window; its loss sum is already over all ranks, so only the main one adds it."""
+        if saved:
+            self.steps = saved["steps"]
+            self.grad_norm += saved["grad_norm"]
+            if main:
+                self.loss += saved["loss"]
 
     def record(self, step: int, loss: float, lr: float, *, clipped: bool) -> dict:
         """The metrics.jsonl line for the window ending at `step` (every rank calls it); starts the next window."""

@@ -168,6 +168,7 @@ def run_steps(run: Run) -> None:
     with stop_on_signals() as stop, progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
         window = LogWindow(accelerator.device)
+        window.restore(state.log_window, accelerator.is_main_process)
         upcoming = prefetch.submit(_micro_batches, run, run.start_step)
         for step in range(run.start_step, run.total_steps):
             step_start = time.perf_counter()
@@ -199,6 +200,7 @@ def run_steps(run: Run) -> None:
             if settings.eval_every and done % settings.eval_every == 0 and done < run.total_steps:
                 _evaluate_at(run, done)
             if saving:
+                state.log_window = window.saved()
                 _save(run, done)
             if stops:
                 raise LorafitError(f"stopped at step {done}; checkpoint saved, continue with --resume", exit_code=130)
