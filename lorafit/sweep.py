@@ -119,7 +119,7 @@ def sweep_table(result: dict):
     from lorafit.report import human_bytes
 
     name = result["key"].split(".")[-1]
-    gained = "accuracy" if result["metric"] == "accuracy" else "loss drop"
+    gained = "accuracy gained" if result["metric"] == "accuracy" else "loss drop"
     table = Table(title=f"sweep over {result['key']}: {result['folder']}")
     for column in (name, "trainable", "adapter", "eval loss", "accuracy", "time", "peak memory", f"{gained} / M params"):
         table.add_column(column, justify="right")
@@ -139,7 +139,12 @@ def save_sweep_plot(result: dict, path: Path) -> bool:
     runs, metric = result["runs"], result["metric"]
     labels = [row["value"] for row in runs]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-    left.plot(labels, [row[f"eval_{metric}"] for row in runs], marker="o")
+    left.plot(labels, [row[f"eval_{metric}"] for row in runs], marker="o", label="after training")
+    first = runs[0]
+    if first["metric_gained"] is not None:  # every run starts from the same base model
+        base = first[f"eval_{metric}"] - first["metric_gained"] * (1 if metric == "accuracy" else -1)
+        left.axhline(base, linestyle="--", color="gray", label="base model")
+    left.legend()
     left.set_title(f"eval {metric}")
     right.bar(labels, [row["gained_per_million_params"] or 0.0 for row in runs])
     right.set_title(f"{'accuracy gained' if metric == 'accuracy' else 'loss drop'} per million trainable params")
