@@ -90,7 +90,8 @@ def tiny_shape() -> transformers.GPT2Config:
 
 def test_run_folder_holds_exactly_the_documented_entries(trained):
     run = trained["run"]
-    assert {p.name for p in run.iterdir()} == {"adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json"}
+    assert {p.name for p in run.iterdir()} == {"adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json",
+                                               "curves.png"}
     assert {p.name for p in (run / "adapter").iterdir()} == {
         "adapter_config.json",
         "adapter_model.safetensors",
