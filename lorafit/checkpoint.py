@@ -43,6 +43,8 @@ class RunState:
     train_seconds: float = 0.0
     model_fingerprint: str = ""  # lorafit.model.weights_fingerprint of the base ("" in older checkpoints)
     total_steps: int = 0  # the schedule's length when the checkpoint was saved (0 in older checkpoints)
+    best: dict | None = None  # [train] keep_best: the best evaluation so far, with its step
+    log_window: dict | None = None  # the log window open at the checkpoint (metrics.LogWindow.saved)
 
 
 # Keys that set the schedule's length: a --resume may change them where `check_length` allows it.

@@ -80,6 +80,9 @@ app = typer.Typer(
 Debug = Annotated[bool, typer.Option("--debug", help="Show library logs and full tracebacks.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 RecipePath = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file.")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Show the resolved recipe, model, data, first tokenized rows and plan, then stop; writes nothing."
+)]
 
 
 def _start_missing_processes() -> None:
@@ -102,6 +105,7 @@ def train(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
     ] = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -111,7 +115,8 @@ def train(
     continue with --resume. A second Ctrl-C stops at once.
     """
 
-    _start_missing_processes()
+    if not dry_run:
+        _start_missing_processes()
 
     def action():
         from lorafit.recipe import load_recipe
@@ -120,8 +125,13 @@ def train(
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
+        console = stderr if as_json else Console()
         chosen = load_recipe(recipe, settings)
-        report = run_training(chosen, resume=resume, console=stderr if as_json else Console())
+        if dry_run:
+            from lorafit.dryrun import dry_run as show_plan
+
+            return show_plan(chosen, console, resume=resume)
+        report = run_training(chosen, resume=resume, console=console)
         return {"run_dir": chosen.output.dir, "adapter": str(Path(chosen.output.dir) / "adapter"), **report}
 
     result = run_command(action, debug)
@@ -138,6 +148,7 @@ def evaluate(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
     ] = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -150,12 +161,21 @@ def evaluate(
         if adapter is not None and model is not None:
             raise LorafitError("give --adapter or --model, not both")
         chosen = load_recipe(recipe, list(overrides or []))
+        if dry_run:
+            from lorafit.dryrun import dry_run as show_plan
+
+            return show_plan(chosen, stderr if as_json else Console(), eval_split=split or chosen.data.eval_split,
+                             adapter=adapter, model_dir=model)
         scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split)
         return {"model": str(model) if model is not None else chosen.model.name,
                 "adapter": str(adapter) if adapter is not None else None,
                 "split": split or chosen.data.eval_split, "eval": scores}
 
     result = run_command(action, debug)
+    if dry_run:
+        if as_json:
+            print_json("eval", result)
+        return
     if as_json:
         print_json("eval", result)
     elif rank() == 0:  # every process computed the same numbers; one prints them
@@ -238,6 +258,44 @@ def info(
         console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)
         for table in info_tables(report):
             console.print(table)
+
+
+@app.command()
+def sweep(
+    recipe: RecipePath,
+    ranks: Annotated[Optional[str], typer.Option("--ranks", help="LoRA ranks to train, e.g. 1,2,4,8,16.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Any recipe key to sweep instead, e.g. lora.alpha.")] = None,
+    values: Annotated[Optional[str], typer.Option("--values", help="Its values, comma-separated, e.g. 8,16,32.")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="LoRA targets for every run, e.g. q,v.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key in every run.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Sweep folder (default: [output] dir + -sweep).")] = None,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """One run per value in its own sub-folder, then a table, sweep.json and sweep.png. Run it again to resume:
+    finished runs are kept and an interrupted one continues from its checkpoint."""
+
+    def action():
+        from lorafit.sweep import sweep as run_sweep
+
+        if (ranks is None) == (key is None) or (key is None) != (values is None):
+            raise LorafitError("give --ranks 1,2,4,... or --key section.key with --values a,b,...")
+        swept, chosen = ("lora.rank", ranks) if ranks is not None else (key, values)
+        settings = list(overrides or [])
+        if targets:
+            settings.append("lora.targets=" + json.dumps([t.strip() for t in targets.split(",") if t.strip()]))
+        return run_sweep(recipe, swept, [v.strip() for v in chosen.split(",") if v.strip()], overrides=settings,
+                         output=output, console=stderr if as_json else Console(), train_output=2 if as_json else None)
+
+    result = run_command(action, debug)
+    if as_json:
+        print_json("sweep", result)
+    elif rank() == 0:
+        from lorafit.sweep import sweep_table
+
+        Console().print(sweep_table(result))
 
 
 if __name__ == "__main__":

@@ -23,19 +23,20 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, **options) -> Accelerator:
     """The Accelerator for however the program was launched: torchrun, accelerate launch, or plain python.
 
     Without GPUs accelerate would leave torchrun's processes unconnected, each training alone on the same
     folder; `cpu=True` there makes them one gloo group instead. On CUDA, float32 matmuls use TF32.
     The mixed precision is this run's: a process that trains again (a sweep, a test) may choose another,
     which accelerate's process-wide state would otherwise refuse. The process group is kept.
+    `options` go to the Accelerator as they are (the trackers' log_with and project_dir).
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, **options)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

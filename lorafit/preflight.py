@@ -16,7 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from rich.console import Console
 
-from lorafit import checkpoint
+from lorafit import checkpoint, metrics
 from lorafit.batches import global_batch_split
 from lorafit.checkpoint import RunState
 from lorafit.data import label_token_ids
@@ -56,7 +56,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     lock is released when `held` closes). Nothing is tokenized, loaded or written."""
     settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
     precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
-    accelerator = make_accelerator(precision[1])
+    metrics.check_settings(settings)
+    accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
     if not accelerator.is_main_process:

@@ -107,6 +107,11 @@ class TrainSection(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where [model] dtype auto gives bf16
     save_every: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
     log_every: int = Field(10, gt=0, json_schema_extra=RESUMABLE)
+    eval_every: int = Field(0, ge=0)  # score the eval split every N steps (0: before and after training only)
+    keep_best: bool = False  # keep the adapter with the best eval metric as adapter-best/ (needs eval_every)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, json_schema_extra=RESUMABLE
+    )
     eval_batch_size: int = Field(32, gt=0, json_schema_extra=RESUMABLE)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards the frozen model over the processes
     gradient_checkpointing: bool = False

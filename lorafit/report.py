@@ -272,8 +272,8 @@ def eval_table(result: dict, title: str = "Evaluation"):
     return table
 
 
-def summary_tables(report: dict, run_dir) -> list:
-    """The end-of-run box: what was trained, how fast, how much memory, and how it scores."""
+def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
+    """The end-of-run box: what was trained, how fast, how much memory, and how it scores (and the loss's shape)."""
     from rich.table import Table
 
     table = Table(title=f"lorafit run: {run_dir}", show_header=False)
@@ -301,6 +301,8 @@ def summary_tables(report: dict, run_dir) -> list:
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
     if "skipped" in evaluation:
         table.add_row("eval", f"none: {evaluation['skipped']}")
+    if loss_curve:
+        table.add_row("training loss", loss_curve)
     table.add_row("device", report["device"])
     return [table]
 

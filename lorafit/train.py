@@ -6,7 +6,6 @@ every rank runs the same code on its share of each step's rows; only the main pr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,11 +22,12 @@ from rich.console import Console
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lorafit import checkpoint
+from lorafit import checkpoint, metrics
 from lorafit.adapter import adapter_files
 from lorafit.batches import StepRows, collate, rank_share, supervised_count, supervised_counts
 from lorafit.chat import TEMPLATE_FILE, chat_template
 from lorafit.checkpoint import RunState, data_fingerprint
+from lorafit.curves import loss_sparkline, save_curves
 from lorafit.data import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
@@ -35,15 +35,16 @@ from lorafit.inject import inject_lora
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.messages import note
+from lorafit.metrics import LogWindow, eval_record, improves
 from lorafit.model import decoder_blocks, enable_checkpointing, fuse_activations, load_model
-from lorafit.parallel import StopRequest, all_sum, any_rank, shard_model, stop_on_signals
+from lorafit.parallel import StopRequest, any_rank, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.preflight import Checked, check_run
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_eval, print_fitting, progress_bar, run_report, summary_tables, training_flops_per_token
 from lorafit.rows import no_evaluation_reason
 from lorafit.run_folder import mark
-from lorafit.storage import append_line, write_atomic, write_folder, write_json
+from lorafit.storage import write_atomic, write_folder, write_json
 
 
 @dataclass
@@ -100,6 +101,7 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
             if checked.finished is not None:
                 return checked.finished
             run = set_up(recipe, checked)
+            held.callback(metrics.stop_trackers, run.accelerator)
             start_or_resume(run)
             stop.deferred = True
             run_steps(run, stop)
@@ -149,12 +151,16 @@ def start_or_resume(run: Run) -> None:
     main = run.accelerator.is_main_process
     if main:
         checkpoint.remove_partial(run.run_dir)
+    metrics.start_trackers(run.accelerator, run.recipe)
     if run.resume_from is None:
         if main:
             mark(run.run_dir)
             write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
+        metrics.restart_metrics(run.accelerator, run.run_dir, 0)
         run.state.eval_before = _evaluate(run)
         print_eval(run.console, "before training", run.state.eval_before)
+        if run.recipe.train.eval_every:
+            metrics.log(run.accelerator, run.run_dir, eval_record(0, run.state.eval_before))
         return
     run.start_step, saved = checkpoint.load_checkpoint(
         run.resume_from, run.model, run.optimizer.optimizer, run.scheduler, rank=run.accelerator.process_index,
@@ -167,53 +173,53 @@ def start_or_resume(run: Run) -> None:
     if main and extended:  # until it ends, the folder holds an unfinished run of the new length
         write_atomic(run.run_dir / "recipe.toml", recipe_toml(run.recipe))
         (run.run_dir / "report.json").unlink(missing_ok=True)
+    metrics.restart_metrics(run.accelerator, run.run_dir, run.start_step)
     run.console.print(f"resuming from {run.resume_from.name} (step {run.start_step} of {run.total_steps})")
 
 
 def run_steps(run: Run, stop: StopRequest) -> None:
     """The loop: one optimizer step per iteration, logging, checkpoints, and a stop that every rank agrees on."""
     settings, state, accelerator = run.recipe.train, run.state, run.accelerator
-    metrics_path = run.run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:  # lines past the checkpoint are from steps that run again
-        write_atomic(metrics_path, "".join(json.dumps(m) + "\n" for m in _read_metrics(metrics_path, run.start_step)))
     run.scorer.train()
     if accelerator.device.type == "cuda":  # report.json's peak is the steps', not loading's or evaluation's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     with progress_bar(run.console) as bar, ThreadPoolExecutor(1) as prefetch:
         task = bar.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"), lr=0.0, tps=0.0)
-        window_tokens, window_start = 0, time.perf_counter()
+        window = LogWindow(accelerator.device)
+        window.restore(state.log_window, accelerator.is_main_process)
         upcoming = prefetch.submit(_micro_batches, run, run.start_step)
         for step in range(run.start_step, run.total_steps):
             step_start = time.perf_counter()
             step_rows, micro = upcoming.result()
             if step + 1 < run.total_steps:  # collate the next step while this one runs
                 upcoming = prefetch.submit(_micro_batches, run, step + 1)
+            norms = []
             local_loss = optimizer_step(
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
                 supervised=sum(run.supervised[i] for i in step_rows),
-                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step),
+                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step), norms=norms,
             )
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
             # the last step's state is always kept: a finished run can be trained longer from it
             saving = stops or done == run.total_steps or (settings.save_every and done % settings.save_every == 0)
-            if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
-                loss = all_sum([local_loss.item()], accelerator.device)[0]
-                _check_finite(run, loss, done)
             tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
             state.tokens += tokens
             state.train_seconds += time.perf_counter() - step_start
-            window_tokens += tokens
+            window.add(local_loss, norms[0] if norms else None, tokens)
+            if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
+                loss = window.mean_loss()
+                _check_finite(run, loss, done)
             if logged:
-                record = {"step": done, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                          "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
-                if accelerator.is_main_process:
-                    append_line(metrics_path, json.dumps(record))
+                record = window.record(done, loss, run.scheduler.get_last_lr()[0], clipped=settings.max_grad_norm > 0)
+                metrics.log(accelerator, run.run_dir, record)
                 bar.update(task, loss=loss, lr=record["lr"], tps=record["tokens_per_s"])
-                window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
+            if settings.eval_every and done % settings.eval_every == 0 and done < run.total_steps:
+                _evaluate_at(run, done)
             if saving:
+                state.log_window = window.saved()
                 _save(run, done)
             if stops:
                 raise LorafitError(f"stopped at step {done}; checkpoint saved, continue with --resume", exit_code=130)
@@ -226,6 +232,8 @@ def finish(run: Run) -> dict:
         write_folder(run.run_dir / "adapter", files)
     eval_after = _evaluate(run)
     print_eval(run.console, "after training", eval_after)
+    if run.recipe.train.eval_every:
+        _evaluate_at(run, run.total_steps, eval_after, files)
     tokens = sum(len(row["input_ids"]) for row in run.rows)
     flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / len(run.rows)),
                                      supervised_fraction=sum(run.supervised) / tokens)
@@ -234,9 +242,14 @@ def finish(run: Run) -> dict:
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)
+    if run.state.best:
+        report["eval"]["best"] = run.state.best
+    history = []
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
-    for table in summary_tables(report, run.run_dir):
+        history = metrics.read_metrics(run.run_dir)
+        save_curves(history, run.run_dir / "curves.png", run.console)
+    for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
     run.accelerator.wait_for_everyone()
     return report
@@ -283,7 +296,7 @@ def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) 
 
 def optimizer_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
-    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None,
+    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None, norms: list | None = None,
 ) -> torch.Tensor:
     """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
 
@@ -293,7 +306,8 @@ def optimizer_step(
     loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
     of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
     of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
-    data-set rows (its "rows" entry) before its forward.
+    data-set rows (its "rows" entry) before its forward. Where the gradient is clipped, its norm before
+    clipping (a device tensor) is appended to `norms`.
     """
     if supervised is None:
         supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
@@ -309,7 +323,9 @@ def optimizer_step(
         accelerator.backward(summed * scale)
         total_loss += summed.detach() / max(supervised, 1)
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+        if norms is not None:
+            norms.append(norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -357,6 +373,20 @@ def _save(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()  # no rank leaves (and gets the others killed) before the folder is whole
 
 
+def _evaluate_at(run: Run, step: int, result: dict | None = None, files: dict | None = None) -> None:
+    """[train] eval_every: log the eval scores at `step`; with keep_best, keep the adapter as adapter-best/ when
+    they beat the best so far. `result` and `files` are passed when the caller already has them."""
+    if result is None:
+        result = _evaluate(run)
+        print_eval(run.console, f"at step {step}", result)
+    metrics.log(run.accelerator, run.run_dir, eval_record(step, result))
+    if run.recipe.train.keep_best and improves(result, run.state.best):
+        files = files or run.adapter_files()  # a collective under FSDP2: every rank is here
+        if run.accelerator.is_main_process:
+            write_folder(run.run_dir / "adapter-best", files)
+        run.state.best = {"step": step, **result}
+
+
 def _evaluate(run: Run) -> dict:
     if run.eval_split is None:
         return {"examples": 0, "skipped": no_evaluation_reason(run.recipe.data)}
@@ -365,8 +395,3 @@ def _evaluate(run: Run) -> dict:
         return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
                               rank=run.accelerator.process_index, world=run.accelerator.num_processes)
 
-
-def _read_metrics(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [m for m in map(json.loads, path.read_text().splitlines()) if m["step"] <= upto]

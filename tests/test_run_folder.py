@@ -91,7 +91,8 @@ def tiny_shape() -> transformers.GPT2Config:
 def test_run_folder_holds_exactly_the_documented_entries(trained):
     run = trained["run"]
     assert {p.name for p in run.iterdir()} == {
-        "adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json", "lorafit-run.json", "lorafit.lock"
+        "adapter", "checkpoints", "recipe.toml", "metrics.jsonl", "report.json", "lorafit-run.json", "lorafit.lock",
+        "curves.png",
     }
     assert {p.name for p in (run / "adapter").iterdir()} == {
         "adapter_config.json",
@@ -122,7 +123,8 @@ def test_metrics_has_one_line_per_log_step_and_the_last(trained):
     expected_steps = sorted({*range(LOG_EVERY, STEPS + 1, LOG_EVERY), STEPS})
     assert [r["step"] for r in records] == expected_steps
     for record in records:
-        assert set(record) == {"step", "loss", "lr", "tokens_per_s"}
+        assert set(record) == {"step", "loss", "lr", "tokens_per_s", "grad_norm", "memory_bytes"}
+        assert record["grad_norm"] > 0 and record["memory_bytes"] > 0
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert record["tokens_per_s"] > 0
 

@@ -1,0 +1,178 @@
+"""`--dry-run`: everything a run does before its first step, shown and then stopped; nothing is written.
+
+The model is built on the meta device from its config (no weights are read), the data is tokenized exactly
+as training tokenizes it, and the first rows are printed with their supervised tokens marked, so a wrong
+template or label mask is seen before any compute is spent on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lorafit.batches import StepRows, global_batch_split, supervised_counts
+from lorafit.data import IGNORE, TokenizedSplit, tokenize_split
+from lorafit.recipe import Recipe, recipe_toml
+
+SAMPLE_ROWS = 3
+MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
+
+
+def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_split: str | None = None,
+            adapter: Path | None = None, model_dir: Path | None = None) -> dict:
+    """What `train` (or, given `eval_split`, `eval`) would do with `recipe`: printed to `console` and returned.
+
+    The same checks as the real command run first, so a dry run refuses what the run would refuse.
+    """
+    from lorafit.model import load_tokenizer, resolve_precision
+
+    training = eval_split is None
+    name = str(model_dir) if model_dir is not None else recipe.model.name
+    weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
+    model = model_table(recipe, name, weights, adapter)
+    tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
+    names = [recipe.data.train_split, recipe.data.eval_split] if training else [eval_split]
+    splits = {split: tokenize_split(recipe.data, tokenizer, split) for split in names}
+    result = {
+        "recipe": recipe.model_dump(exclude_none=True),
+        "model": model,
+        "precision": {"dtype": weights, "mixed_precision": mixed_precision},
+        "data": {split: split_summary(tokenized, recipe.data.max_length) for split, tokenized in splits.items()},
+    }
+    first = splits[names[0]].examples
+    samples = [first[i] for i in range(min(SAMPLE_ROWS, len(first)))]
+    result["samples"] = [{"tokens": len(row["input_ids"]), "text": marked_row(row, tokenizer, colour=False).plain}
+                         for row in samples]
+    if training:
+        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], resume)
+    show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
+    return result
+
+
+def model_table(recipe: Recipe, name: str, weights: str, adapter: Path | None) -> dict:
+    """The parameter and memory report of the model with the recipe's LoRA, from the config on the meta device;
+    an adapter to evaluate is checked against the same meta model (its weights are not read either)."""
+    from lorafit.report import describe
+
+    if adapter is not None:
+        from lorafit.adapter import check_adapter
+        from lorafit.model import load_config, meta_model
+
+        check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
+    lora = recipe.lora
+    return describe(name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dtype=weights)
+
+
+def split_summary(split: TokenizedSplit, max_length: int) -> dict:
+    """Rows kept, every count the data module keeps about a split (total, dropped, ...), lengths, supervised tokens."""
+    counts = {field.name: getattr(split, field.name) for field in dataclasses.fields(split)
+              if isinstance(getattr(split, field.name), int)}
+    lengths = np.array([len(ids) for ids in split.examples["input_ids"]])
+    percentiles = np.percentile(lengths, [50, 90, 99]).round().astype(int).tolist()
+    return {
+        "rows": len(split.examples),
+        **counts,
+        "at_max_length": int((lengths == max_length).sum()),  # cut there, or exactly that long
+        "tokens": int(lengths.sum()),
+        "supervised_tokens": sum(supervised_counts(split.examples)),
+        "length": {"min": int(lengths.min()), "p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
+                   "max": int(lengths.max())},
+    }
+
+
+def training_plan(recipe: Recipe, train: TokenizedSplit, resume: bool) -> dict:
+    """Steps, global batch and the run folder's fate, by the rules training applies (run-folder checks included)."""
+    from lorafit import checkpoint
+    from lorafit.metrics import check_settings
+
+    settings = recipe.train
+    check_settings(settings)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = global_batch_split(settings, world)
+    global_batch = settings.batch_size * grad_accum * world
+    rows = train.examples.to_list()
+    state = checkpoint.RunState(checkpoint.data_fingerprint(rows), global_batch=global_batch, world_size=world)
+    resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
+    per_epoch = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed).steps_per_epoch
+    return {
+        "steps": settings.max_steps or settings.epochs * per_epoch,
+        "steps_per_epoch": per_epoch,
+        "global_batch": global_batch,
+        "batch_size": settings.batch_size,
+        "grad_accum": grad_accum,
+        "world_size": world,
+        "output_dir": recipe.output.dir,
+        "resume_from": str(resume_from) if resume_from else None,
+    }
+
+
+def marked_row(row: dict, tokenizer, *, colour: bool) -> Text:
+    """A tokenized row decoded, its supervised tokens (labels not IGNORE) in colour or between [[ and ]]."""
+    text = Text()
+    pairs = zip(row["input_ids"], row["labels"])
+    for supervised, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE):
+        piece = tokenizer.decode([token for token, _ in run])
+        if not supervised:
+            text.append(piece, style="dim" if colour else None)
+        elif colour:
+            text.append(piece, style="bold black on green")
+        else:
+            text.append(f"{MARKS[0]}{piece}{MARKS[1]}")
+    return text
+
+
+def has_colour(console: Console) -> bool:
+    return console.color_system is not None and not console.no_color
+
+
+def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> None:
+    from lorafit.report import human_bytes, info_tables
+
+    console.rule("resolved recipe")
+    console.print(recipe_toml(recipe), markup=False, highlight=False)
+    console.rule("model")
+    console.print(f"{result['model']['model']} ({result['model']['model_type']}); weights "
+                  f"{result['precision']['dtype']}, mixed precision {result['precision']['mixed_precision']}",
+                  markup=False, highlight=False)
+    for table in info_tables(result["model"]):
+        console.print(table)
+    console.print(data_table(result["data"]))
+    how = "highlighted" if has_colour(console) else f"between {MARKS[0]} and {MARKS[1]}"
+    console.rule(f"first rows as tokenized (supervised tokens {how})")
+    for index, (row, sample) in enumerate(zip(rows, result["samples"]), start=1):
+        console.print(Text(f"row {index} ({sample['tokens']} tokens): ", style="bold") + row)
+    plan = result.get("plan")
+    if plan:
+        memory = result["model"]["memory"]["lora_estimate"]["total"]
+        start = f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run"
+        console.rule("plan")
+        console.print(
+            f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} rows "
+            f"(batch_size {plan['batch_size']} × grad_accum {plan['grad_accum']} × {plan['world_size']} processes); "
+            f"static memory estimate {human_bytes(memory)}; {start} in {plan['output_dir']}",
+            markup=False, highlight=False,
+        )
+    console.print("dry run: nothing was trained or written", style="bold")
+
+
+def data_table(data: dict) -> Table:
+    """One column per split; every count the data module keeps (rows shortened, ...) gets a row of its own."""
+    table = Table(title="Data (after tokenizing)")
+    table.add_column("")
+    for split in data:
+        table.add_column(split, justify="right")
+    names = {"rows": "rows kept", "total": "rows read", "dropped": "rows dropped (no supervised token left)",
+             "at_max_length": "rows at max_length", "tokens": "tokens", "supervised_tokens": "supervised tokens"}
+    keys = list(names) + sorted({key for summary in data.values() for key in summary} - set(names) - {"length"})
+    for key in keys:
+        table.add_row(names.get(key, key.replace("_", " ")), *(f"{summary.get(key, 0):,}" for summary in data.values()))
+    table.add_row("length min / p50 / p90 / p99 / max", *(" / ".join(map(str, summary["length"].values()))
+                                                   for summary in data.values()))
+    return table

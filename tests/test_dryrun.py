@@ -1,0 +1,86 @@
+"""`--dry-run`: shows the recipe, model, data and first rows with their supervised tokens, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from conftest import TINY_MODEL, assert_one_line_error, snapshot, write_jsonl
+from typer.testing import CliRunner
+
+from lorafit.cli import app
+from lorafit.dryrun import marked_row
+
+runner = CliRunner()
+ROWS = [{"prompt": "What is two plus two?", "response": " Four."}, {"prompt": "Name a colour.", "response": " Red"}]
+TEMPLATE = "Q: {text}\nA:"
+
+
+@pytest.fixture
+def completion_recipe(tiny_recipe, tmp_path):
+    source = {split: str(write_jsonl(tmp_path / f"{split}.jsonl", ROWS)) for split in ("train", "validation")}
+    return tiny_recipe(data={"source": source, "task": "completion", "template": TEMPLATE, "labels": []})
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Reading any model weights fails the test: a dry run builds the model from its config alone."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run read model weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_train_dry_run_writes_nothing_and_marks_a_completion_rows_supervised_tokens(completion_recipe, tmp_path,
+                                                                                      no_weights):
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, ["train", "--recipe", str(completion_recipe), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    assert snapshot(tmp_path) == before
+    eos = transformers.AutoTokenizer.from_pretrained(TINY_MODEL).eos_token
+    # The prompt carries no loss; the response and the end-of-text token do, and only they sit between [[ ]].
+    assert f"Q: What is two plus two?\nA:[[ Four.{eos}]]" in result.stdout
+    assert f"Q: Name a colour.\nA:[[ Red{eos}]]" in result.stdout
+    assert "resolved recipe" in result.stdout and 'template = "Q: {text}\\nA:"' in result.stdout
+    assert "nothing was trained or written" in result.stdout
+
+
+def test_train_dry_run_json_counts_rows_and_supervised_tokens(completion_recipe, tmp_path, no_weights):
+    result = runner.invoke(app, ["train", "--recipe", str(completion_recipe), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    responses = [len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 1 for row in ROWS]  # + eos
+    lengths = [len(tokenizer(TEMPLATE.format(text=row["prompt"]))["input_ids"]) + n for row, n in zip(ROWS, responses)]
+    train = report["data"]["train"]
+    assert (train["rows"], train["total"], train["dropped"]) == (2, 2, 0)
+    assert train["supervised_tokens"] == sum(responses)
+    assert (train["tokens"], train["length"]["max"]) == (sum(lengths), max(lengths))
+    config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
+    assert report["model"]["trainable_params"] == 4 * config.n_layer * 4 * config.n_embd  # q and v: A and B, rank 4
+    assert report["plan"]["steps"] == 6 and report["plan"]["global_batch"] == 4
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_dry_run_shows_the_split_and_writes_nothing(completion_recipe, tmp_path, no_weights):
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, ["eval", "--recipe", str(completion_recipe), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert list(json.loads(result.stdout)["data"]) == ["validation"]
+    assert snapshot(tmp_path) == before
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(tiny_recipe, tmp_path):
+    result = runner.invoke(app, ["train", "--recipe", str(tiny_recipe(train={"keep_best": True})), "--dry-run"],
+                           terminal_width=400)
+    assert "eval_every" in assert_one_line_error(result)
+
+
+def test_colour_marks_exactly_the_supervised_tokens():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    prompt, target = tokenizer("Q: hi\nA:")["input_ids"], tokenizer(" yes", add_special_tokens=False)["input_ids"]
+    row = {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+    text = marked_row(row, tokenizer, colour=True)
+    supervised = [text.plain[span.start:span.end] for span in text.spans if "green" in str(span.style)]
+    assert text.plain == "Q: hi\nA: yes" and supervised == [" yes"]
