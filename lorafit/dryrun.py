@@ -7,7 +7,6 @@ template or label mask is seen before any compute is spent on it.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -18,8 +17,10 @@ from rich.table import Table
 from rich.text import Text
 
 from lorafit.batches import StepRows, global_batch_split, supervised_counts
-from lorafit.data import IGNORE, TokenizedSplit, tokenize_split
+from lorafit.data import IGNORE, TokenizedSplit, tokenize_eval, tokenize_split
+from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, recipe_toml
+from lorafit.rows import no_evaluation_reason
 
 SAMPLE_ROWS = 3
 MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
@@ -38,8 +39,14 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, weights, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    names = [recipe.data.train_split, recipe.data.eval_split] if training else [eval_split]
-    splits = {split: tokenize_split(recipe.data, tokenizer, split) for split in names}
+    splits = {recipe.data.train_split: tokenize_split(recipe.data, tokenizer, recipe.data.train_split)} if training else {}
+    held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None)
+    if held_out is not None:
+        splits[held_out.name] = held_out
+    elif not training:
+        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
+                           "pass --split NAME, or set [data] eval_split or eval_fraction")
+    names = list(splits)
     result = {
         "recipe": recipe.model_dump(exclude_none=True),
         "model": model,
@@ -72,13 +79,10 @@ def model_table(recipe: Recipe, name: str, weights: str, adapter: Path | None) -
 
 def split_summary(split: TokenizedSplit, max_length: int) -> dict:
     """Rows kept, every count the data module keeps about a split (total, dropped, ...), lengths, supervised tokens."""
-    counts = {field.name: getattr(split, field.name) for field in dataclasses.fields(split)
-              if isinstance(getattr(split, field.name), int)}
     lengths = np.array([len(ids) for ids in split.examples["input_ids"]])
     percentiles = np.percentile(lengths, [50, 90, 99]).round().astype(int).tolist()
     return {
-        "rows": len(split.examples),
-        **counts,
+        **split.counts(),
         "at_max_length": int((lengths == max_length).sum()),  # cut there, or exactly that long
         "tokens": int(lengths.sum()),
         "supervised_tokens": sum(supervised_counts(split.examples)),
@@ -168,8 +172,11 @@ def data_table(data: dict) -> Table:
     table.add_column("")
     for split in data:
         table.add_column(split, justify="right")
-    names = {"rows": "rows kept", "total": "rows read", "dropped": "rows dropped (no supervised token left)",
-             "at_max_length": "rows at max_length", "tokens": "tokens", "supervised_tokens": "supervised tokens"}
+    names = {"rows": "rows read", "examples": "examples (rows, or windows of long documents)",
+             "shortened": "rows shortened, supervision kept", "cut": "rows that lost supervised tokens",
+             "cut_tokens": "supervised tokens lost", "windowed": "documents split into windows",
+             "dropped": "rows left out (nothing to predict)", "at_max_length": "examples at max_length",
+             "tokens": "tokens", "supervised_tokens": "supervised tokens"}
     keys = list(names) + sorted({key for summary in data.values() for key in summary} - set(names) - {"length"})
     for key in keys:
         table.add_row(names.get(key, key.replace("_", " ")), *(f"{summary.get(key, 0):,}" for summary in data.values()))
