@@ -54,7 +54,7 @@ def test_train_dry_run_json_counts_rows_and_supervised_tokens(completion_recipe,
     responses = [len(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + 1 for row in ROWS]  # + eos
     lengths = [len(tokenizer(TEMPLATE.format(text=row["prompt"]))["input_ids"]) + n for row, n in zip(ROWS, responses)]
     train = report["data"]["train"]
-    assert (train["rows"], train["total"], train["dropped"]) == (2, 2, 0)
+    assert (train["rows"], train["examples"], train["dropped"]) == (2, 2, 0)
     assert train["supervised_tokens"] == sum(responses)
     assert (train["tokens"], train["length"]["max"]) == (sum(lengths), max(lengths))
     config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
