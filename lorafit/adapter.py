@@ -35,6 +35,7 @@ from lorafit.lora import is_block_structured, projection_shape
 from lorafit.peft_format import (
     CONFIG_FILE,
     PICKLE_FILE,
+    TABLE,
     WEIGHTS_FILE,
     adapter_config,
     check_config,
@@ -268,6 +269,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     plans = []
     for path, (kind, tensors) in weights.items():
         module = _fitting_module(model, modules, path, kind, tensors)
+        _check_table(path, module, tensors.pop(TABLE, None))
         _check_variant_parts(path, module, variant, tensors)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
         plan = ModulePlan(
@@ -284,6 +286,17 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
         check_selected(directory, config, path)
         plans.append(_sliced(getattr(model, "config", None), table, plan, facts.get(path)) or plan)
     return plans
+
+
+def _check_table(path: str, module: nn.Module, table: torch.Tensor | None) -> None:
+    """An embedding table saved beside the adapter (peft does) must be the base's own: we never replace it."""
+    if table is None or module.weight.is_meta:
+        return
+    if table.shape != module.weight.shape or not torch.equal(table, module.weight.detach().float()):
+        raise LorafitError(
+            f"the adapter carries its own {path} table, which differs from this base's (a resized vocabulary?); "
+            "lorafit loads adapters onto the base's own tables only"
+        )
 
 
 def _check_variant_parts(path: str, module: nn.Module, variant: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -50,8 +50,8 @@ class DoRALinear(LoRALinear):
         return matrix if self.out_index is None else matrix.index_select(0, self._index(matrix.device))
 
     def _dense_weight(self) -> torch.Tensor:
-        """W0 as [d_out, d_in] in fp32."""
-        weight = self.base.weight.float()
+        """W0 as [d_out, d_in] in fp32 (whole, where FSDP holds a shard outside the forward)."""
+        weight = whole(self.base.weight).float()
         return weight.t() if self.fan_in_fan_out else weight
 
     @torch.no_grad()

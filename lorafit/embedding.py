@@ -51,6 +51,14 @@ class LoRAEmbedding(nn.Module):
         return self.base.weight
 
     @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
     def lora_params(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
 

@@ -34,8 +34,10 @@ TENSOR_NAMES = {
 # peft's names as read: the adapter name ("default") may sit before the end, and .weight may follow.
 KEY_PATTERN = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<name>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
+    r"lora_magnitude_vector|base_layer)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
 )
+# peft saves a targeted embedding's whole table too ("base_layer"): read as part "table", to compare with the base.
+TABLE = "table"
 # Config switches for features whose weights or forward pass lorafit's layers cannot reproduce.
 UNSUPPORTED = (
     "lora_bias",
@@ -81,7 +83,7 @@ def lora_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tu
                 f"{source} holds {key}, which is not a LoRA A or B matrix or DoRA magnitude (biases or saved modules "
                 "are not supported); lorafit reads LoRA and DoRA adapters"
             )
-        kind, part = _part_of(match["name"])
+        kind, part = (None, TABLE) if match["name"] == "base_layer" else _part_of(match["name"])
         parts[match["path"]][part] = tensor.float()
         kinds[match["path"]].update([kind] if kind else [])
     if not parts:
