@@ -138,8 +138,8 @@ CONVENTIONAL = {
     "v": ("v_proj",),
     "o": ("o_proj", "out_proj"),
     "gate": ("gate_proj",),
-    "up": ("up_proj",),
-    "down": ("down_proj",),
+    "up": ("up_proj", "dense_h_to_4h", "fc1"),
+    "down": ("down_proj", "dense_4h_to_h", "fc2"),
 }
 FUSED_QKV = {"qkv_proj": "contiguous", "Wqkv": "contiguous", "query_key_value": "grouped"}
 
