@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lorafit import __version__
-from lorafit.errors import LorafitError
 from lorafit.embedding import LoRAEmbedding
+from lorafit.errors import LorafitError
 from lorafit.inject import (
     LoRALayer,
     freeze_and_wrap,

@@ -188,13 +188,24 @@ def merge(
             stderr.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
+def _variant(name: str) -> str:
+    from typing import get_args
+
+    from lorafit.recipe import Variant
+
+    if name not in get_args(Variant):
+        raise LorafitError(f"--variant {name!r} is not one of {', '.join(get_args(Variant))}; pick one")
+    return name
+
+
 @app.command()
 def info(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take model and LoRA settings from a recipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", min=1, help="LoRA rank r (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, help="LoRA alpha (default 16).")] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v.")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v or all-linear.")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="lora or dora (default: the recipe's, else lora).")] = None,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -217,6 +228,7 @@ def info(
             alpha=alpha if alpha is not None else lora.alpha,
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else lora.targets,
             dtype=model_section.dtype,
+            variant=_variant(variant) if variant else lora.variant,
         )
 
     report = _run(action, debug)

@@ -56,8 +56,9 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """||W0 + ΔW|| of each adapted row, fp32 and detached (§4.3)."""
-        return torch.linalg.vector_norm(self._rows(self._dense_weight() + self.delta_weight()), dim=1)
+        """||W0 + ΔW|| of each adapted row, fp32 and detached (§4.3); never in autocast's lower precision."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return torch.linalg.vector_norm(self._rows(self._dense_weight() + self.delta_weight()), dim=1)
 
     def _full(self, per_row: torch.Tensor, fill: float) -> torch.Tensor:
         """A [d_out] vector: `per_row` at the adapted rows, `fill` elsewhere."""

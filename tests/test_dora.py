@@ -166,3 +166,23 @@ def test_a_dora_adapter_round_trips_through_our_format_keeping_the_fused_slices(
         assert layer.slices is not None
         assert torch.equal(layer.lora_magnitude, lora_layers(model)[path].lora_magnitude)
     assert_same(logits(loaded, tokens), logits(model, tokens))
+
+
+def test_info_counts_dora_magnitudes_on_all_linear(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    tiny_model("gpt2").config.save_pretrained(tmp_path)
+    result = CliRunner().invoke(app, ["info", "--model", str(tmp_path), "--rank", "2", "--targets", "all-linear",
+                                      "--variant", "dora", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["lora"]["variant"] == "dora"
+    # Every Conv1D of the blocks (weight [d_in, d_out]): A and B of rank 2 plus one magnitude per output row.
+    expected = sum(2 * (d_in + d_out) + d_out for name, p in tiny_model("gpt2").named_parameters()
+                   if name.startswith("transformer.h.") and name.endswith("weight") and p.ndim == 2
+                   for d_in, d_out in [p.shape])
+    assert report["trainable_params"] == expected
