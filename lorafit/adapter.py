@@ -39,7 +39,9 @@ from lorafit.peft_format import (
     WEIGHTS_FILE,
     adapter_config,
     check_config,
+    check_parts,
     check_selected,
+    check_table,
     lora_tensors,
     lorafit_alpha,
     peft_alpha,
@@ -269,8 +271,8 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     plans = []
     for path, (kind, tensors) in weights.items():
         module = _fitting_module(model, modules, path, kind, tensors)
-        _check_table(path, module, tensors.pop(TABLE, None))
-        _check_variant_parts(path, module, variant, tensors)
+        check_table(path, tensors.pop(TABLE, None), module.weight)
+        check_parts(path, variant, is_embedding(module), tensors)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
         plan = ModulePlan(
             path=path,
@@ -286,31 +288,6 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
         check_selected(directory, config, path)
         plans.append(_sliced(getattr(model, "config", None), table, plan, facts.get(path)) or plan)
     return plans
-
-
-def _check_table(path: str, module: nn.Module, table: torch.Tensor | None) -> None:
-    """An embedding table saved beside the adapter (peft does) must be the base's own: we never replace it."""
-    if table is None or module.weight.is_meta:
-        return
-    if table.shape != module.weight.shape or not torch.equal(table, module.weight.detach().float()):
-        raise LorafitError(
-            f"the adapter carries its own {path} table, which differs from this base's (a resized vocabulary?); "
-            "lorafit loads adapters onto the base's own tables only"
-        )
-
-
-def _check_variant_parts(path: str, module: nn.Module, variant: str, tensors: dict[str, torch.Tensor]) -> None:
-    """A DoRA adapter has a magnitude for every linear layer; a plain one has none. Embeddings stay plain."""
-    wanted = variant == "dora" and not is_embedding(module)
-    if wanted != ("magnitude" in tensors):
-        raise LorafitError(
-            f"{path} {'lacks' if wanted else 'has'} a lora_magnitude_vector but the adapter config says "
-            f"use_dora={variant == 'dora'}; {'lorafit reads DoRA on linear layers only' if is_embedding(module) else 're-save the adapter'}"
-        )
-    d_out = tensors["B"].shape[0]
-    if wanted and tuple(tensors["magnitude"].shape) != (d_out,):
-        raise LorafitError(f"lora_magnitude_vector of {path} has shape {tuple(tensors['magnitude'].shape)}, "
-                           f"expected ({d_out},); re-save the adapter")
 
 
 def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, kind: str, tensors: dict):

@@ -120,12 +120,13 @@ def find_sites(model: nn.Module, targets: list[str]) -> list[Site]:
 def _no_match(model: nn.Module, name: str, table: dict[str, Target]) -> str:
     """One line: what was asked, what this model offers, and its linear layers (a few names and the count)."""
     model_type = getattr(model.config, "model_type", "this")
-    names = sorted({path.rsplit(".", 1)[-1] for path in linear_paths(model)})
+    paths = linear_paths(model)
+    names = sorted({path.rsplit(".", 1)[-1] for path in paths})
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     known = ", ".join([*table, ALL_LINEAR, EMBED])
     return (
         f"target {name!r} does not exist in this {model_type} model; use one of {known}, or a module name; "
-        f"its linear layers are named {shown} ({len(linear_paths(model))} in all)"
+        f"its linear layers are named {shown} ({len(paths)} in all)"
     )
 
 
@@ -190,7 +191,7 @@ def merge_lora(model: nn.Module) -> None:
     """
     for path, layer in lora_layers(model).items():
         if _untie(model, layer.base):
-            for config in {id(c): c for c in (model.config, _text_config(model.config))}.values():
+            for config in (model.config, model.config.get_text_config()):
                 config.tie_word_embeddings = False
         layer.merge()
         replace_module(model, path, layer.base)
@@ -206,10 +207,6 @@ def _untie(model: nn.Module, base: nn.Module) -> bool:
     if shared:
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
     return shared
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

@@ -31,13 +31,11 @@ TENSOR_NAMES = {
     ("embedding", "A"): "lora_embedding_A",
     ("embedding", "B"): "lora_embedding_B",
 }
-# peft's names as read: the adapter name ("default") may sit before the end, and .weight may follow.
-KEY_PATTERN = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<name>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector|base_layer)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
-)
 # peft saves a targeted embedding's whole table too ("base_layer"): read as part "table", to compare with the base.
 TABLE = "table"
+_NAMES = "|".join(sorted({name.split(".")[0] for name in TENSOR_NAMES.values()} | {"base_layer"}))
+# peft's names as read: the adapter name ("default") may sit before the end, and .weight may follow.
+KEY_PATTERN = re.compile(rf"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<name>{_NAMES})(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
 # Config switches for features whose weights or forward pass lorafit's layers cannot reproduce.
 UNSUPPORTED = (
     "lora_bias",
@@ -252,6 +250,32 @@ def pattern_value(patterns: dict, path: str, default):
         except re.error as error:
             raise LorafitError(f"pattern {key!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
     return default
+
+
+def check_parts(path: str, variant: str, embedding: bool, tensors: dict[str, torch.Tensor]) -> None:
+    """A DoRA adapter has a magnitude [d_out] for every linear layer and a plain one has none; embeddings stay plain."""
+    wanted = variant == "dora" and not embedding
+    if wanted != ("magnitude" in tensors):
+        fix = "lorafit reads DoRA on linear layers only" if embedding else "re-save the adapter"
+        raise LorafitError(
+            f"{path} {'lacks' if wanted else 'has'} a lora_magnitude_vector but the adapter config says "
+            f"use_dora={variant == 'dora'}; {fix}"
+        )
+    d_out = tensors["B"].shape[0]
+    if wanted and tuple(tensors["magnitude"].shape) != (d_out,):
+        raise LorafitError(f"lora_magnitude_vector of {path} has shape {tuple(tensors['magnitude'].shape)}, "
+                           f"expected ({d_out},); re-save the adapter")
+
+
+def check_table(path: str, table: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """An embedding table saved beside the adapter (peft does) must be the base's own: we never replace it."""
+    if table is None or weight.is_meta:
+        return
+    if table.shape != weight.shape or not torch.equal(table, weight.detach().float()):
+        raise LorafitError(
+            f"the adapter carries its own {path} table, which differs from this base's (a resized vocabulary?); "
+            "lorafit loads adapters onto the base's own tables only"
+        )
 
 
 def check_selected(directory: Path, config: dict, path: str) -> None:

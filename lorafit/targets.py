@@ -27,18 +27,18 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _qkv_sizes(config) -> tuple[int, int, int]:
+def _qkv_sizes(config, kv_heads: int | None = None) -> tuple[int, int, int]:
     """Output widths of q, k and v (k and v are narrower under grouped-query attention)."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads = kv_heads or getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = _head_dim(config)
     return config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
 
 
-def contiguous(part: int) -> FeaturesFn:
-    """Part `part` of a projection laid out [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj)."""
+def contiguous(part: int, kv_heads: int | None = None) -> FeaturesFn:
+    """Part `part` of a projection laid out [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj); `kv_heads` overrides the config's."""
 
     def features(config) -> list[int]:
-        sizes = _qkv_sizes(config)
+        sizes = _qkv_sizes(config, kv_heads)
         start = sum(sizes[:part])
         return list(range(start, start + sizes[part]))
 
@@ -167,8 +167,11 @@ def conventional_targets(config, widths: dict[str, int]) -> dict[str, Target]:
     `widths` maps each projection's last name to its output width. A fused q/k/v projection counts only when its
     width is q + k + v for the config's heads: the number of key/value heads is read off that width.
     """
-    found = {name: Target(names[0]) for name, names in ((s, [n for n in c if n in widths]) for s, c in CONVENTIONAL.items())
-             if names}
+    found = {}
+    for name, candidates in CONVENTIONAL.items():
+        present = [module for module in candidates if module in widths]
+        if present:
+            found[name] = Target(present[0])
     fused = next((n for n in FUSED_QKV if n in widths), None)
     if fused is not None and not {"q", "k", "v"} & found.keys():
         layout = _fused_layout(config, fused, widths[fused])
@@ -188,17 +191,7 @@ def _fused_layout(config, name: str, width: int) -> Callable[[int], FeaturesFn] 
     kv_heads = extra
     if FUSED_QKV[name] == "grouped":
         return lambda part: grouped(part, kv_heads)
-    return lambda part: _contiguous_with(part, kv_heads)
-
-
-def _contiguous_with(part: int, kv_heads: int) -> FeaturesFn:
-    def features(config) -> list[int]:
-        head_dim = _head_dim(config)
-        sizes = (config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-        start = sum(sizes[:part])
-        return list(range(start, start + sizes[part]))
-
-    return features
+    return lambda part: contiguous(part, kv_heads)
 
 
 def semantic_targets(config, widths: dict[str, int]) -> dict[str, Target]:
