@@ -19,17 +19,31 @@ import torch
 from torch import nn
 
 from lorafit import __version__
+from lorafit.embedding import LoRAEmbedding
 from lorafit.errors import LorafitError
-from lorafit.inject import freeze_and_wrap, is_projection, lora_layers, stores_transposed
-from lorafit.lora import LoRALinear, is_block_structured, projection_shape
+from lorafit.inject import (
+    LoRALayer,
+    freeze_and_wrap,
+    is_embedding,
+    is_projection,
+    lora_layer,
+    lora_layers,
+    model_targets,
+    stores_transposed,
+    variant_of,
+)
+from lorafit.lora import is_block_structured, projection_shape
 from lorafit.peft_format import (
     CONFIG_FILE,
     PICKLE_FILE,
+    TABLE,
     WEIGHTS_FILE,
     adapter_config,
     check_config,
+    check_parts,
     check_selected,
-    lora_pairs,
+    check_table,
+    lora_tensors,
     lorafit_alpha,
     peft_alpha,
     rank_and_alpha,
@@ -37,7 +51,7 @@ from lorafit.peft_format import (
     weight_key,
 )
 from lorafit.storage import write_folder
-from lorafit.targets import architecture, fused_slices, matches_suffix
+from lorafit.targets import Target, fused_slices, matches_suffix
 
 LORAFIT_FILE = "lorafit.json"
 
@@ -72,16 +86,20 @@ def adapter_files(
     }
 
 
-def adapter_tensors(layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+def adapter_tensors(layers: dict[str, LoRALayer]) -> dict[str, torch.Tensor]:
     """peft's state dict: every layer as a plain LoRA of rank n_slices·r on its whole module, in fp32."""
     tensors = {}
     for path, layer in layers.items():
-        for part, weight in zip("AB", layer.plain_lora_weights()):
-            tensors[weight_key(path, part)] = weight.to("cpu", torch.float32).contiguous().clone()
+        for part, weight in layer.saved_tensors().items():
+            tensors[weight_key(path, part, _kind(layer))] = weight.to("cpu", torch.float32).contiguous().clone()
     return tensors
 
 
-def peft_config(model: nn.Module, layers: dict[str, LoRALinear], base_model: str) -> dict:
+def _kind(layer: LoRALayer) -> str:
+    return "embedding" if isinstance(layer, LoRAEmbedding) else "linear"
+
+
+def peft_config(model: nn.Module, layers: dict[str, LoRALayer], base_model: str) -> dict:
     """adapter_config.json: one rank and alpha for most modules, rank_pattern/alpha_pattern for the rest."""
     use_rslora = all(layer.use_rslora for layer in layers.values())
     values = {path: _peft_rank_and_alpha(layer, use_rslora) for path, layer in layers.items()}
@@ -92,45 +110,47 @@ def peft_config(model: nn.Module, layers: dict[str, LoRALinear], base_model: str
         base_model=base_model,
         use_rslora=use_rslora,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-        dropout=getattr(next(iter(layers.values())).dropout, "p", 0.0),
+        dropout=max(getattr(layer.dropout, "p", 0.0) for layer in layers.values()),
+        use_dora=variant_of(layers) == "dora",
     )
 
 
-def _peft_rank_and_alpha(layer: LoRALinear, peft_rslora: bool) -> tuple[int, float]:
+def _peft_rank_and_alpha(layer: LoRALayer, peft_rslora: bool) -> tuple[int, float]:
     n_slices = len(layer.slice_sizes)
     alpha = peft_alpha(layer.alpha, layer.rank, n_slices, use_rslora=layer.use_rslora, peft_rslora=peft_rslora)
     return n_slices * layer.rank, alpha
 
 
-def lorafit_facts(model: nn.Module, layers: dict[str, LoRALinear], targets: list[str], extra: dict | None) -> dict:
+def lorafit_facts(model: nn.Module, layers: dict[str, LoRALayer], targets: list[str], extra: dict | None) -> dict:
     """lorafit.json: what peft's format cannot say — the targets asked for and which modules were sliced."""
     return {
         "lorafit_version": __version__,
         "model_type": getattr(model.config, "model_type", None),
         "targets": list(targets),
-        "modules": {path: _module_facts(model.config, path, layer, targets) for path, layer in layers.items()},
+        "variant": variant_of(layers),
+        "modules": {path: _module_facts(model, path, layer, targets) for path, layer in layers.items()},
         "extra": extra or {},
     }
 
 
-def _module_facts(config, path: str, layer: LoRALinear, targets: list[str]) -> dict:
+def _module_facts(model: nn.Module, path: str, layer: LoRALayer, targets: list[str]) -> dict:
     sliced = layer.slices is not None
     return {
         "rank": layer.rank,
         "alpha": layer.alpha,
         "use_rslora": layer.use_rslora,
         "slices": list(layer.slice_sizes) if sliced else None,
-        "targets": _slice_targets(config, path, layer, targets) if sliced else None,
+        "targets": _slice_targets(model, path, layer, targets) if sliced else None,
     }
 
 
-def _slice_targets(config, path: str, layer: LoRALinear, targets: list[str]) -> list[str] | None:
+def _slice_targets(model: nn.Module, path: str, layer: LoRALayer, targets: list[str]) -> list[str] | None:
     """The semantic targets whose features make up this layer's slices, or None if the table does not explain them."""
-    table = architecture(config.model_type)
+    table = model_targets(model)
     names = [
         t for t in dict.fromkeys(targets) if t in table and table[t].features and matches_suffix(path, table[t].module)
     ]
-    slices = fused_slices(config, names)
+    slices = fused_slices(model.config, names, table)
     if slices is None or tuple(f for features in slices.values() for f in features) != layer.out_index:
         return None
     return list(slices)
@@ -174,8 +194,8 @@ def _check_weights_file(directory: Path) -> None:
     raise LorafitError(f"{directory} has no {WEIGHTS_FILE}; pass a complete adapter folder")
 
 
-def read_adapter_weights(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A [R, d_in], B [d_out, R])} from adapter_model.safetensors, in fp32."""
+def read_adapter_weights(directory: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """{module path: (kind, {"A": [R, d_in], "B": [d_out, R], ...})} from adapter_model.safetensors, in fp32."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -184,7 +204,7 @@ def read_adapter_weights(directory: Path) -> dict[str, tuple[torch.Tensor, torch
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LorafitError(f"{path} is not a readable safetensors file ({error}); re-save the adapter") from error
-    return lora_pairs(tensors, path)
+    return lora_tensors(tensors, path)
 
 
 def _read_facts(directory: Path) -> dict:
@@ -208,16 +228,25 @@ class ModulePlan:
 
     path: str
     module: nn.Module
-    a: torch.Tensor
-    b: torch.Tensor
+    tensors: dict[str, torch.Tensor]  # "A" [R, d_in], "B" [d_out, R], and the variant's own parts
+    variant: str
     rank: int  # per slice
     alpha: float  # ours: scaling = alpha/rank (or alpha/sqrt(rank))
     use_rslora: bool
     dropout: float
     slices: list[list[int]] | None
+    unsliced: ModulePlan | None = None  # the same adapter as one LoRA on the whole module
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.tensors["A"]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.tensors["B"]
 
 
-def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALinear]:
+def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALayer]:
     """Wrap `model` per the adapter's config and load its weights; LorafitError (exit 2) if it does not fit."""
     plans = plan_adapter(model, directory)
     return freeze_and_wrap(model, {plan.path: _build_layer(plan) for plan in plans})
@@ -238,16 +267,20 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     if lora_layers(model):
         raise LorafitError("the model already has LoRA layers; load an adapter into a plain base model")
     modules = dict(model.named_modules())
+    variant = "dora" if config.get("use_dora") else "lora"
+    table = model_targets(model)
     plans = []
-    for path, (a, b) in weights.items():
-        module = _fitting_module(model, modules, path, a, b)
-        rank, alpha = rank_and_alpha(config, path, a.shape[0])
-        _check_finite(directory, path, a, b, alpha)
+    for path, (kind, tensors) in weights.items():
+        module = _fitting_module(model, modules, path, kind, tensors)
+        check_table(path, tensors.pop(TABLE, None), module.weight)
+        check_parts(path, variant, is_embedding(module), tensors)
+        rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
+        _check_finite(directory, path, tensors, alpha)
         plan = ModulePlan(
             path=path,
             module=module,
-            a=a,
-            b=b,
+            tensors=tensors,
+            variant=variant,
             rank=rank,
             alpha=float(alpha),
             use_rslora=bool(config.get("use_rslora", False)),
@@ -255,41 +288,48 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
             slices=None,
         )
         check_selected(directory, config, path)
-        plans.append(_sliced(getattr(model, "config", None), plan, facts.get(path)) or plan)
+        plans.append(_sliced(getattr(model, "config", None), table, plan, facts.get(path)) or plan)
     return plans
 
 
-def _check_finite(directory: Path, path: str, a: torch.Tensor, b: torch.Tensor, alpha) -> None:
-    """A NaN or inf anywhere in a LoRA pair or its alpha would spread into every output of the model."""
+def _check_finite(directory: Path, path: str, tensors: dict[str, torch.Tensor], alpha) -> None:
+    """A NaN or inf anywhere in a layer's tensors or its alpha would spread into every output of the model."""
     try:
         finite_alpha = math.isfinite(float(alpha))
     except (TypeError, ValueError):
         finite_alpha = False
     if not finite_alpha:
         raise LorafitError(f"{directory} gives {path} lora_alpha = {alpha!r}, not a finite number; fix {CONFIG_FILE}")
-    for name, tensor in (("lora_A", a), ("lora_B", b)):
+    for part, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise LorafitError(
-                f"{directory} holds NaN or inf in {path}'s {name}; the run that wrote it diverged, "
+                f"{directory} holds NaN or inf in {path}'s {part}; the run that wrote it diverged, "
                 "use the adapter of an earlier checkpoint"
             )
 
 
-def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, a: torch.Tensor, b: torch.Tensor):
+def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, kind: str, tensors: dict):
     model_type = getattr(getattr(model, "config", None), "model_type", "this")
     module = modules.get(path)
+    a, b = tensors["A"], tensors["B"]
     if module is None:
         raise LorafitError(
             f"adapter targets {path} which this {model_type} model does not have; "
             "was it trained for another architecture?"
         )
-    if not is_projection(module):
-        raise LorafitError(f"adapter targets {path}, a {type(module).__name__} and not a linear projection")
+    expected = "embedding" if is_embedding(module) else "linear" if is_projection(module) else None
+    if expected is None:
+        raise LorafitError(f"adapter targets {path}, a {type(module).__name__}, neither a linear projection nor an embedding")
+    if kind != expected:
+        raise LorafitError(f"adapter holds {kind} LoRA weights for {path}, which is a {type(module).__name__}; re-save it")
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise LorafitError(
             f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} of {path} do not form a LoRA pair; re-save the adapter"
         )
-    d_out, d_in = projection_shape(module, stores_transposed(module))
+    if kind == "embedding":
+        d_out, d_in = module.embedding_dim, module.num_embeddings
+    else:
+        d_out, d_in = projection_shape(module, stores_transposed(module))
     for name, found, expected in (("d_in", a.shape[1], d_in), ("d_out", b.shape[0], d_out)):
         if found != expected:
             raise LorafitError(
@@ -298,41 +338,44 @@ def _fitting_module(model: nn.Module, modules: dict[str, nn.Module], path: str, 
     return module
 
 
-def _sliced(config, plan: ModulePlan, facts: dict | None) -> ModulePlan | None:
+def _sliced(config, table: dict[str, Target], plan: ModulePlan, facts: dict | None) -> ModulePlan | None:
     """The plan as output slices when lorafit.json says so, this model's table agrees and B has the block shape.
 
     Sliced, resumed training keeps the k features of a fused projection frozen at zero; the output is the same.
     """
     if not isinstance(facts, dict) or not facts.get("slices") or not isinstance(facts.get("targets"), list):
         return None
-    table = architecture(getattr(config, "model_type", ""))
     names = facts["targets"]
     if not all(name in table and matches_suffix(plan.path, table[name].module) for name in names):
         return None
-    slices = list((fused_slices(config, names) or {}).values())
+    slices = list((fused_slices(config, names, table) or {}).values())
     if not slices or [len(s) for s in slices] != facts["slices"] or plan.a.shape[0] % len(slices):
         return None
     rank = plan.a.shape[0] // len(slices)
     if not is_block_structured(plan.b, slices, rank):
         return None  # trained further as a plain LoRA (by peft, say): k features are no longer zero
     alpha = lorafit_alpha(plan.alpha, len(slices), plan.use_rslora)
-    return replace(plan, rank=rank, alpha=alpha, slices=slices)
+    return replace(plan, rank=rank, alpha=alpha, slices=slices, unsliced=plan)
 
 
-def _build_layer(plan: ModulePlan) -> LoRALinear:
-    # LoRALinear draws a random A that is overwritten at once; keep the global RNG as it was (exact resume).
+def _build_layer(plan: ModulePlan) -> LoRALayer:
+    """The plan's layer with its weights; a sliced DoRA layer whose other rows' magnitudes moved is built whole."""
+    try:
+        layer = _loaded_layer(plan)
+    except ValueError:
+        if plan.unsliced is None:
+            raise
+        layer = _loaded_layer(plan.unsliced)
+    layer.train(plan.module.training)  # a new module starts in training mode; follow the module it wraps
+    return layer
+
+
+def _loaded_layer(plan: ModulePlan) -> LoRALayer:
+    # A new layer draws a random A that is overwritten at once; keep the global RNG as it was (exact resume).
     device = plan.module.weight.device
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        layer = LoRALinear(
-            plan.module,
-            plan.rank,
-            plan.alpha,
-            plan.dropout,
-            slices=plan.slices,
-            fan_in_fan_out=stores_transposed(plan.module),
-            use_rslora=plan.use_rslora,
-        )
-    layer.load_plain_lora_weights(plan.a.to(layer.lora_A.device), plan.b.to(layer.lora_A.device))
-    layer.train(plan.module.training)  # a new module starts in training mode; follow the module it wraps
+        layer = lora_layer(plan.module, plan.rank, plan.alpha, plan.dropout, variant=plan.variant,
+                           slices=plan.slices, use_rslora=plan.use_rslora)
+    layer.load_saved_tensors({part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
     return layer

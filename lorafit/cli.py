@@ -220,7 +220,12 @@ def info(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank r (default: [lora] rank, else 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default: [lora] alpha, else 16).")] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v.")] = None,
+    targets: Annotated[
+        Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v or all-linear.")
+    ] = None,
+    variant: Annotated[
+        Optional[str], typer.Option("--variant", help="lora or dora (default: [lora] variant, else lora).")
+    ] = None,
     dtype: Annotated[
         Optional[str],
         typer.Option("--dtype", help="Base weights for the memory estimate: auto, float32, bfloat16 or float16 "
@@ -238,7 +243,7 @@ def info(
         if (recipe is None) == (model is None):
             raise LorafitError("give exactly one of --recipe PATH or --model ID_OR_DIR")
         raw = load_recipe(recipe).model_dump() if recipe is not None else {"model": {"name": model}}
-        given = {"rank": rank, "alpha": alpha,
+        given = {"rank": rank, "alpha": alpha, "variant": variant,
                  "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None}
         raw.setdefault("lora", {}).update({key: value for key, value in given.items() if value is not None})
         if dtype is not None:
@@ -246,7 +251,7 @@ def info(
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
         lora = chosen.lora
         return describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                        dtype=chosen.model.dtype)
+                        dtype=chosen.model.dtype, variant=lora.variant)
 
     report = run_command(action, debug)
     if as_json:

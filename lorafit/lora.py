@@ -215,6 +215,14 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(a)
         self.lora_B.copy_(stacked)
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds for this layer, by part ("A", "B"); a variant adds its own parts."""
+        return dict(zip("AB", self.plain_lora_weights()))
+
+    def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `saved_tensors`; ValueError (nothing changed) if a part does not fit."""
+        self.load_plain_lora_weights(tensors["A"], tensors["B"])
+
     def extra_repr(self) -> str:
         parts = f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
         if self.slices is not None:

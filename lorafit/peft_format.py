@@ -22,11 +22,22 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-# peft keys: base_model.model.<module path>.lora_A.weight, or with the adapter name before .weight.
-KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
-# Config switches for features whose weights or forward pass a plain LoRALinear cannot reproduce.
+# The tensors a layer saves, by lorafit's name for them and the layer's kind, and peft's name after the module
+# path: base_model.model.<module path>.<peft name>. A new variant's tensors get a row here.
+TENSOR_NAMES = {
+    ("linear", "A"): "lora_A.weight",
+    ("linear", "B"): "lora_B.weight",
+    ("linear", "magnitude"): "lora_magnitude_vector",  # DoRA
+    ("embedding", "A"): "lora_embedding_A",
+    ("embedding", "B"): "lora_embedding_B",
+}
+# peft saves a targeted embedding's whole table too ("base_layer"): read as part "table", to compare with the base.
+TABLE = "table"
+_NAMES = "|".join(sorted({name.split(".")[0] for name in TENSOR_NAMES.values()} | {"base_layer"}))
+# peft's names as read: the adapter name ("default") may sit before the end, and .weight may follow.
+KEY_PATTERN = re.compile(rf"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<name>{_NAMES})(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
+# Config switches for features whose weights or forward pass lorafit's layers cannot reproduce.
 UNSUPPORTED = (
-    "use_dora",
     "lora_bias",
     "modules_to_save",
     "trainable_token_indices",
@@ -48,31 +59,42 @@ PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # ---------------------------------------------------------------- weights
 
 
-def weight_key(path: str, part: str) -> str:
-    """The state-dict key peft saves for lora_A or lora_B ("A" or "B") of the module at `path`."""
-    return f"{KEY_PREFIX}{path}.lora_{part}.weight"
+def weight_key(path: str, part: str, kind: str = "linear") -> str:
+    """The state-dict key peft saves for tensor `part` ("A", "B", "magnitude") of a `kind` layer at `path`."""
+    return f"{KEY_PREFIX}{path}.{TENSOR_NAMES[kind, part]}"
 
 
-def lora_pairs(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A [R, d_in], B [d_out, R])} in fp32 from peft's state dict, read from `source`."""
+def _part_of(name: str) -> tuple[str | None, str]:
+    """(kind or None when any kind has it, part) for one of peft's tensor names."""
+    kind, part = next(key for key, peft_name in TENSOR_NAMES.items() if peft_name.split(".")[0] == name)
+    return (kind if part in ("A", "B") else None), part
+
+
+def lora_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """{module path: (kind, {"A": [R, d_in], "B": [d_out, R], maybe "magnitude": [d_out]})} in fp32, from `source`."""
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    kinds: dict[str, set[str]] = defaultdict(set)
     for key, tensor in tensors.items():
         match = KEY_PATTERN.match(key)
         if match is None:
             raise LorafitError(
-                f"{source} holds {key}, which is not a LoRA A or B matrix (DoRA magnitudes, biases or saved modules "
-                "are not supported); lorafit reads plain LoRA adapters"
+                f"{source} holds {key}, which is not a LoRA A or B matrix or DoRA magnitude (biases or saved modules "
+                "are not supported); lorafit reads LoRA and DoRA adapters"
             )
-        parts[match["path"]][match["part"]] = tensor.float()
+        kind, part = (None, TABLE) if match["name"] == "base_layer" else _part_of(match["name"])
+        parts[match["path"]][part] = tensor.float()
+        kinds[match["path"]].update([kind] if kind else [])
     if not parts:
         raise LorafitError(f"{source} holds no LoRA weights; pass a trained adapter")
-    pairs = {}
-    for module, pair in parts.items():
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
+    layers = {}
+    for module, found in parts.items():
+        if not {"A", "B"} <= set(found):
+            missing = "lora_B" if "A" in found else "lora_A"
             raise LorafitError(f"{source} has no {missing} for {module}; the adapter is incomplete, re-save it")
-        pairs[module] = (pair["A"], pair["B"])
-    return pairs
+        if len(kinds[module]) != 1:
+            raise LorafitError(f"{source} mixes linear and embedding LoRA weights for {module}; re-save the adapter")
+        layers[module] = (kinds[module].pop(), found)
+    return layers
 
 
 # ---------------------------------------------------------------- alpha
@@ -103,6 +125,7 @@ def adapter_config(
     use_rslora: bool,
     fan_in_fan_out: bool,
     dropout: float,
+    use_dora: bool = False,
 ) -> dict:
     """adapter_config.json for modules with peft's (rank, alpha) `values`, selected by `suffixes`."""
     (rank, alpha), rank_pattern, alpha_pattern = rank_patterns(values, suffixes)
@@ -119,7 +142,7 @@ def adapter_config(
         "lora_dropout": dropout,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -227,6 +250,32 @@ def pattern_value(patterns: dict, path: str, default):
         except re.error as error:
             raise LorafitError(f"pattern {key!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
     return default
+
+
+def check_parts(path: str, variant: str, embedding: bool, tensors: dict[str, torch.Tensor]) -> None:
+    """A DoRA adapter has a magnitude [d_out] for every linear layer and a plain one has none; embeddings stay plain."""
+    wanted = variant == "dora" and not embedding
+    if wanted != ("magnitude" in tensors):
+        fix = "lorafit reads DoRA on linear layers only" if embedding else "re-save the adapter"
+        raise LorafitError(
+            f"{path} {'lacks' if wanted else 'has'} a lora_magnitude_vector but the adapter config says "
+            f"use_dora={variant == 'dora'}; {fix}"
+        )
+    d_out = tensors["B"].shape[0]
+    if wanted and tuple(tensors["magnitude"].shape) != (d_out,):
+        raise LorafitError(f"lora_magnitude_vector of {path} has shape {tuple(tensors['magnitude'].shape)}, "
+                           f"expected ({d_out},); re-save the adapter")
+
+
+def check_table(path: str, table: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """An embedding table saved beside the adapter (peft does) must be the base's own: we never replace it."""
+    if table is None or weight.is_meta:
+        return
+    if table.shape != weight.shape or not torch.equal(table, weight.detach().float()):
+        raise LorafitError(
+            f"the adapter carries its own {path} table, which differs from this base's (a resized vocabulary?); "
+            "lorafit loads adapters onto the base's own tables only"
+        )
 
 
 def check_selected(directory: Path, config: dict, path: str) -> None:

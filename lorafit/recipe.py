@@ -44,6 +44,10 @@ class ModelSection(Section):
     allow_pickle: bool = False  # read pytorch_model.bin from a local folder you trust (pickles can run code)
 
 
+# LoRA layer variants; a new one is added here and in lorafit.inject.VARIANTS.
+Variant = Literal["lora", "dora"]
+
+
 class LoraSection(Section):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
@@ -51,6 +55,7 @@ class LoraSection(Section):
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     init: Literal["kaiming", "gaussian"] = "kaiming"
     use_rslora: bool = False
+    variant: Variant = "lora"  # dora: a trained magnitude per output row (peft's use_dora)
 
 
 class DataSection(Section):
@@ -99,6 +104,7 @@ class TrainSection(Section):
     grad_accum: int = Field(1, gt=0, json_schema_extra=RESUMABLE)
     global_batch: int = Field(0, ge=0, json_schema_extra=RESUMABLE)  # 0: batch_size × grad_accum × processes
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    loraplus_lr_ratio: float = Field(0.0, ge=0, allow_inf_nan=False)  # LoRA+: B learns at lr × ratio; 0 = off
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)

@@ -44,6 +44,8 @@ def adapter_tensor_bytes(layers: dict[str, LoRALinear]) -> int:
         stacked_rank, d_in = layer.lora_A.shape
         d_out, _ = layer.weight_shape
         total += stacked_rank * (d_in + d_out) * LORA_BYTES
+        if hasattr(layer, "lora_magnitude"):
+            total += d_out * LORA_BYTES  # DoRA's magnitude vector, stored over every output row
     return total
 
 
@@ -205,17 +207,19 @@ def throughput_figures(flops_per_token: float, tokens_per_s: float, peak: tuple[
     }
 
 
-def describe(model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto") -> dict:
+def describe(
+    model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto", variant: str = "lora"
+) -> dict:
     """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
     config = load_config(model_name)
     model = meta_model(config)
-    layers = inject_lora(model, targets, rank, alpha)
+    layers = inject_lora(model, targets, rank, alpha, variant=variant)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     report = parameter_report(model, layers, DTYPES[weights].itemsize)
     report["model"] = model_name
     report["model_type"] = config.model_type
     report["dtype"] = weights
-    report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets}
+    report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets, "variant": variant}
     return report
 
 
@@ -231,7 +235,8 @@ def info_tables(report: dict) -> list:
     """Rich renderables for `lorafit info` and the end-of-training summary."""
     from rich.table import Table
 
-    modules = Table(title=f"LoRA targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
+    variant = {"lora": "LoRA", "dora": "DoRA"}.get(report["lora"].get("variant", "lora"), "LoRA")
+    modules = Table(title=f"{variant} targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
     for column in ("module", "shape (d_out x d_in)", "LoRA params"):
         modules.add_column(column, justify="right" if column != "module" else "left")
     rows = report["modules"]

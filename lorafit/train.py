@@ -259,7 +259,8 @@ def prepare_model(
     model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False
 ) -> dict[str, LoRALinear]:
     """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
+                         use_rslora=lora.use_rslora, variant=lora.variant)
     fuse_activations(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
@@ -287,11 +288,23 @@ def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: Train
 
 
 def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over the trainable parameters and the recipe's learning-rate schedule."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
+    """AdamW over the trainable parameters and the recipe's learning-rate schedule, which scales every group."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.lr,
+                                  weight_decay=settings.weight_decay, foreach=True)
     schedule = partial(lr_factor, warmup=settings.warmup_steps, total=total_steps, schedule=settings.schedule)
     return optimizer, LambdaLR(optimizer, schedule)
+
+
+def parameter_groups(model: nn.Module, settings: TrainSection) -> list[dict]:
+    """One group at lr; with LoRA+ (Hayou et al. 2024, arXiv 2402.12354) the B matrices in a second at lr × ratio."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not settings.loraplus_lr_ratio:
+        return [{"params": [p for _, p in trainable]}]
+    is_b = [name.rsplit(".", 1)[-1] == "lora_B" for name, _ in trainable]
+    return [
+        {"params": [p for (_, p), b in zip(trainable, is_b) if not b]},
+        {"params": [p for (_, p), b in zip(trainable, is_b) if b], "lr": settings.lr * settings.loraplus_lr_ratio},
+    ]
 
 
 def optimizer_step(

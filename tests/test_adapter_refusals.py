@@ -52,7 +52,7 @@ REFUSALS = {
     "pickle-only": (only_pickle, "convert it to adapter_model.safetensors"),
     "magnitude": (
         lambda d: edit_weights(good_adapter(d), lambda w: w.update({LAST_A.removesuffix("lora_A.weight") + "lora_magnitude_vector": torch.ones(96)})),
-        "not a LoRA A or B",
+        "has a lora_magnitude_vector but the adapter config says use_dora=False",
     ),
     "missing-B": (lambda d: edit_weights(good_adapter(d), lambda w: w.pop(LAST_B)), "no lora_B"),
     "wrong-rank": (lambda d: edit_config(good_adapter(d), r=3), "rank"),

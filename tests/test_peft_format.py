@@ -13,7 +13,7 @@ from lorafit.peft_format import (
     adapter_config,
     check_config,
     check_selected,
-    lora_pairs,
+    lora_tensors,
     lorafit_alpha,
     pattern_value,
     peft_alpha,
@@ -63,38 +63,50 @@ def test_lorafit_alpha_undoes_peft_alpha(use_rslora):
     assert lorafit_alpha(translated, 3, use_rslora) == pytest.approx(5.0, rel=1e-12)
 
 
-def test_lora_pairs_reads_peft_keys_with_or_without_prefix_and_adapter_name():
+def test_lora_tensors_reads_peft_keys_with_or_without_prefix_and_adapter_name():
     a, b = torch.ones(2, 3, dtype=torch.bfloat16), torch.zeros(5, 2)
     tensors = {
         weight_key("h.0.attn", "A"): a,
         weight_key("h.0.attn", "B"): b,
         "h.1.attn.lora_A.default.weight": a,
         "h.1.attn.lora_B.default.weight": b,
+        "h.1.attn.lora_magnitude_vector.default.weight": torch.ones(5),
+        "wte.lora_embedding_A.default": a,
+        "base_model.model.wte.lora_embedding_B": b,
     }
-    pairs = lora_pairs(tensors, SOURCE)
-    assert set(pairs) == {"h.0.attn", "h.1.attn"}
-    assert all(x.dtype == torch.float32 for pair in pairs.values() for x in pair)
-    assert [tuple(x.shape) for x in pairs["h.1.attn"]] == [(2, 3), (5, 2)]
+    layers = lora_tensors(tensors, SOURCE)
+    assert set(layers) == {"h.0.attn", "h.1.attn", "wte"}
+    assert all(x.dtype == torch.float32 for _, parts in layers.values() for x in parts.values())
+    kind, parts = layers["h.1.attn"]
+    assert kind == "linear" and {p: tuple(x.shape) for p, x in parts.items()} == {"A": (2, 3), "B": (5, 2), "magnitude": (5,)}
+    assert layers["wte"][0] == "embedding" and set(layers["wte"][1]) == {"A", "B"}
+
+
+def test_weight_keys_are_the_ones_peft_saves():
+    assert weight_key("m", "A") == "base_model.model.m.lora_A.weight"
+    assert weight_key("m", "magnitude") == "base_model.model.m.lora_magnitude_vector"
+    assert weight_key("wte", "B", "embedding") == "base_model.model.wte.lora_embedding_B"
 
 
 @pytest.mark.parametrize(
     "tensors, message",
     [
         ({weight_key("h.0", "A"): torch.ones(2, 3)}, "no lora_B for h.0"),
-        ({"base_model.model.h.0.lora_magnitude_vector": torch.ones(3)}, "not a LoRA A or B"),
+        ({"base_model.model.h.0.lora_magnitude_vector": torch.ones(3)}, "no lora_A for h.0"),
+        ({"base_model.model.h.0.lora_bias.weight": torch.ones(3)}, "not a LoRA A or B"),
+        ({weight_key("h.0", "A"): torch.ones(2, 3), weight_key("h.0", "B", "embedding"): torch.ones(3, 2)}, "mixes"),
         ({}, "no LoRA weights"),
     ],
-    ids=["missing-B", "magnitude", "empty"],
+    ids=["missing-B", "magnitude-alone", "bias", "mixed-kinds", "empty"],
 )
-def test_lora_pairs_refuses_what_is_not_a_plain_lora(tensors, message):
+def test_lora_tensors_refuses_what_is_not_a_lora(tensors, message):
     with pytest.raises(LorafitError, match=message):
-        lora_pairs(tensors, SOURCE)
+        lora_tensors(tensors, SOURCE)
 
 
 PLAIN = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "none"}
 REFUSED_CONFIGS = {
     "not-lora": ({"peft_type": "IA3"}, "LoRA adapters only"),
-    "dora": ({"use_dora": True}, "use_dora"),
     "bias": ({"bias": "all"}, "bias"),
     "pissa": ({"init_lora_weights": "pissa"}, "changes the base weights"),
     "zero-rank": ({"r": 0}, "positive integer"),

@@ -97,7 +97,7 @@ def test_describe_reads_only_the_config(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
     report = describe(str(tmp_path), rank=2, alpha=4.0, targets=["q", "v", "down"])
     assert report["model_type"] == "gpt2"
-    assert report["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["q", "v", "down"]}
+    assert report["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["q", "v", "down"], "variant": "lora"}
 
 
 def test_describe_missing_folder_is_a_lorafit_error(tmp_path):
