@@ -37,6 +37,7 @@ from lorafit.peft_format import (
     CONFIG_FILE,
     PICKLE_FILE,
     TABLE,
+    TENSOR_NAMES,
     WEIGHTS_FILE,
     adapter_config,
     check_config,
@@ -275,7 +276,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
         check_table(path, tensors.pop(TABLE, None), module.weight)
         check_parts(path, variant, is_embedding(module), tensors)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
-        _check_finite(directory, path, tensors, alpha)
+        _check_finite(directory, path, kind, tensors, alpha)
         plan = ModulePlan(
             path=path,
             module=module,
@@ -292,7 +293,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     return plans
 
 
-def _check_finite(directory: Path, path: str, tensors: dict[str, torch.Tensor], alpha) -> None:
+def _check_finite(directory: Path, path: str, kind: str, tensors: dict[str, torch.Tensor], alpha) -> None:
     """A NaN or inf anywhere in a layer's tensors or its alpha would spread into every output of the model."""
     try:
         finite_alpha = math.isfinite(float(alpha))
@@ -303,7 +304,8 @@ def _check_finite(directory: Path, path: str, tensors: dict[str, torch.Tensor], 
     for part, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise LorafitError(
-                f"{directory} holds NaN or inf in {path}'s {part}; the run that wrote it diverged, "
+                f"{directory} holds NaN or inf in {path}'s {TENSOR_NAMES.get((kind, part), part)}; the run that "
+                "wrote it diverged, "
                 "use the adapter of an earlier checkpoint"
             )
 

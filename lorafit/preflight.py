@@ -101,7 +101,8 @@ def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     """
     model = meta_model(config)
     lora = recipe.lora
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, use_rslora=lora.use_rslora)
+    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, use_rslora=lora.use_rslora,
+                         variant=lora.variant)
     for path, layer in layers.items():
         smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
         if lora.rank > smaller:
@@ -110,7 +111,11 @@ def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
             )
     if recipe.train.compile or recipe.train.parallel == "fsdp":  # both work block by block
         decoder_blocks(model)
-    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    from lorafit.train import parameter_groups
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    # in the optimizer's order, which its saved state is indexed by
+    return {names[id(p)]: tuple(p.shape) for group in parameter_groups(model, recipe.train) for p in group["params"]}
 
 
 def on_main(accelerator: Accelerator, decide: Callable[[], object]):
