@@ -65,6 +65,7 @@ class DataSection(Section):
     train_split: str = "train"
     eval_split: str = "validation"
     max_length: int = Field(128, gt=1)
+    packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.packing)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
 

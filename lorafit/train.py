@@ -43,6 +43,7 @@ from lorafit.model import (
     meta_model,
     resolve_precision,
 )
+from lorafit.packing import Packed, check_packing, pack_rows
 from lorafit.parallel import all_sum, any_rank, make_accelerator, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
@@ -58,7 +59,7 @@ class Run:
     console: Console
     accelerator: Accelerator
     tokenizer: object
-    rows: list[dict]
+    rows: list[dict]  # training rows, or the packed sequences of them with [data] packing
     supervised: list[int]  # supervised tokens of each training row
     eval_split: TokenizedSplit
     steps: StepRows
@@ -71,6 +72,7 @@ class Run:
     state: RunState
     resume_from: Path | None
     precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
+    packed: Packed | None = None
     start_step: int = 0
 
     @property
@@ -106,6 +108,8 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     grad_accum = global_batch_split(settings, world)
     if not accelerator.is_main_process:
         console = Console(quiet=True)
+    if recipe.data.packing:
+        check_packing(load_config(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code))
     tokenizer = load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     with accelerator.main_process_first():  # the others read the main process's tokenized cache
         train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
@@ -123,12 +127,16 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
+    supervised = supervised_counts(train_split.examples)
+    packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
+    if packed is not None:  # from here on a "row" of the step plan is a packed sequence
+        console.print(packed.describe(), highlight=False)
+        rows, supervised = packed.sequences, packed.supervised
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
-    supervised = supervised_counts(train_split.examples)
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
-               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision))
+               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision), packed)
 
 
 def start_or_resume(run: Run) -> None:
@@ -205,12 +213,15 @@ def finish(run: Run) -> dict:
     eval_after = _evaluate(run)
     print_eval(run.console, "after training", eval_after)
     tokens = sum(len(row["input_ids"]) for row in run.rows)
-    flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / len(run.rows)),
+    rows = run.packed.rows if run.packed else len(run.rows)  # attention's useful length is a row's, packed or not
+    flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / rows),
                                      supervised_fraction=sum(run.supervised) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
+    if run.packed is not None:
+        report["packing"] = run.packed.summary()
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
     for table in summary_tables(report, run.run_dir):
