@@ -21,6 +21,7 @@ from lorafit.evaluate import checked_source, inference_model, label_logprobs
 from lorafit.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 
+CHAT_TEMPLATE = "chat_template.jinja"
 # Called with (prompt index, text, done): pieces of a completion as they are decoded; done on its last call.
 Stream = Callable[[int, str, bool], None]
 
@@ -45,6 +46,9 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
         raise LorafitError('no prompt given; pass one or more PROMPT arguments or --prompts FILE')
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
+    saved = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
+    if saved is not None and saved.is_file():  # the chat template training used, saved beside the adapter
+        tokenizer.chat_template = saved.read_text(encoding="utf-8")
     encoded = [prompt_ids(recipe.data, tokenizer, prompt, index) for index, prompt in enumerate(prompts)]
     candidates = label_token_ids(recipe.data, tokenizer) if recipe.data.task == "classification" else None
     model, accelerator = inference_model(recipe, name, adapter)

@@ -30,16 +30,18 @@ class Packed:
     rows: int
     max_length: int
 
-    def describe(self) -> str:
+    @property
+    def fill(self) -> float:
+        """The share of the sequences' room (sequences × max_length) that real tokens take."""
         tokens = sum(len(sequence["input_ids"]) for sequence in self.sequences)
-        fill = tokens / (len(self.sequences) * self.max_length)
+        return tokens / (len(self.sequences) * self.max_length)
+
+    def describe(self) -> str:
         return (f"packing {self.rows:,} rows into {len(self.sequences):,} sequences of up to {self.max_length} "
-                f"tokens ({fill:.1%} of their room filled)")
+                f"tokens ({self.fill:.1%} of their room filled)")
 
     def summary(self) -> dict:
-        tokens = sum(len(sequence["input_ids"]) for sequence in self.sequences)
-        return {"rows": self.rows, "sequences": len(self.sequences),
-                "fill": tokens / (len(self.sequences) * self.max_length)}
+        return {"rows": self.rows, "sequences": len(self.sequences), "fill": self.fill}
 
 
 def check_packing(config) -> None:

@@ -60,7 +60,7 @@ class Run:
     accelerator: Accelerator
     tokenizer: object
     rows: list[dict]  # training rows, or the packed sequences of them with [data] packing
-    supervised: list[int]  # supervised tokens of each training row
+    supervised: list[int]  # supervised tokens of each of `rows`
     eval_split: TokenizedSplit
     steps: StepRows
     grad_accum: int
@@ -120,6 +120,11 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     global_batch = settings.batch_size * grad_accum * world
     state = RunState(data_fingerprint=data_fingerprint(rows), global_batch=global_batch, world_size=world)
     resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
+    supervised = supervised_counts(train_split.examples)
+    packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
+    if packed is not None:  # from here on a "row" of the step plan is a packed sequence
+        console.print(packed.describe(), highlight=False)
+        rows, supervised = packed.sequences, packed.supervised
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     if settings.compile or settings.parallel == "fsdp":  # both work block by block: find the blocks before loading
@@ -127,11 +132,6 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
-    supervised = supervised_counts(train_split.examples)
-    packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
-    if packed is not None:  # from here on a "row" of the step plan is a packed sequence
-        console.print(packed.describe(), highlight=False)
-        rows, supervised = packed.sequences, packed.supervised
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)

@@ -4,6 +4,7 @@ seeded sampling, and classification by the probability of each label word."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from lorafit.adapter import load_adapter, save_adapter
 from lorafit.cli import app
-from lorafit.generate import Sampling, generate
+from lorafit.generate import Sampling, generate, prompt_ids
 from lorafit.inject import inject_lora
 from lorafit.merge import merge_adapter
 from lorafit.recipe import load_recipe
@@ -143,3 +144,15 @@ def test_a_prompt_longer_than_the_context_is_refused(tmp_path, adapter_dir):
     recipe = write_recipe(tmp_path, data={"task": "completion", "template": TEMPLATE})
     result = CliRunner().invoke(app, ["generate", "-r", str(recipe), "--adapter", str(adapter_dir), "film " * 400])
     assert "the model's context holds" in assert_one_line_error(result)
+
+
+def test_a_chat_prompt_is_a_user_turn_with_the_assistants_turn_opened():
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    data = SimpleNamespace(task="chat", messages_field="messages")
+    expected = tokenizer("<user>the film was\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert prompt_ids(data, tokenizer, "the film was") == expected
+    row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the film was"}]}
+    assert prompt_ids(data, tokenizer, row) == tokenizer(
+        "<system>be brief\n<user>the film was\n<assistant>", add_special_tokens=False)["input_ids"]
