@@ -122,6 +122,7 @@ def test_best_fit_packs_every_row_once_within_capacity_and_deterministically():
 
 def completion_recipe(tmp_path, **train):
     """A completion job with mixed lengths (prompts of 1-12 words, responses of 1-20) on the tiny model."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
     words = ["good", "bad", "film", "plot", "the", "a", "was", "great", "dull", "story"]
     rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(1, 12))),
