@@ -3,9 +3,10 @@
 The three methods train copies of one randomly initialised GPT-2-small-shaped model on the same synthetic
 rows, one measured step of each in turn (lorafit, peft, full, lorafit, ...), so that noise from other
 work on the machine falls on all three alike. Peak memory is measured per method in a fresh child process.
-Job p trains the shipped tiny recipe as 1 process and as 2 (torchrun) on the same global batch. Jobs l and m are
-GPU-sized (a 1B-class Llama at 2,048 tokens, GPT-2-medium on the SST-2-style job; `make gpu-check` runs them)
-and compare lorafit with peft only; `--json` ends the output with one line of the ratios that matter.
+Job p trains the shipped tiny recipe as 1 process and as 2 (torchrun) on the same global batch; job k trains
+the same completion rows padded and packed (bench/packing_job.py). Jobs l and m are GPU-sized (a 1B-class
+Llama at 2,048 tokens, GPT-2-medium on the SST-2-style job; `make gpu-check` runs them) and compare lorafit
+with peft only; `--json` ends the output with one line of the ratios that matter.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
+from packing_job import packing_markdown, packing_table, run_packing
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
@@ -666,9 +668,11 @@ def ratio_value(ratio: dict) -> str:
 
 
 def numerics_cells(numerics: dict) -> tuple[str, str]:
-    """The correctness check's name and value: job p compares adapters, the others first-step losses."""
+    """The correctness check's name and value: job p compares adapters, job k losses, the others first-step losses."""
     if "max_abs_difference" in numerics:
         return numerics["check"], f"{numerics['max_abs_difference']:.1e}"
+    if "check" in numerics:  # job k: packed vs padded loss
+        return numerics["check"], f"{numerics['max_relative_difference']:.1e}"
     return "first-step loss, max relative difference", f"{numerics['max_relative_difference']:.1e}"
 
 
@@ -682,8 +686,8 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] == "p":
-            lines += processes_markdown(result)
+        if job["key"] in ("p", "k"):
+            lines += processes_markdown(result) if job["key"] == "p" else packing_markdown(result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -756,14 +760,17 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p",
-                        help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes); "
-                        "for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium classification)")
+    parser.add_argument("--jobs", default="a,b,p,k",
+                        help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
+                        "k (packed vs padded); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
+                        "classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--quick", action="store_true", help="a tiny model: a smoke test in seconds")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                        help="attention implementation of job k's model (default sdpa, transformers' default)")
     parser.add_argument("--compile", action="store_true", help="lorafit with [train] compile = true (2 warm-up steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
@@ -799,20 +806,25 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p")
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p, k")
         return 2
     results = []
     for key in args.jobs.split(","):
-        results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
+        if key == "k":
+            results.append(run_packing(args, console, model_config=model_config, base_model=base_model,
+                                       build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
+        else:
+            results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
     measured = [result for result in results if "skipped" not in result]
     for result in results:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        console.print(processes_table(result) if result["job"]["key"] == "p" else job_table(result))
+        tables = {"p": processes_table, "k": packing_table}
+        console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):
         console.print(f"• {note}", highlight=False)

@@ -23,7 +23,9 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row in the batch; padding gets attention 0 and label IGNORE.
 
     No rows give one row with no supervised token: a rank whose share of a step is empty still runs a
-    forward and backward, so that it makes the same collective calls as the others.
+    forward and backward, so that it makes the same collective calls as the others. Packed sequences (rows
+    with `row_lengths`, see lorafit.packing) get position ids restarting at each packed row instead of an
+    attention mask; their padding counts as one more row, which no real token attends to.
     """
     rows = rows or [{"input_ids": [pad_id, pad_id], "labels": [IGNORE, IGNORE]}]
     longest = max(len(row["input_ids"]) for row in rows)
@@ -36,8 +38,20 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
         attention_mask[i, :length] = 1
     positions, targets = supervised_positions(labels)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "positions": positions, "targets": targets}
+    batch = {"input_ids": input_ids, "labels": labels, "positions": positions, "targets": targets}
+    if "row_lengths" in rows[0]:
+        return {**batch, "position_ids": packed_position_ids(rows, longest)}
+    return {**batch, "attention_mask": attention_mask}
+
+
+def packed_position_ids(rows: list[dict], longest: int) -> torch.Tensor:
+    """[batch, longest]: 0, 1, ... restarting at every packed row and at the padding after the last one."""
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padding = longest - len(row["input_ids"])
+        pieces = [length for length in [*row["row_lengths"], padding] if length]
+        position_ids[i] = torch.cat([torch.arange(length) for length in pieces])
+    return position_ids
 
 
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from lorafit import __version__
@@ -182,6 +183,60 @@ def evaluate(
         from lorafit.report import eval_table
 
         Console().print(eval_table(result["eval"]))
+
+
+@app.command()
+def generate(
+    recipe: RecipePath,
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompt text(s): what fills the recipe's template.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder to apply to the base.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts", help="File of prompts: one per line, or .jsonl rows with the input field.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to add per prompt.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from this probability mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (each prompt starts from it).")] = 0,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
+    ] = None,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """Complete prompts with the recipe's template, streaming the text; classification prints label and probability."""
+    out = Console(highlight=False, soft_wrap=True)
+    given: list = list(prompts or [])
+    started: set[int] = set()
+
+    def show(index: int, text: str, done: bool) -> None:
+        """Stream a completion to stdout; with several prompts, each is first named on stderr."""
+        if as_json:
+            return
+        if index not in started and len(given) > 1:
+            stderr.print(f"[dim]── {index + 1}: {escape(str(given[index]))}[/]", highlight=False, soft_wrap=True)
+        started.add(index)
+        out.print(escape(text), end="\n" if done else "")
+
+    def action():
+        from lorafit.generate import Sampling, read_prompts
+        from lorafit.generate import generate as run_generation
+        from lorafit.recipe import load_recipe
+
+        if adapter is not None and model is not None:
+            raise LorafitError("give --adapter or --model, not both")
+        chosen = load_recipe(recipe, list(overrides or []))
+        given.extend(read_prompts(prompts_file) if prompts_file is not None else [])
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return run_generation(chosen, given, adapter=adapter, model_dir=model, sampling=sampling, stream=show)
+
+    results = run_command(action, debug)
+    if as_json:
+        print_json("generate", {"completions": results})
+        return
+    for result in results:
+        if "label" in result:
+            out.print(f"{escape(result['label'])}  {result['probability']:.3f}  {escape(str(result['prompt']))}")
 
 
 @app.command()

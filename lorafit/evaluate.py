@@ -20,10 +20,23 @@ from lorafit.parallel import all_sum, make_accelerator
 from lorafit.recipe import DataSection, Recipe
 
 
-def _with_label(row: dict, label_ids: list[int]) -> dict:
-    """The example's prompt followed by one candidate label word, supervised on that word only."""
-    prompt = row["input_ids"][: row["prompt_len"]]
+def _with_label(prompt: list[int], label_ids: list[int]) -> dict:
+    """The prompt followed by one candidate label word, supervised on that word only."""
     return {"input_ids": prompt + label_ids, "labels": [IGNORE] * len(prompt) + label_ids}
+
+
+def _row_logprobs(scorer: nn.Module, batch: dict, rows: int) -> torch.Tensor:
+    """Each row's summed log-probability of its supervised tokens, [rows] on the CPU."""
+    device = next(scorer.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    return scorer(**batch, per_row=True).cpu()[:rows]  # an empty share scores one dummy row
+
+
+@torch.no_grad()
+def label_logprobs(scorer: nn.Module, prompts: list[list[int]], candidates: list[list[int]], pad_id: int) -> torch.Tensor:
+    """[prompts, labels]: the log-likelihood of each label word's tokens after each prompt; `scorer` a SupervisedLoss."""
+    with_labels = [collate([_with_label(prompt, ids) for prompt in prompts], pad_id) for ids in candidates]
+    return torch.stack([_row_logprobs(scorer, batch, len(prompts)) for batch in with_labels], dim=1)
 
 
 @torch.no_grad()
@@ -42,21 +55,15 @@ def evaluate_split(
     rows = split.examples.to_list()
     pad_id = tokenizer.pad_token_id
     candidates = label_token_ids(data, tokenizer) if data.task == "classification" else None
-
-    def score(batch: dict, rows_in_batch: int) -> torch.Tensor:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        return scorer(**batch, per_row=True).cpu()[:rows_in_batch]  # an empty share scores one dummy row
-
     logprob, tokens, correct = 0.0, 0, 0
     for indices in eval_shares(len(rows), rank, world, batch_size):
         chunk = [rows[i] for i in indices]
         if candidates is None:
             batch = collate(chunk, pad_id)
-            logprob += score(batch, len(chunk)).sum().item()
+            logprob += _row_logprobs(scorer, batch, len(chunk)).sum().item()
             tokens += supervised_count(batch["labels"])
             continue
-        with_labels = [collate([_with_label(row, ids) for row in chunk], pad_id) for ids in candidates]
-        scores = torch.stack([score(batch, len(chunk)) for batch in with_labels], dim=1)
+        scores = label_logprobs(scorer, [row["input_ids"][: row["prompt_len"]] for row in chunk], candidates, pad_id)
         truth = torch.tensor([row["label_index"] for row in chunk], dtype=torch.long)
         correct += int((scores.argmax(1) == truth).sum())
         logprob += scores.gather(1, truth[:, None]).sum().item()
@@ -72,36 +79,46 @@ def evaluate_split(
 
 def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
-    from lorafit.adapter import check_adapter, load_adapter
-    from lorafit.model import (
-        check_context_length,
-        check_safetensors,
-        load_config,
-        load_model,
-        load_tokenizer,
-        meta_model,
-        resolve_precision,
-    )
+    from lorafit.model import load_tokenizer
     from lorafit.rows import no_evaluation_reason
 
-    name = str(model_dir) if model_dir is not None else recipe.model.name
-    check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
-    config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
-    check_context_length(config, recipe.data.max_length)
-    if adapter is not None:  # refuse a misfit before tokenizing anything or reading weights
-        check_adapter(meta_model(config), Path(adapter))
+    name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     held_out = tokenize_eval(recipe.data, tokenizer, split)
     if held_out is None:
         raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
                            "pass --split NAME, or set [data] eval_split or eval_fraction")
+    model, accelerator = inference_model(recipe, name, adapter)
+    scorer = SupervisedLoss(model)
+    with accelerator.autocast():
+        return evaluate_split(scorer, held_out, recipe.data, tokenizer, recipe.train.eval_batch_size,
+                              rank=accelerator.process_index, world=accelerator.num_processes)
+
+
+def checked_source(recipe: Recipe, adapter: Path | None, model_dir: Path | None) -> str:
+    """The model to load (a full model folder, else the recipe's), checked before anything is tokenized or any
+    weight is read: safetensors weights, a context that holds max_length, an adapter that fits it."""
+    from lorafit.adapter import check_adapter
+    from lorafit.model import check_context_length, check_safetensors, load_config, meta_model
+
+    name = str(model_dir) if model_dir is not None else recipe.model.name
+    check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
+    config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
+    check_context_length(config, recipe.data.max_length)
+    if adapter is not None:
+        check_adapter(meta_model(config), Path(adapter))
+    return name
+
+
+def inference_model(recipe: Recipe, name: str, adapter: Path | None):
+    """(the model `name` with `adapter` loaded, in eval mode on this process's device, its accelerator)."""
+    from lorafit.adapter import load_adapter
+    from lorafit.model import load_model, resolve_precision
+
     weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = load_model(name, weights_dtype, trust_remote_code=recipe.model.trust_remote_code,
                        allow_pickle=recipe.model.allow_pickle)
     if adapter is not None:
         load_adapter(model, Path(adapter))
     accelerator = make_accelerator(mixed_precision)
-    scorer = SupervisedLoss(model).to(accelerator.device)
-    with accelerator.autocast():
-        return evaluate_split(scorer, held_out, recipe.data, tokenizer, recipe.train.eval_batch_size,
-                              rank=accelerator.process_index, world=accelerator.num_processes)
+    return model.to(accelerator.device).eval(), accelerator

@@ -67,7 +67,9 @@ def _supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def _predicting_states(model: nn.Module, batch: dict, positions: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
     """What predicts each supervised token: last hidden states [M, d] when `head` is given, else logits [M, vocab]."""
     # No key/value cache: nothing is generated, and building one costs memory and torch.compile recompiles.
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    # No attention mask for packed sequences: their position ids say where each packed row starts (lorafit.packing).
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if batch.get(key) is not None}
+    inputs["use_cache"] = False
     states = model.base_model(**inputs).last_hidden_state if head is not None else model(**inputs).logits
     return states.reshape(-1, states.shape[-1]).index_select(0, positions)
 
@@ -145,9 +147,10 @@ class SupervisedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, positions=None, targets=None, per_row: bool = False):
+    def forward(self, input_ids, attention_mask=None, labels=None, positions=None, targets=None, per_row: bool = False,
+                position_ids=None):
         """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability."""
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
         if positions is not None:
             batch.update(positions=positions, targets=targets)
         if per_row:

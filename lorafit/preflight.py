@@ -32,6 +32,7 @@ from lorafit.model import (
     resolve_precision,
     weights_fingerprint,
 )
+from lorafit.packing import check_packing
 from lorafit.parallel import all_gather_objects, make_accelerator
 from lorafit.recipe import Recipe
 from lorafit.run_folder import RunLock, check_output
@@ -66,6 +67,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     config = load_config(name, trust_remote_code=remote_code)
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     check_context_length(config, recipe.data.max_length)
+    if recipe.data.packing:
+        check_packing(config)
     trainable = check_lora(config, recipe)
     tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
     if recipe.data.task == "classification":

@@ -76,6 +76,7 @@ class DataSection(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # > 0: hold out this share of the training rows for evaluation
     max_length: int = Field(128, gt=1)
     stride: int = Field(0, ge=0)  # text: tokens a window repeats from the one before as context (at least 1)
+    packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.packing)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
     @field_validator("labels")

@@ -37,6 +37,7 @@ from lorafit.loss import SupervisedLoss
 from lorafit.messages import note
 from lorafit.metrics import LogWindow, eval_record, improves
 from lorafit.model import decoder_blocks, enable_checkpointing, fuse_activations, load_model
+from lorafit.packing import Packed, pack_rows
 from lorafit.parallel import StopRequest, any_rank, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.preflight import Checked, check_run
@@ -55,8 +56,8 @@ class Run:
     console: Console
     accelerator: Accelerator
     tokenizer: object
-    rows: list[dict]
-    supervised: list[int]  # supervised tokens of each training row
+    rows: list[dict]  # training rows, or the packed sequences of them with [data] packing
+    supervised: list[int]  # supervised tokens of each of `rows`
     eval_split: TokenizedSplit | None  # None: the recipe has no evaluation
     steps: StepRows
     grad_accum: int
@@ -68,6 +69,7 @@ class Run:
     state: RunState
     resume_from: Path | None
     precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
+    packed: Packed | None = None
     start_step: int = 0
     fitting: dict | None = None  # {"train"/"eval": what fitting the split to max_length did}, for the report
 
@@ -126,6 +128,11 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     if eval_split is None:
         note(f"no evaluation: {no_evaluation_reason(recipe.data)}", console)
     rows = train_split.examples.to_list()
+    supervised = supervised_counts(train_split.examples)
+    packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
+    if packed is not None:  # from here on a "row" of the step plan is a packed sequence
+        console.print(packed.describe(), highlight=False)
+        rows, supervised = packed.sequences, packed.supervised
     steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps)
@@ -137,12 +144,11 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile)
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
-    supervised = supervised_counts(train_split.examples)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
                total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision,
-               fitting=fitting)
+               packed, fitting=fitting)
 
 
 def start_or_resume(run: Run) -> None:
@@ -235,13 +241,16 @@ def finish(run: Run) -> dict:
     if run.recipe.train.eval_every:
         _evaluate_at(run, run.total_steps, eval_after, files)
     tokens = sum(len(row["input_ids"]) for row in run.rows)
-    flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / len(run.rows)),
+    rows = run.packed.rows if run.packed else len(run.rows)  # attention's useful length is a row's, packed or not
+    flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / rows),
                                      supervised_fraction=sum(run.supervised) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)
+    if run.packed is not None:
+        report["packing"] = run.packed.summary()
     if run.state.best:
         report["eval"]["best"] = run.state.best
     history = []
