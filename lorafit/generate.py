@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from lorafit.data import _encode, _start_id, check_template, label_token_ids
+from lorafit import prompts
+from lorafit.data import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
 from lorafit.loss import SupervisedLoss
@@ -60,19 +61,14 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
 
 
 def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0) -> list[int]:
-    """The prompt's tokens as training tokenized them: the recipe's template (lorafit.data's rule), or the
-    tokenizer's chat template with the assistant's turn opened for a chat recipe."""
-    if data.task == "chat":
-        messages = prompt[data.messages_field] if isinstance(prompt, dict) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return _encode(tokenizer, [text], special=False)[0]
-    field = data.prompt_field if data.task == "completion" else data.text_field
-    if isinstance(prompt, dict):
-        if not isinstance(prompt.get(field), str):
-            raise LorafitError(f"prompt {index + 1} has no text field {field!r}; give each row that field")
-        prompt = prompt[field]
-    check_template(data.template)
-    return _encode(tokenizer, [data.template.format(text=prompt)], special=True)[0] or [_start_id(tokenizer)]
+    """The prompt's tokens exactly as a training row starts (lorafit.prompts' rule): the recipe's template, or
+    the chat template with the assistant's turn opened."""
+    try:
+        return prompts.prompt_ids(data, tokenizer, prompt)
+    except KeyError as missing:
+        raise LorafitError(
+            f"prompt {index + 1} has no field {missing}; give each prompt row the fields [data] template names"
+        ) from None
 
 
 @torch.no_grad()

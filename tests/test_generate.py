@@ -4,7 +4,6 @@ seeded sampling, and classification by the probability of each label word."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from lorafit.cli import app
 from lorafit.generate import Sampling, generate, prompt_ids
 from lorafit.inject import inject_lora
 from lorafit.merge import merge_adapter
-from lorafit.recipe import load_recipe
+from lorafit.recipe import DataSection, load_recipe
 
 TEMPLATE = "Question: {text}\nAnswer:"
 
@@ -150,7 +149,7 @@ def test_a_chat_prompt_is_a_user_turn_with_the_assistants_turn_opened():
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    data = SimpleNamespace(task="chat", messages_field="messages")
+    data = DataSection(task="chat")
     expected = tokenizer("<user>the film was\n<assistant>", add_special_tokens=False)["input_ids"]
     assert prompt_ids(data, tokenizer, "the film was") == expected
     row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the film was"}]}
