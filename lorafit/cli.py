@@ -217,6 +217,7 @@ def info(
             alpha=alpha if alpha is not None else lora.alpha,
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else lora.targets,
             dtype=model_section.dtype,
+            quantize=model_section.quantize,
         )
 
     report = _run(action, debug)

@@ -186,6 +186,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if getattr(self.base, "quantized", False):
+            # Rounding W0 + ΔW to 4 bits would lose most of ΔW: merge into the full-precision base instead.
+            raise ValueError("cannot merge LoRA into a quantized weight; merge into the full-precision base model")
         weight = self.base.weight
         weight += (delta.t() if self.fan_in_fan_out else delta).to(weight.dtype)
 

@@ -40,6 +40,7 @@ RESUMABLE = {"resumable": True}
 class ModelSection(Section):
     name: str = "gpt2"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a CUDA GPU with bf16, else fp32
+    quantize: Literal["none", "nf4"] = "none"  # nf4: the decoder blocks' frozen projections in 4 bits (QLoRA)
     trust_remote_code: bool = False
 
 
@@ -145,9 +146,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise LorafitError(f"{where}: {_describe(error.errors()[0])}") from error
+    refuse_undefined(recipe, where)
+    return recipe
+
+
+def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
+    """Keys that are valid one by one but together name something lorafit does not define: one line each."""
+    if recipe.model.quantize != "none" and recipe.train.parallel == "fsdp":
+        raise LorafitError(f"{where}: [model] quantize with [train] parallel = 'fsdp' is not supported; use 'ddp'")
 
 
 def _describe(problem: dict) -> str:

@@ -30,7 +30,7 @@ from lorafit.checkpoint import RunState, data_fingerprint
 from lorafit.data import TokenizedSplit, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
-from lorafit.inject import inject_lora
+from lorafit.inject import inject_lora, stores_transposed
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.model import (
@@ -45,6 +45,7 @@ from lorafit.model import (
 )
 from lorafit.parallel import all_sum, any_rank, make_accelerator, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
+from lorafit.quantize import quantize_blocks, require_torchao
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_dropped, print_eval, progress_bar, run_report, summary_tables, training_flops_per_token
 from lorafit.storage import append_line, write_atomic, write_folder, write_json
@@ -118,11 +119,13 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
-    if settings.compile or settings.parallel == "fsdp":  # both work block by block: find the blocks before loading
+    if recipe.model.quantize != "none":
+        require_torchao()
+    if settings.compile or settings.parallel == "fsdp" or recipe.model.quantize != "none":  # both work block by block: find the blocks before loading
         decoder_blocks(meta_model(load_config(model_name, trust_remote_code=remote_code)))
     model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
-                           compile=settings.compile)
+                           compile=settings.compile, quantize=recipe.model.quantize)
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
@@ -220,10 +223,13 @@ def finish(run: Run) -> dict:
 
 
 def prepare_model(
-    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False
+    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False,
+    quantize: str = "none",
 ) -> dict[str, LoRALinear]:
     """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
     layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+    if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
+        quantize_blocks(model, decoder_blocks(model), stores_transposed)
     fuse_activations(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
