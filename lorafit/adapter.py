@@ -96,7 +96,7 @@ def peft_config(model: nn.Module, layers: dict[str, LoRALinear], base_model: str
 
 
 def _peft_rank_and_alpha(layer: LoRALinear, peft_rslora: bool) -> tuple[int, float]:
-    n_slices = len(layer.slice_sizes)
+    n_slices = layer.plain_pairs
     alpha = peft_alpha(layer.alpha, layer.rank, n_slices, use_rslora=layer.use_rslora, peft_rslora=peft_rslora)
     return n_slices * layer.rank, alpha
 
@@ -114,9 +114,10 @@ def lorafit_facts(model: nn.Module, layers: dict[str, LoRALinear], targets: list
 
 def _module_facts(config, path: str, layer: LoRALinear, targets: list[str]) -> dict:
     sliced = layer.slices is not None
+    pairs = layer.plain_pairs // len(layer.slice_sizes)  # 2 for a PiSSA/OLoRA adapter saved against W0
     return {
-        "rank": layer.rank,
-        "alpha": layer.alpha,
+        "rank": layer.rank * pairs,
+        "alpha": peft_alpha(layer.alpha, layer.rank, pairs, use_rslora=layer.use_rslora, peft_rslora=layer.use_rslora),
         "use_rslora": layer.use_rslora,
         "slices": list(layer.slice_sizes) if sliced else None,
         "targets": _slice_targets(config, path, layer, targets) if sliced else None,

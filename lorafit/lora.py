@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INITS = ("kaiming", "gaussian")
+from lorafit.svd_init import SVD_INITS, against_original, start_from_principal
+
+INITS = ("kaiming", "gaussian", *SVD_INITS)
 M32 = 0xFFFFFFFF  # hashes below work on 32-bit values held in int64: a product never overflows 63 bits
 
 
@@ -111,12 +113,21 @@ class LoRALinear(nn.Module):
         """A random, B zero: the update starts at exactly zero. Nothing to draw on the meta device."""
         if self.lora_A.is_meta:
             return
-        if (init or self.init) == "kaiming":
+        init = init or self.init
+        if init in SVD_INITS:
+            start_from_principal(self, init)  # also moves W0's principal part out of the base weight
+            return
+        if init == "kaiming":
             # Same distribution as nn.Linear's default; the fan-in is d_in for every slice alike.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1.0 / self.rank)
         nn.init.zeros_(self.lora_B)
+
+    @property
+    def plain_pairs(self) -> int:
+        """Rank-r pairs in the saved plain LoRA: one per slice, two after a PiSSA/OLoRA start (see svd_init)."""
+        return len(self.slice_sizes) * (2 if self.init in SVD_INITS else 1)
 
     @property
     def lora_params(self) -> int:
@@ -196,9 +207,13 @@ class LoRALinear(nn.Module):
     def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection.
 
-        Whole tensors even when FSDP holds only a shard here (then every process must call this).
+        Whole tensors even when FSDP holds only a shard here (then every process must call this). After a
+        PiSSA/OLoRA start, the LoRA of ΔW against the original base (rank 2r per slice).
         """
-        return whole(self.lora_A), self.full_B(whole(self.lora_B))
+        a, b = whole(self.lora_A), whole(self.lora_B)
+        if self.init in SVD_INITS:
+            a, b = against_original(self, a, b)
+        return a, self.full_B(b)
 
     @torch.no_grad()
     def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:

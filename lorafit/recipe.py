@@ -49,7 +49,7 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
 
 
