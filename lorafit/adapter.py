@@ -11,6 +11,7 @@ this module applies it to a model. Weights are read from safetensors only, never
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from lorafit import __version__
+from lorafit.adalora import AdaLoRALinear
 from lorafit.errors import LorafitError
 from lorafit.inject import freeze_and_wrap, is_projection, lora_layers, stores_transposed
 from lorafit.lora import LoRALinear, is_block_structured, projection_shape
@@ -96,6 +98,9 @@ def peft_config(model: nn.Module, layers: dict[str, LoRALinear], base_model: str
 
 
 def _peft_rank_and_alpha(layer: LoRALinear, peft_rslora: bool) -> tuple[int, float]:
+    if isinstance(layer, AdaLoRALinear):  # ranks differ by module: keep the scaling, alpha/r_init
+        rank = layer.plain_rank
+        return rank, layer.scaling * (math.sqrt(rank) if peft_rslora else rank)
     n_slices = layer.plain_pairs
     alpha = peft_alpha(layer.alpha, layer.rank, n_slices, use_rslora=layer.use_rslora, peft_rslora=peft_rslora)
     return n_slices * layer.rank, alpha
@@ -115,6 +120,9 @@ def lorafit_facts(model: nn.Module, layers: dict[str, LoRALinear], targets: list
 def _module_facts(config, path: str, layer: LoRALinear, targets: list[str]) -> dict:
     sliced = layer.slices is not None
     pairs = layer.plain_pairs // len(layer.slice_sizes)  # 2 for a PiSSA/OLoRA adapter saved against W0
+    if isinstance(layer, AdaLoRALinear):
+        return {"rank": layer.plain_rank, "alpha": _peft_rank_and_alpha(layer, layer.use_rslora)[1],
+                "use_rslora": layer.use_rslora, "slices": None, "targets": None, "adalora_ranks": layer.slice_ranks()}
     return {
         "rank": layer.rank * pairs,
         "alpha": peft_alpha(layer.alpha, layer.rank, pairs, use_rslora=layer.use_rslora, peft_rslora=layer.use_rslora),

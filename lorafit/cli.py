@@ -36,6 +36,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    from lorafit.quantize import quiet_torchao
+
+    quiet_torchao()  # transformers imports torchao wherever it is installed
     import datasets
     import huggingface_hub
     import transformers

@@ -51,6 +51,18 @@ class LoraSection(Section):
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
+    variant: Literal["lora", "adalora"] = "lora"
+    # AdaLoRA (variant = "adalora"): ranks start at init_rank and are pruned to target_rank on average; the
+    # budget holds for tinit steps, falls on a cubic to the target tfinal steps before the end, pruning every
+    # delta_t steps; importance EMAs with beta1/beta2; orth_reg_weight weighs the orthogonality penalty.
+    init_rank: int = Field(12, gt=0)
+    target_rank: int = Field(8, gt=0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    delta_t: int = Field(1, gt=0)
+    beta1: float = Field(0.85, ge=0, lt=1)
+    beta2: float = Field(0.85, ge=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
 
 
 class DataSection(Section):
@@ -155,8 +167,16 @@ def validate(raw: dict, where: str = "recipe") -> Recipe:
 
 def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
     """Keys that are valid one by one but together name something lorafit does not define: one line each."""
+    lora = recipe.lora
     if recipe.model.quantize != "none" and recipe.train.parallel == "fsdp":
         raise LorafitError(f"{where}: [model] quantize with [train] parallel = 'fsdp' is not supported; use 'ddp'")
+    if lora.init in ("pissa", "olora") and lora.variant != "lora":
+        raise LorafitError(f"{where}: [lora] init = {lora.init!r} is defined for variant = 'lora' only; use one or the other")
+    if lora.variant == "adalora" and lora.target_rank > lora.init_rank:
+        raise LorafitError(
+            f"{where}: [lora] target_rank = {lora.target_rank} is above init_rank = {lora.init_rank}; "
+            "AdaLoRA only prunes ranks, so set target_rank <= init_rank"
+        )
 
 
 def _describe(problem: dict) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint
+from lorafit.adalora import RankAllocator, inject_adalora, rank_allocator
 from lorafit.adapter import adapter_files
 from lorafit.batches import StepRows, collate, global_batch_split, rank_share, supervised_count, supervised_counts
 from lorafit.checkpoint import RunState, data_fingerprint
@@ -73,6 +74,7 @@ class Run:
     resume_from: Path | None
     precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
     start_step: int = 0
+    ranks: RankAllocator | None = None  # AdaLoRA's importance scores and pruning
 
     @property
     def run_dir(self) -> Path:
@@ -117,6 +119,8 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     global_batch = settings.batch_size * grad_accum * world
     state = RunState(data_fingerprint=data_fingerprint(rows), global_batch=global_batch, world_size=world)
     resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
+    if resume_from is not None and recipe.lora.variant == "adalora":
+        raise LorafitError("--resume does not restore AdaLoRA's importance scores yet; start a new run")
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     if recipe.model.quantize != "none":
@@ -128,10 +132,11 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
                            compile=settings.compile, quantize=recipe.model.quantize)
     steps = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
+    ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     supervised = supervised_counts(train_split.examples)
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, grad_accum, total_steps,
-               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision))
+               scorer, layers, optimizer, scheduler, state, resume_from, (weights_dtype, mixed_precision), ranks=ranks)
 
 
 def start_or_resume(run: Run) -> None:
@@ -174,6 +179,8 @@ def run_steps(run: Run) -> None:
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
                 supervised=sum(run.supervised[i] for i in step_rows),
                 key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step),
+                after_backward=run.ranks and run.ranks.orthogonality_gradients,
+                after_step=run.ranks and partial(run.ranks.after_step, step + 1),
             )
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
@@ -214,6 +221,8 @@ def finish(run: Run) -> dict:
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum)
+    if run.ranks is not None:
+        report["ranks"] = run.ranks.ranks()
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
     for table in summary_tables(report, run.run_dir):
@@ -227,7 +236,11 @@ def prepare_model(
     quantize: str = "none",
 ) -> dict[str, LoRALinear]:
     """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+    if lora.variant == "adalora":
+        layers = inject_adalora(model, lora)
+    else:
+        layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
+                             use_rslora=lora.use_rslora)
     if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
         quantize_blocks(model, decoder_blocks(model), stores_transposed)
     fuse_activations(model)
@@ -267,6 +280,7 @@ def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) 
 def optimizer_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
     max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None,
+    after_backward: Callable | None = None, after_step: Callable | None = None,
 ) -> torch.Tensor:
     """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
 
@@ -276,7 +290,8 @@ def optimizer_step(
     loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
     of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
     of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
-    data-set rows (its "rows" entry) before its forward.
+    data-set rows (its "rows" entry) before its forward. `after_backward()` may add to the gradients (AdaLoRA's
+    penalty) before clipping; `after_step()` sees the updated weights and their gradients (AdaLoRA's pruning).
     """
     if supervised is None:
         supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
@@ -291,9 +306,13 @@ def optimizer_step(
             summed = scorer(**inputs)
         accelerator.backward(summed * scale)
         total_loss += summed.detach() / max(supervised, 1)
+    if after_backward is not None:
+        after_backward()
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
     optimizer.step()
+    if after_step is not None:
+        after_step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss
