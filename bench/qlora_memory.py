@@ -2,7 +2,7 @@
 
     python bench/qlora_memory.py [--steps 3] [--quick]
 
-Each setting runs in a fresh child process (bench/run.py's method): random bf16 weights, LoRA r=8 on q and v
+Each setting runs in a fresh child process (the two side by side) (bench/run.py's method): random bf16 weights, LoRA r=8 on q and v
 set up by lorafit.train.prepare_model (with quantize="nf4" for the 4-bit base), a few AdamW steps on job a's
 worst-case batch (16 rows, the longest). Reported above the RSS before the model was built: the resident
 model after set-up, and the peak of the steps (VmHWM reset after set-up). On a GPU, max_memory_allocated.
@@ -40,11 +40,11 @@ from lorafit.recipe import LoraSection, TrainSection  # noqa: E402
 from lorafit.train import build_optimizer, optimizer_step, prepare_model  # noqa: E402
 
 
-def measure(quantize: str, steps: int, quick: bool, device: torch.device) -> dict:
+def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_size: int) -> dict:
     config = model_config(quick)
     job = define_jobs(quick)["a"]
     rows = make_rows(job, config.vocab_size, 64, "measured")
-    batch = collate([rows[i] for i in worst_case_batch(rows, job.batch_size)], config.eos_token_id)
+    batch = collate([rows[i] for i in worst_case_batch(rows, batch_size)], config.eos_token_id)
     require_torchao()  # both settings import it before the baseline, so neither counts the library
     baseline = read_status_kib("VmRSS")
     model = base_model(config).to(torch.bfloat16)
@@ -69,21 +69,27 @@ def measure(quantize: str, steps: int, quick: bool, device: torch.device) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16, help="rows per step (job a's batch by default)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke test")
     parser.add_argument("--child", choices=["none", "nf4"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.quick, torch.device(args.device))))
+        print(json.dumps(measure(args.child, args.steps, args.quick, torch.device(args.device), args.batch)))
         return 0
+    children = {}
+    for quantize in ("none", "nf4"):  # side by side: each measures its own process's memory
+        command = [sys.executable, __file__, "--child", quantize, "--steps", str(args.steps), "--device", args.device,
+                   "--batch", str(args.batch)] + ["--quick"] * args.quick
+        children[quantize] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=live_memory_env())
     results = {}
-    for quantize in ("none", "nf4"):
-        command = [sys.executable, __file__, "--child", quantize, "--steps", str(args.steps), "--device", args.device]
-        done = subprocess.run(command + ["--quick"] * args.quick, capture_output=True, text=True, env=live_memory_env())
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
+    for quantize, child in children.items():
+        out, err = child.communicate()
+        if child.returncode:
+            print(err[-3000:], file=sys.stderr)
             return 1
-        results[quantize] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[quantize] = json.loads(out.strip().splitlines()[-1])
     mib = 1 << 20
     for name, result in results.items():
         resident = f"resident {result['resident_bytes'] / mib:,.0f} MiB, " if "resident_bytes" in result else ""

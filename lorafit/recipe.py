@@ -172,6 +172,8 @@ def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
         raise LorafitError(f"{where}: [model] quantize with [train] parallel = 'fsdp' is not supported; use 'ddp'")
     if lora.init in ("pissa", "olora") and lora.variant != "lora":
         raise LorafitError(f"{where}: [lora] init = {lora.init!r} is defined for variant = 'lora' only; use one or the other")
+    if lora.variant == "adalora" and recipe.train.mixed_precision == "fp16":
+        raise LorafitError(f"{where}: [lora] variant = 'adalora' with fp16 loss scaling is not supported; use bf16 or 'no'")
     if lora.variant == "adalora" and lora.target_rank > lora.init_rank:
         raise LorafitError(
             f"{where}: [lora] target_rank = {lora.target_rank} is above init_rank = {lora.init_rank}; "

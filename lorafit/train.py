@@ -125,7 +125,8 @@ def set_up(recipe: Recipe, resume: bool, console: Console) -> Run:
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     if recipe.model.quantize != "none":
         require_torchao()
-    if settings.compile or settings.parallel == "fsdp" or recipe.model.quantize != "none":  # both work block by block: find the blocks before loading
+    # compile, FSDP and quantization work block by block: find the blocks before loading
+    if settings.compile or settings.parallel == "fsdp" or recipe.model.quantize != "none":
         decoder_blocks(meta_model(load_config(model_name, trust_remote_code=remote_code)))
     model = load_model(model_name, weights_dtype, trust_remote_code=remote_code)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
