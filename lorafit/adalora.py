@@ -154,11 +154,12 @@ class RankAllocator:
     def after_step(self, step: int) -> None:
         """Called with the number of steps done, after optimizer.step() and before the gradients are cleared."""
         budget, prune = self.budget.at(step)
-        if step <= self.budget.total_steps - self.budget.tfinal:
+        final = self.budget.total_steps - self.budget.tfinal
+        if step <= final:
             self.update_importance()
-            if prune:
+            if prune or step == final:  # the target is always reached, whatever delta_t
                 keep = self.prune_to(budget)
-                if step == self.budget.total_steps - self.budget.tfinal:
+                if step == final:
                     self.final_keep = keep
         elif self.final_keep is not None:
             self.apply(self.final_keep)  # the final ranks stay fixed while training finishes
