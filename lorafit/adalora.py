@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorafit.lora import LoRALinear
@@ -38,21 +37,8 @@ class AdaLoRALinear(LoRALinear):
     def lora_params(self) -> int:
         return super().lora_params + self.lora_E.numel()
 
-    def scaled_A(self) -> torch.Tensor:
-        return self.lora_A * self.lora_E[:, None]
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.full_B() @ self.scaled_A())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged:
-            return out
-        x = self._dropped(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        z = F.linear(x, self.scaled_A())  # [tokens, n·r]: Λ folded into Q, so one matmul down and one up
-        return out + (F.linear(z, self.full_B()) * self.scaling).to(out.dtype)
+    def effective_A(self) -> torch.Tensor:
+        return self.lora_A * self.lora_E[:, None]  # Λ·Q: Λ folded in, so one matmul down and one up
 
     def kept(self) -> torch.Tensor:
         """Booleans over the n·r triplets: those not pruned (λ ≠ 0)."""
@@ -71,7 +57,7 @@ class AdaLoRALinear(LoRALinear):
         if not keep.any():
             keep = torch.zeros_like(keep).index_fill_(0, torch.tensor([0], device=keep.device), True)
             return torch.zeros_like(self.lora_A[keep]), torch.zeros_like(self.full_B()[:, keep])
-        return self.scaled_A()[keep], self.full_B()[:, keep]
+        return self.effective_A()[keep], self.full_B()[:, keep]
 
     @property
     def plain_rank(self) -> int:

@@ -153,7 +153,11 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B·A as a dense [d_out, d_in] matrix (for merging, never for the forward pass)."""
-        return self.scaling * (self.full_B() @ self.lora_A)
+        return self.scaling * (self.full_B() @ self.effective_A())
+
+    def effective_A(self) -> torch.Tensor:
+        """The A of the forward pass and of ΔW: lora_A itself here; AdaLoRA folds its Λ in."""
+        return self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -162,7 +166,7 @@ class LoRALinear(nn.Module):
         x = self._dropped(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)  # under autocast the matmul casts; an fp32 copy of x would be wasted
-        z = F.linear(x, self.lora_A)
+        z = F.linear(x, self.effective_A())
         b = self.full_B()
         if z.dtype == out.dtype:
             # out + scaling·z·Bᵀ in one fused kernel, without a second [tokens, d_out] temporary.
