@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorafit import __version__
+from lorafit.adalora import AdaLoRALinear
 from lorafit.embedding import LoRAEmbedding
 from lorafit.errors import LorafitError
 from lorafit.inject import (
@@ -117,7 +118,10 @@ def peft_config(model: nn.Module, layers: dict[str, LoRALayer], base_model: str)
 
 
 def _peft_rank_and_alpha(layer: LoRALayer, peft_rslora: bool) -> tuple[int, float]:
-    n_slices = len(layer.slice_sizes)
+    if isinstance(layer, AdaLoRALinear):  # ranks differ by module: keep the scaling, alpha/r_init
+        rank = layer.plain_rank
+        return rank, layer.scaling * (math.sqrt(rank) if peft_rslora else rank)
+    n_slices = layer.plain_pairs
     alpha = peft_alpha(layer.alpha, layer.rank, n_slices, use_rslora=layer.use_rslora, peft_rslora=peft_rslora)
     return n_slices * layer.rank, alpha
 
@@ -136,9 +140,13 @@ def lorafit_facts(model: nn.Module, layers: dict[str, LoRALayer], targets: list[
 
 def _module_facts(model: nn.Module, path: str, layer: LoRALayer, targets: list[str]) -> dict:
     sliced = layer.slices is not None
+    pairs = layer.plain_pairs // len(layer.slice_sizes)  # 2 for a PiSSA/OLoRA adapter saved against W0
+    if isinstance(layer, AdaLoRALinear):
+        return {"rank": layer.plain_rank, "alpha": _peft_rank_and_alpha(layer, layer.use_rslora)[1],
+                "use_rslora": layer.use_rslora, "slices": None, "targets": None, "adalora_ranks": layer.slice_ranks()}
     return {
-        "rank": layer.rank,
-        "alpha": layer.alpha,
+        "rank": layer.rank * pairs,
+        "alpha": peft_alpha(layer.alpha, layer.rank, pairs, use_rslora=layer.use_rslora, peft_rslora=layer.use_rslora),
         "use_rslora": layer.use_rslora,
         "slices": list(layer.slice_sizes) if sliced else None,
         "targets": _slice_targets(model, path, layer, targets) if sliced else None,

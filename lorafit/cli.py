@@ -306,7 +306,7 @@ def info(
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
         lora = chosen.lora
         return describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                        dtype=chosen.model.dtype, variant=lora.variant)
+                        dtype=chosen.model.dtype, variant=lora.variant, quantize=chosen.model.quantize)
 
     report = run_command(action, debug)
     if as_json:

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INITS = ("kaiming", "gaussian")
+from lorafit.svd_init import SVD_INITS, against_original, start_from_principal
+
+INITS = ("kaiming", "gaussian", *SVD_INITS)
 M32 = 0xFFFFFFFF  # hashes below work on 32-bit values held in int64: a product never overflows 63 bits
 
 
@@ -111,12 +113,21 @@ class LoRALinear(nn.Module):
         """A random, B zero: the update starts at exactly zero. Nothing to draw on the meta device."""
         if self.lora_A.is_meta:
             return
-        if (init or self.init) == "kaiming":
+        init = init or self.init
+        if init in SVD_INITS:
+            start_from_principal(self, init)  # also moves W0's principal part out of the base weight
+            return
+        if init == "kaiming":
             # Same distribution as nn.Linear's default; the fan-in is d_in for every slice alike.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1.0 / self.rank)
         nn.init.zeros_(self.lora_B)
+
+    @property
+    def plain_pairs(self) -> int:
+        """Rank-r pairs in the saved plain LoRA: one per slice, two after a PiSSA/OLoRA start (see svd_init)."""
+        return len(self.slice_sizes) * (2 if self.init in SVD_INITS else 1)
 
     @property
     def lora_params(self) -> int:
@@ -142,7 +153,11 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B·A as a dense [d_out, d_in] matrix (for merging, never for the forward pass)."""
-        return self.scaling * (self.full_B() @ self.lora_A)
+        return self.scaling * (self.full_B() @ self.effective_A())
+
+    def effective_A(self) -> torch.Tensor:
+        """The A of the forward pass and of ΔW: lora_A itself here; AdaLoRA folds its Λ in."""
+        return self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -151,7 +166,7 @@ class LoRALinear(nn.Module):
         x = self._dropped(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)  # under autocast the matmul casts; an fp32 copy of x would be wasted
-        z = F.linear(x, self.lora_A)
+        z = F.linear(x, self.effective_A())
         b = self.full_B()
         if z.dtype == out.dtype:
             # out + scaling·z·Bᵀ in one fused kernel, without a second [tokens, d_out] temporary.
@@ -186,6 +201,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if getattr(self.base, "quantized", False):
+            # Rounding W0 + ΔW to 4 bits would lose most of ΔW: merge into the full-precision base instead.
+            raise ValueError("cannot merge LoRA into a quantized weight; merge into the full-precision base model")
         weight = self.base.weight
         weight += (delta.t() if self.fan_in_fan_out else delta).to(weight.dtype)
 
@@ -193,9 +211,13 @@ class LoRALinear(nn.Module):
     def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection.
 
-        Whole tensors even when FSDP holds only a shard here (then every process must call this).
+        Whole tensors even when FSDP holds only a shard here (then every process must call this). After a
+        PiSSA/OLoRA start, the LoRA of ΔW against the original base (rank 2r per slice).
         """
-        return whole(self.lora_A), self.full_B(whole(self.lora_B))
+        a, b = whole(self.lora_A), whole(self.lora_B)
+        if self.init in SVD_INITS:
+            a, b = against_original(self, a, b)
+        return a, self.full_B(b)
 
     @torch.no_grad()
     def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:

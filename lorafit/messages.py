@@ -87,6 +87,8 @@ def library_logs(debug: bool) -> None:
     reach the screen only with --debug."""
     level = logging.WARNING if debug else logging.ERROR
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchao (where installed, transformers imports it) warns on import about each CUDA kernel it cannot load
+    logging.getLogger("torchao").setLevel(level)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # also for processes started from this one
         import warnings

@@ -21,7 +21,6 @@ from lorafit.batches import global_batch_split
 from lorafit.checkpoint import RunState
 from lorafit.data import label_token_ids
 from lorafit.errors import LorafitError
-from lorafit.inject import inject_lora
 from lorafit.model import (
     check_context_length,
     check_safetensors,
@@ -34,6 +33,7 @@ from lorafit.model import (
 )
 from lorafit.packing import check_packing
 from lorafit.parallel import all_gather_objects, make_accelerator
+from lorafit.quantize import require_torchao
 from lorafit.recipe import Recipe
 from lorafit.run_folder import RunLock, check_output
 
@@ -69,6 +69,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     check_context_length(config, recipe.data.max_length)
     if recipe.data.packing:
         check_packing(config)
+    if recipe.model.quantize != "none":
+        require_torchao()
     trainable = check_lora(config, recipe)
     tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
     if recipe.data.task == "classification":
@@ -81,6 +83,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         held.callback(lock.release)
         finished = checkpoint.finished_report(run_dir, recipe) if resume else None
         resume_from = None if finished else checkpoint.check_resume(run_dir, recipe, resume, state)
+        if resume_from is not None and recipe.lora.variant == "adalora":
+            raise LorafitError("--resume does not restore AdaLoRA's importance scores yet; start a new run")
         if resume_from is not None:
             checkpoint.verify(resume_from, trainable)
         return finished, str(resume_from) if resume_from else None
@@ -102,19 +106,20 @@ def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
     update would no longer be low-rank (and a slice's rows could not all be reached).
     """
+    from lorafit.train import parameter_groups, wrap_targets
+
     model = meta_model(config)
     lora = recipe.lora
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, use_rslora=lora.use_rslora,
-                         variant=lora.variant)
+    layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
     for path, layer in layers.items():
         smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
         if lora.rank > smaller:
             raise LorafitError(
                 f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
             )
-    if recipe.train.compile or recipe.train.parallel == "fsdp":  # both work block by block
+    # compile, FSDP and 4-bit weights work block by block
+    if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":
         decoder_blocks(model)
-    from lorafit.train import parameter_groups
 
     names = {id(p): name for name, p in model.named_parameters()}
     # in the optimizer's order, which its saved state is indexed by

@@ -40,12 +40,13 @@ RESUMABLE = {"resumable": True}
 class ModelSection(Section):
     name: str = "gpt2"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a CUDA GPU with bf16, else fp32
+    quantize: Literal["none", "nf4"] = "none"  # nf4: the decoder blocks' frozen projections in 4 bits (QLoRA)
     trust_remote_code: bool = False
     allow_pickle: bool = False  # read pytorch_model.bin from a local folder you trust (pickles can run code)
 
 
 # LoRA layer variants; a new one is added here and in lorafit.inject.VARIANTS.
-Variant = Literal["lora", "dora"]
+Variant = Literal["lora", "dora", "adalora"]
 
 
 class LoraSection(Section):
@@ -53,9 +54,20 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
     variant: Variant = "lora"  # dora: a trained magnitude per output row (peft's use_dora)
+    # AdaLoRA (variant = "adalora"): ranks start at init_rank and are pruned to target_rank on average; the
+    # budget holds for tinit steps, falls on a cubic to the target tfinal steps before the end, pruning every
+    # delta_t steps; importance EMAs with beta1/beta2; orth_reg_weight weighs the orthogonality penalty.
+    init_rank: int = Field(12, gt=0)
+    target_rank: int = Field(8, gt=0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    delta_t: int = Field(1, gt=0)
+    beta1: float = Field(0.85, ge=0, lt=1)
+    beta2: float = Field(0.85, ge=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
 
 
 class DataSection(Section):
@@ -180,9 +192,27 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise LorafitError(f"{where}: {_describe(error.errors()[0])}") from error
+    refuse_undefined(recipe, where)
+    return recipe
+
+
+def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
+    """Keys that are valid one by one but together name something lorafit does not define: one line each."""
+    lora = recipe.lora
+    if recipe.model.quantize != "none" and recipe.train.parallel == "fsdp":
+        raise LorafitError(f"{where}: [model] quantize with [train] parallel = 'fsdp' is not supported; use 'ddp'")
+    if lora.init in ("pissa", "olora") and lora.variant != "lora":
+        raise LorafitError(f"{where}: [lora] init = {lora.init!r} is defined for variant = 'lora' only; use one or the other")
+    if lora.variant == "adalora" and recipe.train.mixed_precision == "fp16":
+        raise LorafitError(f"{where}: [lora] variant = 'adalora' with fp16 loss scaling is not supported; use bf16 or 'no'")
+    if lora.variant == "adalora" and lora.target_rank > lora.init_rank:
+        raise LorafitError(
+            f"{where}: [lora] target_rank = {lora.target_rank} is above init_rank = {lora.init_rank}; "
+            "AdaLoRA only prunes ranks, so set target_rank <= init_rank"
+        )
 
 
 def _describe(problem: dict) -> str:

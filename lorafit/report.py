@@ -13,7 +13,8 @@ from torch import nn
 from lorafit import __version__
 from lorafit.inject import count_parameters, inject_lora, is_projection, lora_layers, stores_transposed
 from lorafit.lora import LoRALinear, projection_shape
-from lorafit.model import DTYPES, load_config, meta_model, resolve_precision
+from lorafit.model import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
+from lorafit.quantize import frozen_weight_bytes, quantized_summary
 
 ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
 LORA_BYTES = 4  # A and B are always kept in fp32
@@ -49,11 +50,14 @@ def adapter_tensor_bytes(layers: dict[str, LoRALinear]) -> int:
     return total
 
 
-def memory_estimate(total: int, trainable: int, weight_bytes: int) -> dict:
-    """Static training memory in bytes: weights + gradients + AdamW states. Activations are not counted."""
+def memory_estimate(total: int, trainable: int, weight_bytes: int, frozen_bytes: int | None = None) -> dict:
+    """Static training memory in bytes: weights + gradients + AdamW states. Activations are not counted.
+
+    `frozen_bytes` is the frozen weights' real size when some are 4-bit; full fine-tuning is always full precision.
+    """
     base = total - trainable
     lora = {
-        "weights": base * weight_bytes + trainable * LORA_BYTES,
+        "weights": (base * weight_bytes if frozen_bytes is None else frozen_bytes) + trainable * LORA_BYTES,
         "gradients": trainable * LORA_BYTES,
         "optimizer": trainable * ADAM_STATE_BYTES,
     }
@@ -72,7 +76,9 @@ def memory_estimate(total: int, trainable: int, weight_bytes: int) -> dict:
     }
 
 
-def parameter_report(model: nn.Module, layers: dict[str, LoRALinear], weight_bytes: int) -> dict:
+def parameter_report(
+    model: nn.Module, layers: dict[str, LoRALinear], weight_bytes: int, frozen_bytes: int | None = None
+) -> dict:
     counts = count_parameters(model)
     return {
         "total_params": counts.total,
@@ -80,7 +86,7 @@ def parameter_report(model: nn.Module, layers: dict[str, LoRALinear], weight_byt
         "trainable_ratio": counts.ratio,
         "adapter_bytes": adapter_tensor_bytes(layers),
         "modules": module_rows(layers),
-        "memory": memory_estimate(counts.total, counts.trainable, weight_bytes),
+        "memory": memory_estimate(counts.total, counts.trainable, weight_bytes, frozen_bytes),
     }
 
 
@@ -109,7 +115,11 @@ def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state
                *, precision: tuple[str, str], flops_per_token: float) -> dict:
     """report.json: parameters, memory, throughput (with MFU where the device's peak is known) and evaluation."""
     weights, mixed_precision = precision
-    report = parameter_report(model, lora_layers(model), DTYPES[weights].itemsize)
+    quantized = recipe.model.quantize != "none"
+    frozen = frozen_weight_bytes(model) if quantized else None
+    report = parameter_report(model, lora_layers(model), DTYPES[weights].itemsize, frozen)
+    if quantized:
+        report["quantize"] = quantized_summary(model)
     report["adapter_bytes"] = adapter_bytes
     report["memory"] = {**peak_memory(device), **report["memory"]}
     seconds = state.train_seconds
@@ -208,14 +218,21 @@ def throughput_figures(flops_per_token: float, tokens_per_s: float, peak: tuple[
 
 
 def describe(
-    model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto", variant: str = "lora"
+    model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto", variant: str = "lora",
+    quantize: str = "none",
 ) -> dict:
     """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
     config = load_config(model_name)
     model = meta_model(config)
     layers = inject_lora(model, targets, rank, alpha, variant=variant)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
-    report = parameter_report(model, layers, DTYPES[weights].itemsize)
+    itemsize = DTYPES[weights].itemsize
+    frozen = None
+    if quantize != "none":
+        frozen = frozen_weight_bytes(model, planned=decoder_blocks(model), itemsize=itemsize)
+    report = parameter_report(model, layers, itemsize, frozen)
+    if quantize != "none":
+        report["quantize"] = quantize
     report["model"] = model_name
     report["model_type"] = config.model_type
     report["dtype"] = weights

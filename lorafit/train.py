@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit import checkpoint, metrics
+from lorafit.adalora import RankAllocator, inject_adalora, rank_allocator
 from lorafit.adapter import adapter_files
 from lorafit.batches import StepRows, collate, rank_share, supervised_count, supervised_counts
 from lorafit.chat import TEMPLATE_FILE, chat_template
@@ -31,7 +32,7 @@ from lorafit.curves import loss_sparkline, save_curves
 from lorafit.data import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
-from lorafit.inject import inject_lora
+from lorafit.inject import inject_lora, stores_transposed
 from lorafit.lora import LoRALinear, set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.messages import note
@@ -41,6 +42,7 @@ from lorafit.packing import Packed, pack_rows
 from lorafit.parallel import StopRequest, any_rank, shard_model, stop_on_signals
 from lorafit.peft_format import WEIGHTS_FILE
 from lorafit.preflight import Checked, check_run
+from lorafit.quantize import quantize_blocks
 from lorafit.recipe import LoraSection, Recipe, TrainSection, recipe_toml
 from lorafit.report import print_eval, print_fitting, progress_bar, run_report, summary_tables, training_flops_per_token
 from lorafit.rows import no_evaluation_reason
@@ -72,6 +74,7 @@ class Run:
     packed: Packed | None = None
     start_step: int = 0
     fitting: dict | None = None  # {"train"/"eval": what fitting the split to max_length did}, for the report
+    ranks: RankAllocator | None = None  # AdaLoRA's importance scores and pruning
 
     @property
     def run_dir(self) -> Path:
@@ -142,13 +145,14 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
-                           compile=settings.compile)
+                           compile=settings.compile, quantize=recipe.model.quantize)
+    ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
                total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision,
-               packed, fitting=fitting)
+               packed, fitting=fitting, ranks=ranks)
 
 
 def start_or_resume(run: Run) -> None:
@@ -204,6 +208,8 @@ def run_steps(run: Run, stop: StopRequest) -> None:
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
                 supervised=sum(run.supervised[i] for i in step_rows),
                 key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step), norms=norms,
+                after_backward=run.ranks and run.ranks.orthogonality_gradients,
+                after_step=run.ranks and partial(run.ranks.after_step, step + 1),
             )
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
@@ -251,6 +257,8 @@ def finish(run: Run) -> dict:
                   data=run.fitting)
     if run.packed is not None:
         report["packing"] = run.packed.summary()
+    if run.ranks is not None:
+        report["ranks"] = run.ranks.ranks()
     if run.state.best:
         report["eval"]["best"] = run.state.best
     history = []
@@ -265,11 +273,13 @@ def finish(run: Run) -> dict:
 
 
 def prepare_model(
-    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False
+    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False,
+    quantize: str = "none",
 ) -> dict[str, LoRALinear]:
     """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
-    layers = inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
-                         use_rslora=lora.use_rslora, variant=lora.variant)
+    layers = wrap_targets(model, lora)
+    if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
+        quantize_blocks(model, decoder_blocks(model), stores_transposed)
     fuse_activations(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
@@ -296,6 +306,14 @@ def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: Train
     return scorer, optimizer, scheduler
 
 
+def wrap_targets(model: nn.Module, lora: LoraSection) -> dict:
+    """The recipe's LoRA layers (of its variant) in place of the targets; {module path: layer}."""
+    if lora.variant == "adalora":
+        return inject_adalora(model, lora)
+    return inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
+                       use_rslora=lora.use_rslora, variant=lora.variant)
+
+
 def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over the trainable parameters and the recipe's learning-rate schedule, which scales every group."""
     optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.lr,
@@ -319,6 +337,7 @@ def parameter_groups(model: nn.Module, settings: TrainSection) -> list[dict]:
 def optimizer_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
     max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None, norms: list | None = None,
+    after_backward: Callable | None = None, after_step: Callable | None = None,
 ) -> torch.Tensor:
     """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
 
@@ -328,8 +347,9 @@ def optimizer_step(
     loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
     of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
     of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
-    data-set rows (its "rows" entry) before its forward. Where the gradient is clipped, its norm before
-    clipping (a device tensor) is appended to `norms`.
+    data-set rows (its "rows" entry) before its forward. `after_backward()` may add to the gradients (AdaLoRA's
+    penalty) before clipping; `after_step()` sees the updated weights and their gradients (AdaLoRA's pruning).
+    Where the gradient is clipped, its norm before clipping (a device tensor) is appended to `norms`.
     """
     if supervised is None:
         supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
@@ -344,11 +364,15 @@ def optimizer_step(
             summed = scorer(**inputs)
         accelerator.backward(summed * scale)
         total_loss += summed.detach() / max(supervised, 1)
+    if after_backward is not None:
+        after_backward()
     if max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
         if norms is not None:
             norms.append(norm)
     optimizer.step()
+    if after_step is not None:
+        after_step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss
