@@ -41,6 +41,11 @@ class LoRAEmbedding(nn.Module):
         self.reset_parameters()
 
     @property
+    def plain_pairs(self) -> int:
+        """Rank-r pairs in the saved adapter: one (an embedding takes no SVD start)."""
+        return 1
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
         """(d, vocab): the table seen as a projection of one-hot token vectors."""
         vocab, d = self.base.weight.shape
