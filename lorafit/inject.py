@@ -14,9 +14,10 @@ from lorafit.lora import LoRALinear
 from lorafit.recipe import Variant
 from lorafit.targets import ALL_LINEAR, EMBED, Target, fused_slices, matches_suffix, semantic_targets
 
-# The class that wraps a projection, for each variant the recipe allows.
+# The class that wraps a projection, for each variant the recipe allows but AdaLoRA, whose layers start at
+# init_rank and are made by lorafit.adalora.inject_adalora.
 VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
-assert set(VARIANTS) == set(get_args(Variant))
+assert set(VARIANTS) | {"adalora"} == set(get_args(Variant))
 LoRALayer = LoRALinear | LoRAEmbedding
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 

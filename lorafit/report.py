@@ -224,7 +224,8 @@ def describe(
     """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
     config = load_config(model_name)
     model = meta_model(config)
-    layers = inject_lora(model, targets, rank, alpha, variant=variant)
+    # AdaLoRA is counted as the plain LoRA it exports at this rank (its Λ and init_rank pairs are not counted)
+    layers = inject_lora(model, targets, rank, alpha, variant="lora" if variant == "adalora" else variant)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     itemsize = DTYPES[weights].itemsize
     frozen = None

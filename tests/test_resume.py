@@ -265,7 +265,7 @@ def test_sigterm_while_loading_exits_130_and_leaves_no_folder(recipe, tmp_path, 
     monkeypatch.setattr(lorafit.train, "load_model", signal_self(signal.SIGTERM))
     result = train_cli(recipe)
     assert result.exit_code == 130
-    assert result.stderr.strip().splitlines() == ["error: stopped by a signal; nothing to resume"]
+    assert result.stderr.strip().splitlines() == ["stopped by a signal; nothing to resume"]
     assert not (tmp_path / "run").exists()
 
 
@@ -277,7 +277,7 @@ def test_sigterm_in_the_final_evaluation_exits_130_and_resume_writes_the_report(
     result = train_cli(recipe)
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == [
-        "error: stopped by a signal; the newest checkpoint is step-000008, continue with --resume"
+        "stopped by a signal; the newest checkpoint is step-000008, continue with --resume"
     ]
     assert not (run / "report.json").exists()
     monkeypatch.undo()
@@ -334,7 +334,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(recipe, tmp_
     result = train_cli(recipe)
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == [
-        "error: stopped by a signal; the newest checkpoint is step-000003, continue with --resume"
+        "stopped by a signal; the newest checkpoint is step-000003, continue with --resume"
     ]
     assert checkpoint_entries(run) == ["step-000003"]
     assert hidden_entries(run) == []
