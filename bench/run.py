@@ -50,7 +50,7 @@ from lorafit.lora import set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report import peak_for_name, training_flops_per_token
-from lorafit.train import build_optimizer, optimizer_step, prepare_model
+from lorafit.step import build_optimizer, optimizer_step, prepare_model
 
 SEED = 0
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
@@ -73,7 +73,7 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.train.optimizer_step on its length-grouped batches."
+        "default implementation. lorafit runs lorafit.step.optimizer_step on its length-grouped batches."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "

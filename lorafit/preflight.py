@@ -36,6 +36,7 @@ from lorafit.parallel import all_gather_objects, make_accelerator
 from lorafit.quantize import require_torchao
 from lorafit.recipe import Recipe
 from lorafit.run_folder import RunLock, check_output
+from lorafit.step import parameter_groups, wrap_targets
 
 
 @dataclass
@@ -106,8 +107,6 @@ def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
     update would no longer be low-rank (and a slice's rows could not all be reached).
     """
-    from lorafit.train import parameter_groups, wrap_targets
-
     model = meta_model(config)
     lora = recipe.lora
     layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights

@@ -16,7 +16,7 @@ from lorafit.data import IGNORE
 from lorafit.inject import inject_lora, lora_layers
 from lorafit.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection
-from lorafit.train import optimizer_step, prepare_model
+from lorafit.step import optimizer_step, prepare_model
 
 
 def randomize_b(model: torch.nn.Module) -> None:

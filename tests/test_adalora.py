@@ -15,7 +15,7 @@ from lorafit.adapter import load_adapter, save_adapter
 from lorafit.batches import collate
 from lorafit.errors import LorafitError
 from lorafit.recipe import LoraSection, load_recipe
-from lorafit.train import optimizer_step, prepare_model
+from lorafit.step import optimizer_step, prepare_model
 
 peft = pytest.importorskip("peft")
 TOTAL, TINIT, TFINAL = 10, 2, 3

@@ -14,7 +14,7 @@ from lorafit.inject import inject_lora, lora_layers
 from lorafit.lora import LoRALinear, dropout_keys, keyed_keep_mask, set_dropout_keys
 from lorafit.loss import SupervisedLoss
 from lorafit.recipe import LoraSection
-from lorafit.train import optimizer_step, prepare_model
+from lorafit.step import optimizer_step, prepare_model
 
 P = 0.3
 

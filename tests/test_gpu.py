@@ -22,7 +22,7 @@ from lorafit.model import resolve_precision
 from lorafit.parallel import make_accelerator
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report import peak_for_name
-from lorafit.train import build_optimizer, optimizer_step, prepare_model
+from lorafit.step import build_optimizer, optimizer_step, prepare_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lorafit.inject import inject_lora
 from lorafit.recipe import TrainSection, load_recipe
-from lorafit.train import build_optimizer, lr_factor, train
+from lorafit.step import build_optimizer, lr_factor
+from lorafit.train import train
 
 
 def test_loraplus_puts_b_in_its_own_group_at_lr_times_ratio():

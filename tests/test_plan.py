@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lorafit.batches import StepRows
-from lorafit.train import lr_factor
+from lorafit.step import lr_factor
 
 # ---------------------------------------------------------------- the schedule
 

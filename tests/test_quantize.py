@@ -75,7 +75,7 @@ def train_steps(model: torch.nn.Module, steps: int) -> list[float]:
     from accelerate import Accelerator
 
     from lorafit.loss import SupervisedLoss
-    from lorafit.train import optimizer_step
+    from lorafit.step import optimizer_step
 
     batch = collate(supervised_rows(), pad_id=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -88,7 +88,7 @@ def train_steps(model: torch.nn.Module, steps: int) -> list[float]:
 
 
 def nf4_trained(steps: int = 10) -> tuple[torch.nn.Module, list[float]]:
-    from lorafit.train import prepare_model
+    from lorafit.step import prepare_model
 
     model = tiny_model("gpt2")
     lora = LoraSection(rank=4, alpha=8, dropout=0.0, targets=["q", "v", "o", "up", "down"])

@@ -17,12 +17,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import lorafit.train as train_module
+import lorafit.step as step_module
 from lorafit.adapter import load_adapter
 from lorafit.cli import app
 from lorafit.inject import inject_lora, lora_layers
 from lorafit.recipe import load_recipe
-from lorafit.train import lr_factor, train
+from lorafit.step import lr_factor
+from lorafit.train import train
 
 RANK = 4
 STEPS = 6
@@ -75,7 +76,7 @@ def trained(tmp_path_factory):
         return layers
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "inject_lora", recording_inject)
+        patch.setattr(step_module, "inject_lora", recording_inject)
         report = train(recipe, console=quiet())
     return {"recipe": recipe, "run": Path(recipe.output.dir), "report": report, "recipe_path": path, **captured}
 
