@@ -8,7 +8,7 @@ template or label mask is seen before any compute is spent on it.
 from __future__ import annotations
 
 import itertools
-import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lorafit.batches import StepRows, global_batch_split, supervised_counts
+from lorafit.batches import StepRows, supervised_counts
 from lorafit.data import IGNORE, TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, recipe_toml
@@ -35,6 +35,12 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     from lorafit.model import load_tokenizer, resolve_precision
 
     training = eval_split is None
+    checked = None
+    if training:  # train's own checks, run folder and resume included; the folder's lock is let go at once
+        from lorafit.preflight import check_run
+
+        with ExitStack() as held:
+            checked = check_run(recipe, resume, console, held)
     name = str(model_dir) if model_dir is not None else recipe.model.name
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, weights, adapter)
@@ -58,7 +64,7 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     result["samples"] = [{"tokens": len(row["input_ids"]), "text": marked_row(row, tokenizer, colour=False).plain}
                          for row in samples]
     if training:
-        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], resume)
+        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], checked)
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
 
@@ -91,29 +97,20 @@ def split_summary(split: TokenizedSplit, max_length: int) -> dict:
     }
 
 
-def training_plan(recipe: Recipe, train: TokenizedSplit, resume: bool) -> dict:
-    """Steps, global batch and the run folder's fate, by the rules training applies (run-folder checks included)."""
-    from lorafit import checkpoint
-    from lorafit.metrics import check_settings
-
-    settings = recipe.train
-    check_settings(settings)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    grad_accum = global_batch_split(settings, world)
-    global_batch = settings.batch_size * grad_accum * world
-    rows = train.examples.to_list()
-    state = checkpoint.RunState(checkpoint.data_fingerprint(rows), global_batch=global_batch, world_size=world)
-    resume_from = checkpoint.check_resume(Path(recipe.output.dir), recipe, resume, state)
-    per_epoch = StepRows([len(row["input_ids"]) for row in rows], global_batch, settings.seed).steps_per_epoch
+def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
+    """Steps, global batch and the run folder's fate, as train's checks (lorafit.preflight.check_run) found them."""
+    settings, global_batch = recipe.train, checked.state.global_batch
+    lengths = [len(ids) for ids in train.examples["input_ids"]]
+    per_epoch = StepRows(lengths, global_batch, settings.seed).steps_per_epoch
     return {
         "steps": settings.max_steps or settings.epochs * per_epoch,
         "steps_per_epoch": per_epoch,
         "global_batch": global_batch,
         "batch_size": settings.batch_size,
-        "grad_accum": grad_accum,
-        "world_size": world,
+        "grad_accum": checked.grad_accum,
+        "world_size": checked.state.world_size,
         "output_dir": recipe.output.dir,
-        "resume_from": str(resume_from) if resume_from else None,
+        "resume_from": str(checked.resume_from) if checked.resume_from else None,
     }
 
 

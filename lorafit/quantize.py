@@ -9,8 +9,6 @@ full-precision base, so an adapter trained on NF4 is an ordinary adapter.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -24,17 +22,10 @@ INSTALL = "pip install 'lorafit[qlora]' (or pip install torchao)"
 
 def require_torchao() -> None:
     """LorafitError (exit 2) with the pip command when torchao is missing."""
-    quiet_torchao()
     try:
         import torchao.quantization  # noqa: F401
     except ImportError as error:
         raise LorafitError(f"[model] quantize = 'nf4' needs torchao, which is not installed; {INSTALL}") from error
-
-
-def quiet_torchao() -> None:
-    """On import torchao warns about every optional CUDA kernel library it cannot load, and torch about its enums."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def scaler_block(numel: int) -> int | None:
