@@ -1,7 +1,7 @@
 """Job k of `make bench`: the same completion rows trained by lorafit padded (length-grouped) and packed.
 
-Both are lorafit's own training step (`lorafit.step.optimizer_step`) on copies of one model; only the batches
-differ: rows padded to the longest of their batch, or `lorafit.packing` sequences with restarting position ids.
+Both are lorafit's own training step (`lorafit.train.step.optimizer_step`) on copies of one model; only the batches
+differ: rows padded to the longest of their batch, or `lorafit.data.packing` sequences with restarting position ids.
 Steps alternate padded, packed, ... so machine noise falls on both alike; tokens/s counts real tokens only.
 """
 
@@ -16,9 +16,10 @@ import time
 import torch
 from rich.table import Table
 
-from lorafit.batches import StepRows, collate, supervised_count
-from lorafit.loss import loss_sum
-from lorafit.packing import pack_rows
+from lorafit.data.batches import collate, supervised_count
+from lorafit.data.packing import pack_rows
+from lorafit.data.plan import StepRows
+from lorafit.model.loss import loss_sum
 
 PADDED_BATCH = 8  # rows per padded step
 PACKED_BATCH = 4  # packed sequences per step: 4 × max_length token slots

@@ -3,7 +3,7 @@
     python bench/qlora_memory.py [--steps 3] [--quick]
 
 Each setting runs in a fresh child process (the two side by side) (bench/run.py's method): random bf16 weights, LoRA r=8 on q and v
-set up by lorafit.step.prepare_model (with quantize="nf4" for the 4-bit base), a few AdamW steps on job a's
+set up by lorafit.train.step.prepare_model (with quantize="nf4" for the 4-bit base), a few AdamW steps on job a's
 worst-case batch (16 rows, the longest). Reported above the RSS before the model was built: the resident
 model after set-up, and the peak of the steps (VmHWM reset after set-up). On a GPU, max_memory_allocated.
 """
@@ -33,11 +33,12 @@ from run import (  # noqa: E402
     worst_case_batch,
 )
 
-from lorafit.batches import collate  # noqa: E402
-from lorafit.loss import SupervisedLoss  # noqa: E402
-from lorafit.quantize import require_torchao  # noqa: E402
+from lorafit.data.batches import collate
+from lorafit.model.loss import SupervisedLoss
+from lorafit.model.quantize import require_torchao
 from lorafit.recipe import LoraSection, TrainSection  # noqa: E402
-from lorafit.step import build_optimizer, optimizer_step, prepare_model  # noqa: E402
+from lorafit.train.optimizer import build_optimizer
+from lorafit.train.step import optimizer_step, prepare_model
 
 
 def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_size: int) -> dict:

@@ -45,12 +45,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from lorafit.batches import StepRows, collate
-from lorafit.lora import set_dropout_keys
-from lorafit.loss import SupervisedLoss
+from lorafit.data.batches import collate
+from lorafit.data.plan import StepRows
+from lorafit.lora.dropout import set_dropout_keys
+from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
-from lorafit.report import peak_for_name, training_flops_per_token
-from lorafit.step import build_optimizer, optimizer_step, prepare_model
+from lorafit.report.throughput import peak_for_name, training_flops_per_token
+from lorafit.train.optimizer import build_optimizer
+from lorafit.train.step import optimizer_step, prepare_model
 
 SEED = 0
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
@@ -73,7 +75,7 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.step.optimizer_step on its length-grouped batches."
+        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
@@ -81,7 +83,7 @@ NOTES = [
     ),
     "tokens/s counts non-padding input tokens; step times include collating the batch.",
     (
-        "Model FLOPs per token are lorafit.report.training_flops_per_token's (as in report.json: 4·N for the frozen "
+        "Model FLOPs per token are lorafit.report.throughput.training_flops_per_token's (as in report.json: 4·N for the frozen "
         "projections, the attention term, the head on supervised positions only, 6·the LoRA parameters) for both "
         "LoRA methods, which do the same useful work; full fine-tuning adds 2·N of weight gradients. On a GPU "
         "every method runs on bf16 weights under bf16 autocast (LoRA weights fp32), lorafit's default there."
@@ -289,7 +291,7 @@ def flop_params(model: nn.Module) -> int:
 
 
 def lora_flops_per_token(method: Method, rows: list[dict]) -> float:
-    """lorafit.report's model FLOPs per token of a LoRA step on these rows: attention over each row's own
+    """lorafit.report.throughput's model FLOPs per token of a LoRA step on these rows: attention over each row's own
     length (token-weighted mean), the head on the supervised share of the positions."""
     lengths = [len(row["input_ids"]) for row in rows]
     supervised = sum(sum(label != NO_LOSS for label in row["labels"][1:]) for row in rows)

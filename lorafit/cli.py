@@ -16,8 +16,8 @@ from typer.core import TyperGroup
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
-from lorafit.launch import rank
 from lorafit.messages import error, note, print_json, run_command, stderr
+from lorafit.train.launch import rank
 
 # A usage error of the click that typer runs on (recent typers carry their own copy of click).
 UsageError = typer.BadParameter.__base__
@@ -88,7 +88,7 @@ DryRun = Annotated[bool, typer.Option(
 
 def _start_missing_processes() -> None:
     """Under `accelerate launch --num_processes N` without GPUs, become the N processes it meant to start."""
-    from lorafit.launch import relaunch_command
+    from lorafit.train.launch import relaunch_command
 
     command = run_command(lambda: relaunch_command(sys.argv[1:]), debug=False)
     if command:
@@ -121,7 +121,7 @@ def train(
 
     def action():
         from lorafit.recipe import load_recipe
-        from lorafit.train import train as run_training
+        from lorafit.train.loop import train as run_training
 
         settings = list(overrides or [])
         if output is not None:
@@ -180,7 +180,7 @@ def evaluate(
     if as_json:
         print_json("eval", result)
     elif rank() == 0:  # every process computed the same numbers; one prints them
-        from lorafit.report import eval_table
+        from lorafit.report.tables import eval_table
 
         Console().print(eval_table(result["eval"]))
 
@@ -251,7 +251,7 @@ def merge(
     """Fold an adapter into its base and save a plain Hugging Face model."""
 
     def action():
-        from lorafit.merge import merge_adapter
+        from lorafit.adapter.merge import merge_adapter
 
         return merge_adapter(base, adapter, out, force=force)
 
@@ -293,7 +293,7 @@ def info(
 
     def action():
         from lorafit.recipe import load_recipe, validate
-        from lorafit.report import describe
+        from lorafit.report.counts import describe
 
         if (recipe is None) == (model is None):
             raise LorafitError("give exactly one of --recipe PATH or --model ID_OR_DIR")
@@ -312,7 +312,7 @@ def info(
     if as_json:
         print_json("info", report)
     else:
-        from lorafit.report import info_tables
+        from lorafit.report.tables import info_tables
 
         console = Console()
         console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)

@@ -16,11 +16,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lorafit.batches import StepRows, supervised_counts
-from lorafit.data import IGNORE, TokenizedSplit, tokenize_eval, tokenize_split
+from lorafit.data.batches import supervised_counts
+from lorafit.data.plan import StepRows
+from lorafit.data.rows import no_evaluation_reason
+from lorafit.data.tasks import IGNORE
+from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, recipe_toml
-from lorafit.rows import no_evaluation_reason
 
 SAMPLE_ROWS = 3
 MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
@@ -32,12 +34,12 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
 
     The same checks as the real command run first, so a dry run refuses what the run would refuse.
     """
-    from lorafit.model import load_tokenizer, resolve_precision
+    from lorafit.model.load import load_tokenizer, resolve_precision
 
     training = eval_split is None
     checked = None
     if training:  # train's own checks, run folder and resume included; the folder's lock is let go at once
-        from lorafit.preflight import check_run
+        from lorafit.train.preflight import check_run
 
         with ExitStack() as held:
             checked = check_run(recipe, resume, console, held)
@@ -72,11 +74,11 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
 def model_table(recipe: Recipe, name: str, weights: str, adapter: Path | None) -> dict:
     """The parameter and memory report of the model with the recipe's LoRA, from the config on the meta device;
     an adapter to evaluate is checked against the same meta model (its weights are not read either)."""
-    from lorafit.report import describe
+    from lorafit.report.counts import describe
 
     if adapter is not None:
-        from lorafit.adapter import check_adapter
-        from lorafit.model import load_config, meta_model
+        from lorafit.adapter.load import check_adapter
+        from lorafit.model.load import load_config, meta_model
 
         check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
     lora = recipe.lora
@@ -98,7 +100,7 @@ def split_summary(split: TokenizedSplit, max_length: int) -> dict:
 
 
 def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
-    """Steps, global batch and the run folder's fate, as train's checks (lorafit.preflight.check_run) found them."""
+    """Steps, global batch and the run folder's fate, as train's checks (lorafit.train.preflight.check_run) found them."""
     settings, global_batch = recipe.train, checked.state.global_batch
     lengths = [len(ids) for ids in train.examples["input_ids"]]
     per_epoch = StepRows(lengths, global_batch, settings.seed).steps_per_epoch
@@ -134,7 +136,7 @@ def has_colour(console: Console) -> bool:
 
 
 def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> None:
-    from lorafit.report import human_bytes, info_tables
+    from lorafit.report.tables import human_bytes, info_tables
 
     console.rule("resolved recipe")
     console.print(recipe_toml(recipe), markup=False, highlight=False)

@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.batches import collate, eval_shares, supervised_count
-from lorafit.data import IGNORE, TokenizedSplit, label_token_ids, tokenize_eval
+from lorafit.data.batches import collate, supervised_count
+from lorafit.data.plan import eval_shares
+from lorafit.data.tasks import IGNORE, label_token_ids
+from lorafit.data.tokenize import TokenizedSplit, tokenize_eval
 from lorafit.errors import LorafitError
-from lorafit.loss import SupervisedLoss
-from lorafit.parallel import all_sum, make_accelerator
+from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
+from lorafit.train.processes import all_sum, make_accelerator
 
 
 def _with_label(prompt: list[int], label_ids: list[int]) -> dict:
@@ -79,8 +81,8 @@ def evaluate_split(
 
 def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
-    from lorafit.model import load_tokenizer
-    from lorafit.rows import no_evaluation_reason
+    from lorafit.data.rows import no_evaluation_reason
+    from lorafit.model.load import load_tokenizer
 
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
@@ -98,8 +100,8 @@ def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: P
 def checked_source(recipe: Recipe, adapter: Path | None, model_dir: Path | None) -> str:
     """The model to load (a full model folder, else the recipe's), checked before anything is tokenized or any
     weight is read: safetensors weights, a context that holds max_length, an adapter that fits it."""
-    from lorafit.adapter import check_adapter
-    from lorafit.model import check_context_length, check_safetensors, load_config, meta_model
+    from lorafit.adapter.load import check_adapter
+    from lorafit.model.load import check_context_length, check_safetensors, load_config, meta_model
 
     name = str(model_dir) if model_dir is not None else recipe.model.name
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
@@ -112,8 +114,8 @@ def checked_source(recipe: Recipe, adapter: Path | None, model_dir: Path | None)
 
 def inference_model(recipe: Recipe, name: str, adapter: Path | None):
     """(the model `name` with `adapter` loaded, in eval mode on this process's device, its accelerator)."""
-    from lorafit.adapter import load_adapter
-    from lorafit.model import load_model, resolve_precision
+    from lorafit.adapter.load import load_adapter
+    from lorafit.model.load import load_model, resolve_precision
 
     weights_dtype, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = load_model(name, weights_dtype, trust_remote_code=recipe.model.trust_remote_code,

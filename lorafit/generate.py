@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from lorafit import prompts
-from lorafit.data import label_token_ids
+from lorafit.data import prompts
+from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
-from lorafit.loss import SupervisedLoss
+from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -41,7 +41,7 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
              sampling: Sampling = Sampling(), stream: Stream | None = None) -> list[dict]:
     """One result per prompt: {prompt, completion, new_tokens, stop} or, for classification, {prompt, label,
     probability, probabilities}. A prompt is text for the recipe's input field, or a row holding that field."""
-    from lorafit.model import load_tokenizer
+    from lorafit.model.load import load_tokenizer
 
     if not prompts:
         raise LorafitError('no prompt given; pass one or more PROMPT arguments or --prompts FILE')
@@ -61,7 +61,7 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
 
 
 def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0) -> list[int]:
-    """The prompt's tokens exactly as a training row starts (lorafit.prompts' rule): the recipe's template, or
+    """The prompt's tokens exactly as a training row starts (lorafit.data.prompts' rule): the recipe's template, or
     the chat template with the assistant's turn opened."""
     try:
         return prompts.prompt_ids(data, tokenizer, prompt)

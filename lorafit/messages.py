@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
-from lorafit.launch import rank
 from lorafit.storage import json_text
+from lorafit.train.launch import rank
 
 STOPPED = 130  # the exit code of a stop the user asked for (SIGINT, SIGTERM): not a failure
 stderr = Console(stderr=True)

@@ -45,7 +45,7 @@ class ModelSection(Section):
     allow_pickle: bool = False  # read pytorch_model.bin from a local folder you trust (pickles can run code)
 
 
-# LoRA layer variants; a new one is added here and in lorafit.inject.VARIANTS.
+# LoRA layer variants; a new one is added here and in lorafit.model.inject.VARIANTS.
 Variant = Literal["lora", "dora", "adalora"]
 
 
@@ -88,14 +88,14 @@ class DataSection(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # > 0: hold out this share of the training rows for evaluation
     max_length: int = Field(128, gt=1)
     stride: int = Field(0, ge=0)  # text: tokens a window repeats from the one before as context (at least 1)
-    packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.packing)
+    packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.data.packing)
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
     @field_validator("labels")
     @classmethod
     def _words(cls, labels: list[str]) -> list[str]:
         """An empty label would tokenize to a bare space and be scored as a class; repeats are refused by
-        lorafit.data.label_token_ids (same token ids), which train calls before tokenizing the data."""
+        lorafit.data.tasks.label_token_ids (same token ids), which train calls before tokenizing the data."""
         if any(not word.strip() for word in labels):
             raise ValueError("every label must be a non-empty word")
         return labels

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafit.checkpoint import latest_checkpoint
-from lorafit.curves import MISSING, pyplot, save_figure
 from lorafit.errors import LorafitError
-from lorafit.metrics import eval_metric
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
+from lorafit.report.curves import MISSING, pyplot, save_figure
 from lorafit.storage import write_json
+from lorafit.train.checkpoint import latest_checkpoint
+from lorafit.train.metrics import eval_metric
 
 
 def run_folder_name(key: str, value: str) -> str:
@@ -116,7 +116,7 @@ def table_row(value: str, run_dir: Path) -> dict:
 def sweep_table(result: dict):
     from rich.table import Table
 
-    from lorafit.report import human_bytes
+    from lorafit.report.tables import human_bytes
 
     name = result["key"].split(".")[-1]
     gained = "accuracy gained" if result["metric"] == "accuracy" else "loss drop"

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 if TYPE_CHECKING:
-    from lorafit.lora import LoRALinear
+    from lorafit.lora.linear import LoRALinear
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
@@ -77,7 +77,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def supervised_rows() -> list[dict]:
     """Eight token rows of different lengths with 1 to 8 supervised tokens each, so that micro-batch means differ."""
-    from lorafit.data import IGNORE
+    from lorafit.data.tasks import IGNORE
 
     generator = torch.Generator().manual_seed(1)
     rows = []
@@ -106,7 +106,7 @@ def randomize(layers: dict[str, LoRALinear], seed: int = 1) -> None:
 
 def adapted(arch: str, targets: list[str], **options) -> tuple[torch.nn.Module, dict[str, LoRALinear]]:
     """A tiny model with LoRA of rank RANK on `targets`, A and B randomized: the model and its LoRA layers."""
-    from lorafit.inject import inject_lora
+    from lorafit.model.inject import inject_lora
 
     model = tiny_model(arch)
     layers = inject_lora(model, targets, RANK, ALPHA, **options)
@@ -116,7 +116,7 @@ def adapted(arch: str, targets: list[str], **options) -> tuple[torch.nn.Module, 
 
 def saved_adapter(arch: str, directory: Path, targets: tuple[str, ...] = ("q", "v")) -> torch.nn.Module:
     """An `adapted` model saved by lorafit into `directory`; returns the wrapped model it came from."""
-    from lorafit.adapter import save_adapter
+    from lorafit.adapter.save import save_adapter
 
     model, _ = adapted(arch, list(targets))
     save_adapter(model, directory, base_model="tiny", targets=list(targets))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.lora import LoRALinear
+from lorafit.lora.linear import LoRALinear
 
 D_IN, D_OUT, RANK, ALPHA = 12, 20, 4, 8.0
 

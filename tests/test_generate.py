@@ -11,11 +11,12 @@ from conftest import TINY_MODEL, assert_one_line_error, randomize, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from lorafit.adapter import load_adapter, save_adapter
+from lorafit.adapter.load import load_adapter
+from lorafit.adapter.merge import merge_adapter
+from lorafit.adapter.save import save_adapter
 from lorafit.cli import app
 from lorafit.generate import Sampling, generate, prompt_ids
-from lorafit.inject import inject_lora
-from lorafit.merge import merge_adapter
+from lorafit.model.inject import inject_lora
 from lorafit.recipe import DataSection, load_recipe
 
 TEMPLATE = "Question: {text}\nAnswer:"

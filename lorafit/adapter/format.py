@@ -1,0 +1,300 @@
+"""The PEFT LoRA format as data: file and key names, config checks, rank and alpha patterns, alpha translation.
+
+Pure translation between peft's adapter_config.json and state-dict keys and lorafit's per-module facts;
+nothing here reads files or touches a model, so it is tested on plain dicts, strings and tensors.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.lora.linear import lora_scaling
+from lorafit.model.targets import matches_suffix
+
+CONFIG_FILE = "adapter_config.json"
+
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+PICKLE_FILE = "adapter_model.bin"
+
+
+KEY_PREFIX = "base_model.model."
+
+
+# The tensors a layer saves, by lorafit's name for them and the layer's kind, and peft's name after the module
+# path: base_model.model.<module path>.<peft name>. A new variant's tensors get a row here.
+TENSOR_NAMES = {
+    ("linear", "A"): "lora_A.weight",
+    ("linear", "B"): "lora_B.weight",
+    ("linear", "magnitude"): "lora_magnitude_vector",  # DoRA
+    ("embedding", "A"): "lora_embedding_A",
+    ("embedding", "B"): "lora_embedding_B",
+}
+
+
+# peft saves a targeted embedding's whole table too ("base_layer"): read as part "table", to compare with the base.
+TABLE = "table"
+
+
+_NAMES = "|".join(sorted({name.split(".")[0] for name in TENSOR_NAMES.values()} | {"base_layer"}))
+
+
+# peft's names as read: the adapter name ("default") may sit before the end, and .weight may follow.
+KEY_PATTERN = re.compile(rf"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<name>{_NAMES})(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
+
+
+# Config switches for features whose weights or forward pass lorafit's layers cannot reproduce.
+UNSUPPORTED = (
+    "lora_bias",
+    "modules_to_save",
+    "trainable_token_indices",
+    "target_parameters",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "megatron_config",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+)
+
+
+# Initialisations that leave the base weights alone; pissa, olora, corda, loftq... change them.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def weight_key(path: str, part: str, kind: str = "linear") -> str:
+    """The state-dict key peft saves for tensor `part` ("A", "B", "magnitude") of a `kind` layer at `path`."""
+    return f"{KEY_PREFIX}{path}.{TENSOR_NAMES[kind, part]}"
+
+
+def _part_of(name: str) -> tuple[str | None, str]:
+    """(kind or None when any kind has it, part) for one of peft's tensor names."""
+    kind, part = next(key for key, peft_name in TENSOR_NAMES.items() if peft_name.split(".")[0] == name)
+    return (kind if part in ("A", "B") else None), part
+
+
+def lora_tensors(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """{module path: (kind, {"A": [R, d_in], "B": [d_out, R], maybe "magnitude": [d_out]})} in fp32, from `source`."""
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for key, tensor in tensors.items():
+        match = KEY_PATTERN.match(key)
+        if match is None:
+            raise LorafitError(
+                f"{source} holds {key}, which is not a LoRA A or B matrix or DoRA magnitude (biases or saved modules "
+                "are not supported); lorafit reads LoRA and DoRA adapters"
+            )
+        kind, part = (None, TABLE) if match["name"] == "base_layer" else _part_of(match["name"])
+        parts[match["path"]][part] = tensor.float()
+        kinds[match["path"]].update([kind] if kind else [])
+    if not parts:
+        raise LorafitError(f"{source} holds no LoRA weights; pass a trained adapter")
+    layers = {}
+    for module, found in parts.items():
+        if not {"A", "B"} <= set(found):
+            missing = "lora_B" if "A" in found else "lora_A"
+            raise LorafitError(f"{source} has no {missing} for {module}; the adapter is incomplete, re-save it")
+        if len(kinds[module]) != 1:
+            raise LorafitError(f"{source} mixes linear and embedding LoRA weights for {module}; re-save the adapter")
+        layers[module] = (kinds[module].pop(), found)
+    return layers
+
+
+def peft_alpha(alpha: float, rank: int, n_slices: int, *, use_rslora: bool, peft_rslora: bool) -> float:
+    """The lora_alpha that makes peft's scaling, alpha/R or alpha/sqrt(R) with R = n_slices·r, equal ours."""
+    if use_rslora == peft_rslora:
+        # alpha/r = (n·alpha)/(n·r);  alpha/sqrt(r) = (sqrt(n)·alpha)/sqrt(n·r)
+        return alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
+    stacked = n_slices * rank
+    return lora_scaling(alpha, rank, use_rslora) * (math.sqrt(stacked) if peft_rslora else stacked)
+
+
+def lorafit_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
+    """Inverse of peft_alpha (same rsLoRA switch on both sides): the per-slice alpha of n_slices slices."""
+    return alpha / (math.sqrt(n_slices) if use_rslora else n_slices)
+
+
+def adapter_config(
+    values: dict[str, tuple[int, float]],
+    suffixes: dict[str, str],
+    *,
+    base_model: str,
+    use_rslora: bool,
+    fan_in_fan_out: bool,
+    dropout: float,
+    use_dora: bool = False,
+) -> dict:
+    """adapter_config.json for modules with peft's (rank, alpha) `values`, selected by `suffixes`."""
+    (rank, alpha), rank_pattern, alpha_pattern = rank_patterns(values, suffixes)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": _number(alpha),
+        "target_modules": sorted(set(suffixes.values())),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {key: _number(value) for key, value in alpha_pattern.items()},
+        "fan_in_fan_out": fan_in_fan_out,
+        "lora_dropout": dropout,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def selecting_suffixes(module_paths: Iterable[str], wrapped: list[str]) -> dict[str, str]:
+    """For each wrapped module, the shortest dotted suffix of its path that selects wrapped modules only.
+
+    peft selects a module when its path equals a target_modules entry or ends with "." + entry, so GPT-2's
+    attention output must be written "attn.c_proj": a bare "c_proj" would also wrap mlp.c_proj.
+    """
+    chosen = set(wrapped)
+    selected_by: dict[str, set[str]] = defaultdict(set)
+    for path in module_paths:
+        parts = path.split(".")
+        if not path or any(".".join(parts[:i]) in chosen for i in range(1, len(parts))):
+            continue  # the inside of a LoRALinear is not part of the model peft sees
+        for i in range(len(parts)):
+            selected_by[".".join(parts[i:])].add(path)
+    suffixes = {}
+    for path in wrapped:
+        parts = path.split(".")
+        candidates = (".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1))
+        suffixes[path] = next((s for s in candidates if selected_by[s] <= chosen), path)
+    return suffixes
+
+
+def rank_patterns(
+    values: dict[str, tuple[int, float]], suffixes: dict[str, str]
+) -> tuple[tuple[int, float], dict[str, int], dict[str, float]]:
+    """The most common (rank, alpha) as the default, and patterns (peft regexes) for modules that differ."""
+    default = Counter(values.values()).most_common(1)[0][0]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for path, suffix in suffixes.items():
+        groups[suffix].append(path)
+    rank_pattern, alpha_pattern = {}, {}
+    for suffix, paths in groups.items():
+        shared = {values[path] for path in paths}
+        # One key per suffix where its modules agree, else one anchored full path per module.
+        keys = [(suffix, values[paths[0]])] if len(shared) == 1 else [(re.escape(p), values[p]) for p in paths]
+        for key, (rank, alpha) in keys:
+            if rank != default[0]:
+                rank_pattern[key] = rank
+            if alpha != default[1]:
+                alpha_pattern[key] = alpha
+    return default, rank_pattern, alpha_pattern
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def check_config(directory: Path, config: dict) -> None:
+    """LorafitError unless `config` (from `directory`) describes a plain LoRA whose weights lorafit reproduces."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise LorafitError(f"{directory} holds a {peft_type or 'untyped'} adapter; lorafit reads LoRA adapters only")
+    for key in UNSUPPORTED:
+        if config.get(key):
+            raise LorafitError(f"{directory} uses {key}, which lorafit does not support; it reads plain LoRA adapters")
+    if config.get("bias", "none") not in ("none", None):
+        raise LorafitError(f"{directory} trains biases (bias={config['bias']!r}); lorafit reads adapters with bias='none'")
+    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise LorafitError(
+            f"{directory} was initialised with {config['init_lora_weights']!r}, which changes the base weights; "
+            "convert it to a plain LoRA adapter with peft first"
+        )
+    _check_values(Path(directory) / CONFIG_FILE, config)
+
+
+def _check_values(file: Path, config: dict) -> None:
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise LorafitError(f"{file} has r={rank!r}; it must be a positive integer")
+    if not isinstance(config.get("lora_alpha", 8), (int, float)):
+        raise LorafitError(f"{file} has a non-numeric lora_alpha; fix it")
+    if not isinstance(config.get("target_modules"), (str, list)):
+        raise LorafitError(f"{file} names no target_modules; it is not a LoRA adapter for modules")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise LorafitError(f"{file} has a {key} that is not an object; fix it")
+
+
+def rank_and_alpha(config: dict, path: str, found_rank: int) -> tuple[int, float]:
+    """peft's rank and alpha for one module: a rank_pattern/alpha_pattern entry, else r and lora_alpha."""
+    rank = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+    if rank != found_rank:
+        raise LorafitError(
+            f"{path} has rank {found_rank} in {WEIGHTS_FILE} but {rank} in {CONFIG_FILE}; the adapter is inconsistent"
+        )
+    return rank, alpha
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """peft's lookup: the first key that, as a regex, matches a dotted suffix of the module path."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        except re.error as error:
+            raise LorafitError(f"pattern {key!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
+    return default
+
+
+def check_parts(path: str, variant: str, embedding: bool, tensors: dict[str, torch.Tensor]) -> None:
+    """A DoRA adapter has a magnitude [d_out] for every linear layer and a plain one has none; embeddings stay plain."""
+    wanted = variant == "dora" and not embedding
+    if wanted != ("magnitude" in tensors):
+        fix = "lorafit reads DoRA on linear layers only" if embedding else "re-save the adapter"
+        raise LorafitError(
+            f"{path} {'lacks' if wanted else 'has'} a lora_magnitude_vector but the adapter config says "
+            f"use_dora={variant == 'dora'}; {fix}"
+        )
+    d_out = tensors["B"].shape[0]
+    if wanted and tuple(tensors["magnitude"].shape) != (d_out,):
+        raise LorafitError(f"lora_magnitude_vector of {path} has shape {tuple(tensors['magnitude'].shape)}, "
+                           f"expected ({d_out},); re-save the adapter")
+
+
+def check_table(path: str, table: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """An embedding table saved beside the adapter (peft does) must be the base's own: we never replace it."""
+    if table is None or weight.is_meta:
+        return
+    if table.shape != weight.shape or not torch.equal(table, weight.detach().float()):
+        raise LorafitError(
+            f"the adapter carries its own {path} table, which differs from this base's (a resized vocabulary?); "
+            "lorafit loads adapters onto the base's own tables only"
+        )
+
+
+def check_selected(directory: Path, config: dict, path: str) -> None:
+    """Weights for a module that target_modules does not select would be ignored by peft: refuse them."""
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        try:
+            selected = targets == "all-linear" or re.fullmatch(targets, path) is not None
+        except re.error as error:
+            raise LorafitError(f"target_modules {targets!r} in {CONFIG_FILE} is not a valid regex ({error})") from error
+    else:
+        selected = any(matches_suffix(path, t) for t in targets)
+    if not selected:
+        raise LorafitError(
+            f"{Path(directory) / CONFIG_FILE} target_modules does not select {path}, which has weights; "
+            "fix target_modules"
+        )

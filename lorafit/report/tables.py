@@ -1,0 +1,126 @@
+"""What the terminal shows: parameter and memory tables, evaluation, the end-of-run box, the progress bar."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def info_tables(report: dict) -> list:
+    """Rich renderables for `lorafit info` and the end-of-training summary."""
+    from rich.table import Table
+
+    variant = {"lora": "LoRA", "dora": "DoRA"}.get(report["lora"].get("variant", "lora"), "LoRA")
+    modules = Table(title=f"{variant} targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
+    for column in ("module", "shape (d_out x d_in)", "LoRA params"):
+        modules.add_column(column, justify="right" if column != "module" else "left")
+    rows = report["modules"]
+    shown = rows if len(rows) <= 12 else rows[:6] + [None] + rows[-3:]
+    for row in shown:
+        if row is None:
+            modules.add_row(f"... {len(rows) - 9} more", "", "")
+        else:
+            modules.add_row(row["name"], " x ".join(map(str, row["shape"])), f"{row['lora_params']:,}")
+    modules.add_row(f"[bold]{len(rows)} modules", "", f"[bold]{report['trainable_params']:,}")
+
+    totals = Table(title="Parameters and memory", show_header=False)
+    totals.add_column(justify="left")
+    totals.add_column(justify="right")
+    totals.add_row("trainable", f"{report['trainable_params']:,}")
+    totals.add_row("total", f"{report['total_params']:,}")
+    totals.add_row("trainable ratio", f"{report['trainable_ratio']:.4%}")
+    totals.add_row("adapter on disk", human_bytes(report["adapter_bytes"]))
+    memory = report["memory"]
+    for name, key in (("LoRA", "lora_estimate"), ("full fine-tuning", "full_finetune_estimate")):
+        parts = memory[key]
+        detail = ", ".join(f"{k} {human_bytes(parts[k])}" for k in ("weights", "gradients", "optimizer"))
+        totals.add_row(f"{name} memory (est.)", f"{human_bytes(parts['total'])}  [dim]({detail})")
+    totals.caption = f"Estimates count {memory['counted']}."
+    return [modules, totals]
+
+
+def eval_table(result: dict, title: str = "Evaluation"):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for key in ("loss", "perplexity", "accuracy"):
+        if key in result:
+            table.add_row(key, f"{result[key]:.4f}")
+    table.add_row("examples", f"{result['examples']:,}")
+    return table
+
+
+def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
+    """The end-of-run box: what was trained, how fast, how much memory, and how it scores (and the loss's shape)."""
+    from rich.table import Table
+
+    table = Table(title=f"lorafit run: {run_dir}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("trainable / total params", f"{report['trainable_params']:,} / {report['total_params']:,} ({report['trainable_ratio']:.3%})")
+    table.add_row("adapter on disk", human_bytes(report["adapter_bytes"]))
+    throughput = report["throughput"]
+    table.add_row("steps", f"{throughput['steps']:,} in {throughput['wall_s']:.1f} s")
+    table.add_row("throughput", f"{throughput['tokens_per_s']:,.0f} tokens/s")
+    mfu = throughput.get("mfu")
+    of_peak = f" = {mfu:.1%} MFU of {throughput['peak_tflops']:g}" if mfu is not None else ""
+    table.add_row("model FLOP/s", f"{throughput.get('achieved_tflops', 0.0):.3g} TFLOP/s{of_peak}")
+    memory = report["memory"]
+    table.add_row(f"peak memory ({memory['peak_kind']})", human_bytes(memory["peak_bytes"]))
+    table.add_row(
+        "static estimate LoRA / full FT",
+        f"{human_bytes(memory['lora_estimate']['total'])} / {human_bytes(memory['full_finetune_estimate']['total'])}",
+    )
+    evaluation = report["eval"]
+    before = evaluation.get("before") or {}
+    for key in ("loss", "perplexity", "accuracy"):
+        if key in evaluation:
+            was = f"{before[key]:.4f} -> " if key in before else ""
+            table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
+    if "skipped" in evaluation:
+        table.add_row("eval", f"none: {evaluation['skipped']}")
+    if loss_curve:
+        table.add_row("training loss", loss_curve)
+    table.add_row("device", report["device"])
+    return [table]
+
+
+def print_fitting(console: Console, split) -> None:
+    """A split's rows shortened, cut, split into windows or left out, when there are any."""
+    from lorafit.messages import note
+
+    text = split.note()
+    if text:
+        note(text, console)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=console.quiet,
+    )
+
+
+def print_eval(console: Console, when: str, result: dict) -> None:
+    if "skipped" in result:
+        return  # said once, when the data was read
+    accuracy = f"  accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+    console.print(
+        f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}  ({result['examples']} examples)"
+    )

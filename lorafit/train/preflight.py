@@ -1,0 +1,142 @@
+"""Everything `train` can refuse, checked before the expensive work (tokenizing the data, reading the weights).
+
+The recipe against the model's structure on the meta device (targets, ranks, context length), the label
+words against the tokenizer, the output folder, then — in the main process, holding the folder's lock —
+what the folder's run allows: a fresh start, a resume from a checkpoint verified from its headers, or
+nothing at all because the run is finished.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from lorafit.data.packing import check_packing
+from lorafit.data.plan import global_batch_split
+from lorafit.data.tasks import label_token_ids
+from lorafit.errors import LorafitError
+from lorafit.model.load import (
+    check_context_length,
+    check_safetensors,
+    decoder_blocks,
+    load_config,
+    load_tokenizer,
+    meta_model,
+    resolve_precision,
+    weights_fingerprint,
+)
+from lorafit.model.quantize import require_torchao
+from lorafit.recipe import Recipe
+from lorafit.train import checkpoint, metrics
+from lorafit.train.checkpoint import RunState
+from lorafit.train.optimizer import parameter_groups
+from lorafit.train.processes import all_gather_objects, make_accelerator
+from lorafit.train.resume import check_resume, finished_report
+from lorafit.train.run_folder import RunLock, check_output
+from lorafit.train.step import wrap_targets
+
+
+@dataclass
+class Checked:
+    """What the checks found, for `train.set_up` to build on."""
+
+    accelerator: Accelerator
+    console: Console
+    precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
+    grad_accum: int
+    tokenizer: object
+    state: RunState  # of this launch: model fingerprint, global batch, processes (the data's hash comes later)
+    resume_from: Path | None
+    finished: dict | None  # the report of a finished run that this recipe would not train further
+
+
+def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -> Checked:
+    """Check the recipe, the model, the tokenizer and the run folder; the main process locks the folder (the
+    lock is released when `held` closes). Nothing is tokenized, loaded or written."""
+    settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
+    precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
+    metrics.check_settings(settings)
+    accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
+    world = accelerator.num_processes
+    grad_accum = global_batch_split(settings, world)
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)
+    run_dir = check_output(recipe.output.dir, name)
+    config = load_config(name, trust_remote_code=remote_code)
+    check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
+    check_context_length(config, recipe.data.max_length)
+    if recipe.data.packing:
+        check_packing(config)
+    if recipe.model.quantize != "none":
+        require_torchao()
+    trainable = check_lora(config, recipe)
+    tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
+    if recipe.data.task == "classification":
+        label_token_ids(recipe.data, tokenizer)
+    state = RunState(data_fingerprint="", global_batch=settings.batch_size * grad_accum * world, world_size=world,
+                     model_fingerprint=weights_fingerprint(name, config))
+
+    def decide() -> tuple[dict | None, str | None]:
+        lock = RunLock(run_dir)
+        held.callback(lock.release)
+        finished = finished_report(run_dir, recipe) if resume else None
+        resume_from = None if finished else check_resume(run_dir, recipe, resume, state)
+        if resume_from is not None and recipe.lora.variant == "adalora":
+            raise LorafitError("--resume does not restore AdaLoRA's importance scores yet; start a new run")
+        if resume_from is not None:
+            checkpoint.verify(resume_from, trainable)
+        return finished, str(resume_from) if resume_from else None
+
+    finished, resume_from = on_main(accelerator, decide)
+    if finished is not None:
+        steps = finished["throughput"]["steps"]
+        console.print(
+            f"[yellow]note:[/] {run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
+            f"lorafit train --resume --set train.max_steps=<more than {steps}>", highlight=False, soft_wrap=True
+        )
+    return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
+                   Path(resume_from) if resume_from else None, finished)
+
+
+def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
+    """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
+
+    Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
+    update would no longer be low-rank (and a slice's rows could not all be reached).
+    """
+    model = meta_model(config)
+    lora = recipe.lora
+    layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
+    for path, layer in layers.items():
+        smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
+        if lora.rank > smaller:
+            raise LorafitError(
+                f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
+            )
+    # compile, FSDP and 4-bit weights work block by block
+    if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":
+        decoder_blocks(model)
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    # in the optimizer's order, which its saved state is indexed by
+    return {names[id(p)]: tuple(p.shape) for group in parameter_groups(model, recipe.train) for p in group["params"]}
+
+
+def on_main(accelerator: Accelerator, decide: Callable[[], object]):
+    """`decide()` run by the main process alone; every process gets its result, or raises its error."""
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            outcome = ("ok", decide())
+        except LorafitError as error:
+            if accelerator.num_processes > 1:
+                all_gather_objects(("error", str(error), error.exit_code))
+            raise
+    outcome = all_gather_objects(outcome)[0]
+    if outcome[0] == "error":
+        raise LorafitError(outcome[1], exit_code=outcome[2])
+    return outcome[1]

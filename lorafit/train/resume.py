@@ -1,0 +1,139 @@
+"""What an existing run folder allows: a fresh start, a resume from its newest checkpoint, or nothing (finished).
+
+Every rule compares what the checkpoint recorded (its recipe, base-weight fingerprint, global batch, data
+fingerprint, schedule length) with this launch, and refuses with one line that says what to restore.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
+from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
+
+# Keys that set the schedule's length: a --resume may change them where `check_length` allows it.
+LENGTH_KEYS = {"train.max_steps", "train.epochs"}
+
+
+def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> Path | None:
+    """Every rule about an existing run folder that needs no tokenized data: the checkpoint to resume from, or None.
+
+    A fresh run never overwrites a finished or interrupted one; --resume refuses a recipe that changed a key
+    that matters against the one the checkpoint itself recorded (keys marked resumable may change, and the
+    schedule's length within `check_length`), base weights that changed, and a different global batch
+    (the number of processes may change, the rows of a step may not). `now.data_fingerprint` is not used:
+    `check_continuation` compares it once the data is tokenized.
+    """
+    latest = latest_checkpoint(run_dir)
+    report = _finished_report(run_dir)
+    if not resume:
+        if report is not None:
+            raise LorafitError(
+                f"{run_dir} already holds a run, finished at step {report['throughput']['steps']}; to train it longer "
+                "pass --resume --set train.max_steps=<more>, or give --output for a new run"
+            )
+        if latest is not None or (run_dir / "adapter").exists():
+            where = f" (stopped after {latest.name})" if latest else ""
+            raise LorafitError(f"{run_dir} already holds a run{where}; pass --resume to continue it or --output for a new one")
+        return None
+    if latest is None:
+        if report is not None:
+            raise LorafitError(
+                f"{run_dir} finished without keeping its last step's training state (an older lorafit), so it cannot be "
+                "extended exactly; start a new run with more steps"
+            )
+        raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
+    _check_recipe(checkpoint_recipe(latest, run_dir), recipe, LENGTH_KEYS)
+    saved = read_progress(latest)
+    if saved.model_fingerprint and now.model_fingerprint and saved.model_fingerprint != now.model_fingerprint:
+        raise LorafitError(
+            f"the base model's weights ({recipe.model.name}) differ from those {run_dir} started with; restore them "
+            "to resume, or start a new run"
+        )
+    if saved.global_batch and saved.global_batch != now.global_batch:
+        raise LorafitError(
+            f"{run_dir} ran with a global batch of {saved.global_batch} rows ({saved.world_size} "
+            f"processes) and this launch gives {now.global_batch}; keep batch_size × grad_accum × processes the "
+            "same, e.g. set [train] global_batch"
+        )
+    return latest
+
+
+def finished_report(run_dir: Path, recipe: Recipe) -> dict | None:
+    """The report of a finished run that `recipe` would not train any further (same length keys), else None."""
+    report = _finished_report(run_dir)
+    if report is None:
+        return None
+    saved = checkpoint_recipe(run_dir, run_dir)  # the final adapter/ records the recipe it was trained with
+    if changed_keys(saved, recipe) & LENGTH_KEYS:
+        return None
+    _check_recipe(saved, recipe)
+    return report
+
+
+def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps: int) -> None:
+    """The rules that need the tokenized rows: the same training rows, and a schedule length that may change."""
+    saved = read_progress(folder)
+    if saved.data_fingerprint != now.data_fingerprint:
+        raise LorafitError(
+            f"the training rows differ from those {folder.parent.parent} started with (data file or tokenizer "
+            "changed); restore them to resume, or start a new run"
+        )
+    check_length(checkpoint_step(folder), saved.total_steps, now.total_steps, schedule, warmup_steps)
+
+
+def check_length(step: int, before: int, after: int, schedule: str, warmup_steps: int) -> None:
+    """A run may train to a new step count when every step it has taken had the learning rate it would now have.
+
+    The constant schedule's rate does not depend on the length, nor does any schedule's during warmup; after
+    warmup a decaying schedule's rate at every step does, so its steps so far would not be those of one run.
+    """
+    if after == before:
+        return
+    key = "train.max_steps (or train.epochs)"
+    if not before:
+        raise LorafitError(f"{key} changed, and this checkpoint predates extending runs; restore it to resume")
+    if after < step:
+        raise LorafitError(f"{key} gives {after} steps but the run is at step {step}; give at least {step}")
+    if schedule != "constant" and step > warmup_steps:
+        raise LorafitError(
+            f"{key} changed from {before} to {after} steps, but the {schedule} schedule's learning rate after warmup "
+            f"depends on the step count, so the {step} steps taken would not be those of one run of {after}; "
+            "restore it to resume, or start a new run (schedule = 'constant' runs can be extended)"
+        )
+
+
+def checkpoint_recipe(folder: Path, run_dir: Path) -> Recipe:
+    """The recipe `folder`'s adapter was trained with (its lorafit.json), else the run's recipe.toml."""
+    facts = Path(folder) / "adapter" / "lorafit.json"
+    try:
+        raw = json.loads(facts.read_text())["extra"]["recipe"] if facts.is_file() else None
+        if raw is None and (Path(run_dir) / "recipe.toml").is_file():
+            return load_recipe(Path(run_dir) / "recipe.toml")
+        if raw is None:
+            raise ValueError("it records no recipe")
+        return validate(raw, where=str(facts))
+    except (OSError, ValueError, KeyError, TypeError, LorafitError) as error:
+        raise unreadable(Path(folder), error) from error
+
+
+def _check_recipe(saved: Recipe, recipe: Recipe, allowed: set[str] = frozenset()) -> None:
+    changed = changed_keys(saved, recipe) - resumable_keys() - allowed
+    if changed:
+        key = sorted(changed)[0]
+        raise LorafitError(f"recipe key {key} changed since the run started; restore it to resume, or start a new run")
+
+
+def _finished_report(run_dir: Path) -> dict | None:
+    """report.json of a run whose final adapter and report were both written, else None."""
+    path = Path(run_dir) / "report.json"
+    if not (path.is_file() and (Path(run_dir) / "adapter").is_dir()):
+        return None
+    try:
+        report = json.loads(path.read_text())
+        report["throughput"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report

@@ -1,0 +1,108 @@
+"""What one training step is, apart from the loop: the model wrapped for LoRA and set up for the launch, and
+one AdamW step over a rank's micro-batches (bench/run.py times this too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from lorafit.data.batches import supervised_count
+from lorafit.lora.adalora import inject_adalora
+from lorafit.lora.linear import LoRALinear
+from lorafit.model.inject import inject_lora, stores_transposed
+from lorafit.model.load import decoder_blocks, enable_checkpointing, fuse_activations
+from lorafit.model.loss import SupervisedLoss
+from lorafit.model.quantize import quantize_blocks
+from lorafit.recipe import LoraSection, TrainSection
+from lorafit.train.optimizer import build_optimizer
+from lorafit.train.processes import shard_model
+
+
+def prepare_model(
+    model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False,
+    quantize: str = "none",
+) -> dict[str, LoRALinear]:
+    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
+    layers = wrap_targets(model, lora)
+    if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
+        quantize_blocks(model, decoder_blocks(model), stores_transposed)
+    fuse_activations(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    if compile:
+        # Block by block, as torchtune does: every block shares one compiled graph, and the loss code
+        # that calls the trunk and the head separately stays as it is.
+        for block in decoder_blocks(model):
+            block.compile()
+    return layers
+
+
+def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: TrainSection, total_steps: int):
+    """(scorer, optimizer, scheduler) for the launch: DDP, or FSDP2 shards with the optimizer built after them.
+
+    The scheduler is not given to accelerate, which would step it once per process per optimizer step.
+    """
+    if settings.parallel == "fsdp" and accelerator.num_processes > 1:
+        blocks = decoder_blocks(scorer.model)
+        scorer = shard_model(scorer, blocks, accelerator.device)
+        optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
+        return scorer, accelerator.prepare_optimizer(optimizer), scheduler
+    optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    return scorer, optimizer, scheduler
+
+
+def wrap_targets(model: nn.Module, lora: LoraSection) -> dict:
+    """The recipe's LoRA layers (of its variant) in place of the targets; {module path: layer}."""
+    if lora.variant == "adalora":
+        return inject_adalora(model, lora)
+    return inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
+                       use_rslora=lora.use_rslora, variant=lora.variant)
+
+
+def optimizer_step(
+    accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
+    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None, norms: list | None = None,
+    after_backward: Callable | None = None, after_step: Callable | None = None,
+) -> torch.Tensor:
+    """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
+
+    The loss stays on the device (a 0-d tensor): reading it would make the host wait for the step to finish.
+
+    Every token of the step weighs alike, whichever rank or micro-batch holds it: each micro-batch's summed
+    loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
+    of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
+    of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
+    data-set rows (its "rows" entry) before its forward. `after_backward()` may add to the gradients (AdaLoRA's
+    penalty) before clipping; `after_step()` sees the updated weights and their gradients (AdaLoRA's pruning).
+    Where the gradient is clipped, its norm before clipping (a device tensor) is appended to `norms`.
+    """
+    if supervised is None:
+        supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
+    scale = accelerator.num_processes / max(supervised, 1)
+    total_loss = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(micro_batches):
+        inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
+        if key_dropout is not None:
+            key_dropout(batch.get("rows", []), inputs["input_ids"].shape)
+        last = index == len(micro_batches) - 1
+        with (nullcontext() if last else accelerator.no_sync(scorer)), accelerator.autocast():
+            summed = scorer(**inputs)
+        accelerator.backward(summed * scale)
+        total_loss += summed.detach() / max(supervised, 1)
+    if after_backward is not None:
+        after_backward()
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+        if norms is not None:
+            norms.append(norm)
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss

@@ -1,0 +1,110 @@
+"""AdaLoRA: the rank budget follows the paper's cubic schedule step by step, and the exported plain LoRA with
+per-module ranks gives lorafit's own logits, loaded by lorafit and by peft (rank_pattern)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_same, logits, supervised_rows, tiny_model
+from torch.optim.lr_scheduler import LambdaLR
+
+from lorafit.adapter.load import load_adapter
+from lorafit.adapter.save import save_adapter
+from lorafit.data.batches import collate
+from lorafit.errors import LorafitError
+from lorafit.lora.adalora import AdaLoRALinear, rank_allocator
+from lorafit.recipe import LoraSection, load_recipe
+from lorafit.train.step import optimizer_step, prepare_model
+
+peft = pytest.importorskip("peft")
+TOTAL, TINIT, TFINAL = 10, 2, 3
+LORA = LoraSection(variant="adalora", init_rank=6, target_rank=2, tinit=TINIT, tfinal=TFINAL, delta_t=1, alpha=8,
+                   dropout=0.0, targets=["q", "v", "down"])
+
+
+def expected_budget(step: int, initial: int, target: int) -> int:
+    """Zhang et al. 2023, eq. (10): b(t) = b_T + (b_0 - b_T)(1 - (t - t_i)/(T - t_i - t_f))^3 between the phases."""
+    if step <= TINIT:
+        return initial
+    if step > TOTAL - TFINAL:
+        return target
+    return int(target + (initial - target) * (1 - (step - TINIT) / (TOTAL - TINIT - TFINAL)) ** 3)
+
+
+def trained_adalora(arch: str = "gpt2") -> tuple[torch.nn.Module, dict, list[int]]:
+    """A tiny model trained TOTAL steps with AdaLoRA; returns it, its layers and the kept triplets after each step."""
+    from accelerate import Accelerator
+
+    from lorafit.model.loss import SupervisedLoss
+
+    model = tiny_model(arch)
+    layers = prepare_model(model, LORA)
+    ranks = rank_allocator(layers, LORA, TOTAL)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
+    scheduler = LambdaLR(optimizer, lambda step: 1.0)
+    batch = collate(supervised_rows(), pad_id=1)
+    scorer.train()
+    kept = []
+    for step in range(TOTAL):
+        optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0,
+                       after_backward=ranks.orthogonality_gradients, after_step=lambda: ranks.after_step(step + 1))
+        kept.append(sum(int((layer.lora_E != 0).sum()) for layer in layers.values()))
+    return model.eval(), layers, kept
+
+
+def test_rank_budget_follows_the_cubic_schedule_every_step():
+    _, layers, kept = trained_adalora()
+    slices = sum(len(layer.slice_sizes) for layer in layers.values())  # q and v of c_attn, mlp.c_proj: 3 a block
+    assert slices == 6
+    expected = [expected_budget(step, slices * 6, slices * 2) for step in range(1, TOTAL + 1)]
+    assert kept == expected
+    assert expected[0] > expected[TINIT + 1] > expected[-1]  # the schedule really prunes
+
+
+def test_exported_adapter_has_per_module_ranks_and_lorafits_logits_in_lorafit_and_peft(tmp_path, tokens):
+    model, layers, _ = trained_adalora()
+    expected = logits(model, tokens)
+    save_adapter(model, tmp_path, base_model="tiny", targets=LORA.targets)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    ranks = {path: max(int((layer.lora_E != 0).sum()), 1) for path, layer in layers.items()}
+    assert len(set(ranks.values())) > 1 and config["rank_pattern"]  # ranks differ, so peft needs the pattern
+
+    ours = tiny_model("gpt2")
+    loaded = load_adapter(ours, tmp_path)
+    assert {path: layer.lora_A.shape[0] for path, layer in loaded.items()} == ranks
+    assert_same(logits(ours, tokens), expected)
+    theirs = peft.PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path).eval()
+    assert_same(logits(theirs, tokens), expected)
+
+
+def test_adalora_layer_is_base_plus_scaled_p_lambda_q(tokens):
+    layer = AdaLoRALinear(torch.nn.Linear(16, 8), 4, 8.0)
+    with torch.no_grad():
+        layer.lora_E.copy_(torch.tensor([0.5, 0.0, -1.0, 2.0]))
+    x = torch.randn(3, 16)
+    dense = layer.base.weight + (8.0 / 4) * layer.lora_B @ torch.diag(layer.lora_E) @ layer.lora_A
+    torch.testing.assert_close(layer(x), x @ dense.t() + layer.base.bias)
+    a, b = layer.plain_lora_weights()
+    assert a.shape == (3, 16) and b.shape == (8, 3)  # the pruned triplet is not exported
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"variant": "adalora", "init_rank": 4, "target_rank": 8}, "target_rank = 8 is above init_rank = 4"),
+        ({"variant": "adalora", "init": "pissa"}, "init = 'pissa' is defined for variant = 'lora' only"),
+    ],
+)
+def test_undefined_adalora_combinations_are_refused(tiny_recipe, lora, message):
+    with pytest.raises(LorafitError, match=message):
+        load_recipe(tiny_recipe(lora=lora))
+
+
+def test_schedule_without_steps_to_prune_is_refused():
+    layers = prepare_model(tiny_model("gpt2"), LORA)
+    with pytest.raises(LorafitError, match="tinit \\+ tfinal"):
+        rank_allocator(layers, LORA, TINIT + TFINAL)

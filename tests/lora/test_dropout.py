@@ -1,0 +1,112 @@
+"""LoRA dropout keyed by the row: a row gets the same masks whichever process or micro-batch computes it."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+from conftest import supervised_rows, tiny_model
+
+from lorafit.data.batches import collate
+from lorafit.lora.dropout import dropout_keys, keyed_keep_mask, set_dropout_keys
+from lorafit.lora.linear import LoRALinear
+from lorafit.model.inject import inject_lora, lora_layers
+from lorafit.model.loss import SupervisedLoss
+from lorafit.recipe import LoraSection
+from lorafit.train.step import optimizer_step, prepare_model
+
+P = 0.3
+
+
+def masks(seed: int, step: int, rows: list[int], length: int, salt: int = 0, features: int = 64) -> torch.Tensor:
+    return keyed_keep_mask(dropout_keys(seed, step, rows, length, torch.device("cpu")), salt, features, P)
+
+
+def test_a_rows_mask_is_the_same_wherever_it_sits_and_however_it_is_padded():
+    together = masks(1, 3, [5, 9, 1], length=20)
+    alone = masks(1, 3, [9], length=12)
+    assert torch.equal(alone[0], together[1, :12])
+
+
+@pytest.mark.parametrize("change", ["seed", "step", "row", "salt"])
+def test_masks_differ_between_seeds_steps_rows_and_layers(change):
+    base = {"seed": 1, "step": 3, "rows": [5], "length": 16, "salt": 0}
+    other = {**base, **{"seed": {"seed": 2}, "step": {"step": 4}, "row": {"rows": [6]}, "salt": {"salt": 1}}[change]}
+    assert not torch.equal(masks(**base), masks(**other))
+
+
+def test_keep_rate_is_one_minus_p_and_positions_differ():
+    mask = masks(7, 0, list(range(64)), length=64, features=256)
+    assert mask.float().mean().item() == pytest.approx(1 - P, abs=0.005)
+    assert not torch.equal(mask[:, 0], mask[:, 1])
+
+
+def test_keyed_layer_scales_kept_inputs_and_zeroes_dropped_ones():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8, dropout=P).train()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 16)
+    set_dropout_keys([layer], seed=1, step=2, rows=[3, 4], shape=(2, 5))
+    keep = keyed_keep_mask(dropout_keys(1, 2, [3, 4], 5, x.device), 0, 16, P)
+    expected = layer.base(x) + layer.scaling * ((x * keep / (1 - P)) @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), layer(x))  # the same keys give the same masks
+
+
+def moved(model, micro_batches: list[list[int]], data: list[dict]) -> dict[str, torch.Tensor]:
+    """How far one SGD step at lr 1 on these micro-batches moves each LoRA weight: minus its gradient."""
+    from accelerate import Accelerator
+
+    model = copy.deepcopy(model).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = Accelerator(cpu=True)
+    scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
+    batches = [{**collate([data[i] for i in indices], pad_id=1), "rows": indices} for indices in micro_batches]
+    key_dropout = partial(set_dropout_keys, lora_layers(model).values(), 5, 0)
+    optimizer_step(accelerator, scorer, optimizer, scheduler, batches, max_grad_norm=0.0, key_dropout=key_dropout)
+    return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_model(**switches) -> torch.nn.Module:
+    model = tiny_model("gpt2")
+    prepare_model(model, LoraSection(rank=2, alpha=4, dropout=P, targets=["q", "v"]), **switches)
+    lora_dropouts = {id(layer.dropout) for layer in lora_layers(model).values()}
+    for module in model.modules():  # GPT-2's own dropout off: only LoRA's is under test
+        if isinstance(module, torch.nn.Dropout) and id(module) not in lora_dropouts:
+            module.p = 0.0
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(2))
+    return model
+
+
+def test_one_batch_of_eight_moves_the_weights_as_two_micro_batches_of_four_with_dropout_on():
+    model, data = lora_model(), supervised_rows()
+    whole = moved(model, [[0, 1, 2, 3, 4, 5, 6, 7]], data)
+    split = moved(model, [[6, 1, 3, 0], [2, 7, 5, 4]], data)
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, rtol=1e-4, atol=1e-7)
+    without_dropout = copy.deepcopy(model)
+    for layer in lora_layers(without_dropout).values():
+        layer.dropout.p = 0.0
+    undropped = moved(without_dropout, [[0, 1, 2, 3, 4, 5, 6, 7]], data)
+    assert any(not torch.allclose(undropped[name], grad) for name, grad in whole.items())  # dropout was on
+
+
+def test_recomputed_checkpointed_activations_see_the_same_masks():
+    data = supervised_rows()
+    plain = moved(lora_model(), [[0, 1, 2, 3]], data)
+    checkpointed = moved(lora_model(gradient_checkpointing=True), [[0, 1, 2, 3]], data)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_layers_without_dropout_are_left_unkeyed():
+    model = tiny_model("gpt2")
+    layers = inject_lora(model, ["q", "v"], rank=2, alpha=4, dropout=0.0)
+    set_dropout_keys(layers.values(), 1, 0, [0], (1, 4))
+    assert all(layer.dropout_keys is None for layer in layers.values())
