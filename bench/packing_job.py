@@ -1,6 +1,6 @@
 """Job k of `make bench`: the same completion rows trained by lorafit padded (length-grouped) and packed.
 
-Both are lorafit's own training step (`lorafit.train.step.optimizer_step`) on copies of one model; only the batches
+Both are lorafit's own training step (`lorafit.train.step.train_step`) on copies of one model; only the batches
 differ: rows padded to the longest of their batch, or `lorafit.data.packing` sequences with restarting position ids.
 Steps alternate padded, packed, ... so machine noise falls on both alike; tokens/s counts real tokens only.
 """

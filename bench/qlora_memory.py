@@ -38,7 +38,7 @@ from lorafit.model.loss import SupervisedLoss
 from lorafit.model.quantize import require_torchao
 from lorafit.recipe import LoraSection, TrainSection  # noqa: E402
 from lorafit.train.optimizer import build_optimizer
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 
 def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_size: int) -> dict:
@@ -58,7 +58,7 @@ def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reset_peak_rss()
-    losses = [optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0).item()
+    losses = [train_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0)[0].item()
               for _ in range(steps)]
     if device.type == "cuda":
         return {"quantize": quantize, "peak_bytes": torch.cuda.max_memory_allocated(device), "losses": losses,

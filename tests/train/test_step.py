@@ -16,7 +16,7 @@ from lorafit.data.tasks import IGNORE
 from lorafit.model.inject import inject_lora, lora_layers
 from lorafit.model.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 
 def randomize_b(model: torch.nn.Module) -> None:
@@ -56,7 +56,7 @@ def independent_gradient(model: torch.nn.Module, rows: list[dict]) -> tuple[floa
 
 
 def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, dict]:
-    """Run `optimizer_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient."""
+    """Run `train_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient."""
     from accelerate import Accelerator
 
     model = copy.deepcopy(model)
@@ -65,9 +65,9 @@ def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: f
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Accelerator()
     scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
-    loss = optimizer_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm).item()
+    loss, _ = train_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm)
     after = dict(model.named_parameters())
-    return loss, {n: before[n] - after[n].detach() for n in before}
+    return loss.item(), {n: before[n] - after[n].detach() for n in before}
 
 
 # ---------------------------------------------------------------- accumulation and clipping
@@ -152,7 +152,7 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, 
     from lorafit.recipe import load_recipe
 
     reads = []
-    real_step = train_module.optimizer_step
+    real_step = train_module.train_step
 
     class Counted(torch.Tensor):
         def item(self):
@@ -160,9 +160,10 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, 
             return super().item()
 
     def counted_step(*args, **kwargs):
-        return real_step(*args, **kwargs).as_subclass(Counted)
+        loss, grad_norm = real_step(*args, **kwargs)
+        return loss.as_subclass(Counted), grad_norm
 
-    monkeypatch.setattr(train_module, "optimizer_step", counted_step)
+    monkeypatch.setattr(train_module, "train_step", counted_step)
     recipe = load_recipe(tiny_recipe(train={"max_steps": 8, "log_every": 4, "save_every": 0, "batch_size": 2},
                                      data={"max_eval_examples": 2}))
     train_module.train(recipe, console=Console(file=io.StringIO()))
