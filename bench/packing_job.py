@@ -80,7 +80,7 @@ def run_packing(args, console, *, model_config, base_model, build_lorafit, make_
     config._attn_implementation = args.attention
     rows = completion_rows(config.vocab_size, args.steps * PADDED_BATCH, "measured")
     warmup = completion_rows(config.vocab_size, args.warmup * PADDED_BATCH, "warmup")
-    base = base_model(config)
+    base = base_model(config, device)
     numerics = same_loss(copy.deepcopy(base).to(device), rows)
     console.print(f"job k: summed loss padded {numerics['losses']['padded']:.4f}, packed "
                   f"{numerics['losses']['packed']:.4f}", highlight=False)

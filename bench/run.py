@@ -30,6 +30,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import peft
@@ -812,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for key in args.jobs.split(","):
         if key == "k":
-            results.append(run_packing(args, console, model_config=model_config, base_model=base_model,
+            gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
+            results.append(run_packing(args, console, model_config=gpt2_small, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
