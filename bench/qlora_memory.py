@@ -42,13 +42,13 @@ from lorafit.train.step import prepare_model, train_step
 
 
 def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_size: int) -> dict:
-    config = model_config(quick)
-    job = define_jobs(quick)["a"]
+    job = define_jobs(quick, gpu=device.type == "cuda")["a"]
+    config = model_config(job, quick)
     rows = make_rows(job, config.vocab_size, 64, "measured")
     batch = collate([rows[i] for i in worst_case_batch(rows, batch_size)], config.eos_token_id)
     require_torchao()  # both settings import it before the baseline, so neither counts the library
     baseline = read_status_kib("VmRSS")
-    model = base_model(config).to(torch.bfloat16)
+    model = base_model(config, torch.device("cpu")).to(torch.bfloat16)
     prepare_model(model, LoraSection(rank=8, alpha=16, dropout=0.0, targets=["q", "v"]), quantize=quantize)
     accelerator = make_accelerator(device)
     optimizer, scheduler = build_optimizer(model, TrainSection(lr=1e-4, schedule="constant", seed=SEED), 1)
