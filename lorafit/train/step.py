@@ -3,7 +3,7 @@ one AdamW step over a rank's micro-batches (bench/run.py times this too)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 from contextlib import nullcontext
 
 import torch
@@ -67,7 +67,7 @@ def wrap_targets(model: nn.Module, lora: LoraSection) -> dict:
 
 def train_step(
     accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *, step: int = 0,
-    max_grad_norm: float, supervised: int | None = None, layers: Iterable[nn.Module] = (), seed: int = 0,
+    max_grad_norm: float, supervised: int | None = None, layers: Collection[nn.Module] = (), seed: int = 0,
     ranks: RankAllocator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One AdamW step over this rank's micro-batches: (this rank's part of the step's mean token loss, the
