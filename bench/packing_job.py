@@ -1,6 +1,6 @@
 """Job k of `make bench`: the same completion rows trained by lorafit padded (length-grouped) and packed.
 
-Both are lorafit's own training step (`lorafit.train.step.optimizer_step`) on copies of one model; only the batches
+Both are lorafit's own training step (`lorafit.train.step.train_step`) on copies of one model; only the batches
 differ: rows padded to the longest of their batch, or `lorafit.data.packing` sequences with restarting position ids.
 Steps alternate padded, packed, ... so machine noise falls on both alike; tokens/s counts real tokens only.
 """
@@ -80,7 +80,7 @@ def run_packing(args, console, *, model_config, base_model, build_lorafit, make_
     config._attn_implementation = args.attention
     rows = completion_rows(config.vocab_size, args.steps * PADDED_BATCH, "measured")
     warmup = completion_rows(config.vocab_size, args.warmup * PADDED_BATCH, "warmup")
-    base = base_model(config)
+    base = base_model(config, device)
     numerics = same_loss(copy.deepcopy(base).to(device), rows)
     console.print(f"job k: summed loss padded {numerics['losses']['padded']:.4f}, packed "
                   f"{numerics['losses']['packed']:.4f}", highlight=False)

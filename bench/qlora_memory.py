@@ -38,17 +38,17 @@ from lorafit.model.loss import SupervisedLoss
 from lorafit.model.quantize import require_torchao
 from lorafit.recipe import LoraSection, TrainSection  # noqa: E402
 from lorafit.train.optimizer import build_optimizer
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 
 def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_size: int) -> dict:
-    config = model_config(quick)
-    job = define_jobs(quick)["a"]
+    job = define_jobs(quick, gpu=device.type == "cuda")["a"]
+    config = model_config(job, quick)
     rows = make_rows(job, config.vocab_size, 64, "measured")
     batch = collate([rows[i] for i in worst_case_batch(rows, batch_size)], config.eos_token_id)
     require_torchao()  # both settings import it before the baseline, so neither counts the library
     baseline = read_status_kib("VmRSS")
-    model = base_model(config).to(torch.bfloat16)
+    model = base_model(config, torch.device("cpu")).to(torch.bfloat16)
     prepare_model(model, LoraSection(rank=8, alpha=16, dropout=0.0, targets=["q", "v"]), quantize=quantize)
     accelerator = make_accelerator(device)
     optimizer, scheduler = build_optimizer(model, TrainSection(lr=1e-4, schedule="constant", seed=SEED), 1)
@@ -58,7 +58,7 @@ def measure(quantize: str, steps: int, quick: bool, device: torch.device, batch_
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reset_peak_rss()
-    losses = [optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0).item()
+    losses = [train_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0)[0].item()
               for _ in range(steps)]
     if device.type == "cuda":
         return {"quantize": quantize, "peak_bytes": torch.cuda.max_memory_allocated(device), "losses": losses,

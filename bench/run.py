@@ -47,12 +47,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lorafit.data.batches import collate
 from lorafit.data.plan import StepRows
-from lorafit.lora.dropout import set_dropout_keys
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report.throughput import peak_for_name, training_flops_per_token
 from lorafit.train.optimizer import build_optimizer
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 SEED = 0
 RANK, ALPHA, DROPOUT = 8, 16, 0.05
@@ -75,7 +74,7 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches."
+        "default implementation. lorafit runs lorafit.train.step.train_step on its length-grouped batches."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
@@ -231,9 +230,8 @@ def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: 
     def step(rows: list[dict]) -> tuple[float, int]:
         # Dropout keyed by (step, row) as in training; the bench's rows have no data-set index, so their place.
         batch = {**collate(rows, pad_id), "rows": list(range(len(rows)))}
-        key_dropout = partial(set_dropout_keys, layers.values(), SEED, next(steps))
-        loss = optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=MAX_GRAD_NORM,
-                              key_dropout=key_dropout)
+        loss, _ = train_step(accelerator, scorer, optimizer, scheduler, [batch], step=next(steps),
+                             max_grad_norm=MAX_GRAD_NORM, layers=layers.values(), seed=SEED)
         return loss.item(), sum(len(row["input_ids"]) for row in rows)  # read every step, as the plain loops do
 
     def first_loss(batch: dict) -> float:
@@ -815,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for key in args.jobs.split(","):
         if key == "k":
-            results.append(run_packing(args, console, model_config=model_config, base_model=base_model,
+            gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
+            results.append(run_packing(args, console, model_config=gpt2_small, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))

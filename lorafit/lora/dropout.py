@@ -6,9 +6,11 @@ on the number of processes. Hashes work on 32-bit values held in int64. No Huggi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 M32 = 0xFFFFFFFF  # hashes below work on 32-bit values held in int64: a product never overflows 63 bits
 
@@ -32,30 +34,49 @@ def dropout_keys(seed: int, step: int, rows: Sequence[int], length: int, device:
     return _mix32(key[:, None] ^ torch.arange(length, device=device))
 
 
-def keyed_keep_mask(keys: torch.Tensor, salt: int, features: int, p: float) -> torch.Tensor:
-    """[*keys.shape, features] booleans, True with probability 1 - p, a pure function of (key, salt, feature).
+def layer_keys(keys: torch.Tensor, salt: int) -> torch.Tensor:
+    """One layer's keys: the position keys mixed with the layer's salt, so that no two layers share masks."""
+    return _mix32(keys ^ (salt & M32))
 
-    The position's key times an odd per-feature multiplier, then one xorshift-multiply round: as fast as
+
+def keep_mask(keys: torch.Tensor, features: int, p: float) -> torch.Tensor:
+    """[*keys.shape, features] booleans, True with probability 1 - p, a pure function of (layer key, feature).
+
+    The layer's key times an odd per-feature multiplier, then one xorshift-multiply round: as fast as
     torch's own dropout on a CPU, with no correlation between features above sampling noise.
     """
-    position = _mix32(keys ^ (salt & M32))[..., None]
     multiplier = (_mix32(torch.arange(features, device=keys.device) + 0x9E3779B1 & M32) >> 1) | 1
-    h = (position * multiplier) & M32
+    h = (keys[..., None] * multiplier) & M32
     h = ((h >> 15) ^ h) * 0x2C1B3C6D & M32
     return h >= int(p * 2**32)
 
 
-def set_dropout_keys(layers, seed: int, step: int, rows: Sequence[int], shape: Sequence[int]) -> None:
-    """Key the dropout of every layer for the next forward of a [batch, length] batch of `rows`.
+_keyed: dict[nn.Module, torch.Tensor] = {}  # layer -> its keys [batch, length], while a keyed_dropout block is open
 
+
+@contextmanager
+def keyed_dropout(layers: Iterable[nn.Module], seed: int, step: int, rows: Sequence[int], shape: Sequence[int]):
+    """Inside the block, the LoRA dropout of `layers` on a [batch, length] batch of `rows` is keyed by
+    (seed, step, row, position, the layer's place in `layers`).
+
+    Hold it over the backward too: gradient checkpointing recomputes the forward there, with the same masks.
     Rows past len(rows) (the one row of an empty micro-batch) get keys too; their masks touch no loss.
-    A layer keeps its keys through backward, so recomputed (checkpointed) activations see the same masks.
     """
     layers = list(layers)
-    if not layers or not any(getattr(layer.dropout, "p", 0.0) for layer in layers):
+    if not any(getattr(layer.dropout, "p", 0.0) for layer in layers):
+        yield
         return
     batch, length = shape
     rows = list(rows) + [-1] * (batch - len(rows))
     keys = dropout_keys(seed, step, rows, length, layers[0].lora_A.device)
-    for salt, layer in enumerate(layers):
-        layer.dropout_keys, layer.dropout_salt = keys, salt
+    _keyed.update((layer, layer_keys(keys, salt)) for salt, layer in enumerate(layers))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            _keyed.pop(layer, None)
+
+
+def keys_for(layer: nn.Module) -> torch.Tensor | None:
+    """`layer`'s keys inside a keyed_dropout block that names it, else None (then its dropout is torch's own)."""
+    return _keyed.get(layer)

@@ -30,7 +30,6 @@ class LoRAEmbedding(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout = nn.Identity()  # as peft: no dropout on token ids
-        self.dropout_keys = None
         self.merged = False
         vocab, d = base.weight.shape
         self.slice_sizes = [d]

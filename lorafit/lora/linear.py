@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora.dropout import keyed_keep_mask
+from lorafit.lora.dropout import keep_mask, keys_for
 from lorafit.lora.inits import SVD_INITS, against_original, start_from_principal
 
 INITS = ("kaiming", "gaussian", *SVD_INITS)
@@ -78,8 +78,6 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.use_rslora = use_rslora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.dropout_keys: torch.Tensor | None = None  # [batch, length], set by set_dropout_keys before a forward
-        self.dropout_salt = 0  # tells this layer's masks from the other layers'
         self.merged = False
 
         d_out, d_in = self.weight_shape
@@ -174,12 +172,12 @@ class LoRALinear(nn.Module):
         return out + (F.linear(z, b) * self.scaling).to(out.dtype)
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
-        """Dropout on the LoRA branch's input: masks keyed by (row, position) when keys are set, else random."""
+        """Dropout on the LoRA branch's input: masks keyed by (row, position) inside `keyed_dropout`, else random."""
         p = getattr(self.dropout, "p", 0.0)
-        keys = self.dropout_keys
-        if not self.training or p == 0 or keys is None or keys.shape != x.shape[:-1]:
+        keys = keys_for(self) if self.training and p > 0 else None
+        if keys is None or keys.shape != x.shape[:-1]:
             return self.dropout(x)
-        keep = keyed_keep_mask(keys, self.dropout_salt, x.shape[-1], p)
+        keep = keep_mask(keys, x.shape[-1], p)
         # where() saves only the boolean mask for backward, as nn.Dropout does.
         return torch.where(keep, x * (1.0 / (1.0 - p)), x.new_zeros(()))
 

@@ -148,12 +148,9 @@ class SupervisedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask=None, labels=None, positions=None, targets=None, per_row: bool = False,
-                position_ids=None):
-        """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability."""
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
-        if positions is not None:
-            batch.update(positions=positions, targets=targets)
-        if per_row:
-            return sequence_logprobs(self.model, batch)
-        return loss_sum(self.model, batch)[0]
+    def forward(self, per_row: bool = False, **batch) -> torch.Tensor:
+        """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability.
+
+        `batch` as collated: input_ids, attention_mask, labels, and optionally positions/targets, position_ids.
+        """
+        return sequence_logprobs(self.model, batch) if per_row else loss_sum(self.model, batch)[0]

@@ -116,6 +116,9 @@ def training_flops_per_token(
       length attention runs over, not halved for the causal mask (PaLM's convention); H·Q = heads × head_dim.
     - output head, 4·d·V on the supervised fraction of positions only: lorafit runs it only where labels are.
     - LoRA matmuls, 6 × their parameter count: they train, so forward, activation and weight gradients.
+    Model FLOPs, not work done: q/v slices of a fused projection run B with zero blocks, and a plain step skips the
+    input gradient of the first block's projections below every adapter. tests/report/test_throughput.py checks
+    the rest against torch's FlopCounterMode on a real step.
     """
     if not 0.0 <= supervised_fraction <= 1.0:
         raise ValueError(f"supervised_fraction must be in [0, 1], got {supervised_fraction}")

@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_split
 from lorafit.lora.adalora import RankAllocator, rank_allocator
-from lorafit.lora.dropout import set_dropout_keys
 from lorafit.lora.linear import LoRALinear
 from lorafit.messages import note
 from lorafit.model.load import load_model
@@ -48,7 +46,7 @@ from lorafit.train.preflight import Checked, check_run
 from lorafit.train.processes import StopRequest, any_rank, stop_on_signals
 from lorafit.train.resume import check_continuation
 from lorafit.train.run_folder import mark
-from lorafit.train.step import distribute, optimizer_step, prepare_model
+from lorafit.train.step import distribute, prepare_model, train_step
 
 
 @dataclass
@@ -204,13 +202,10 @@ def run_steps(run: Run, stop: StopRequest) -> None:
             step_rows, micro = upcoming.result()
             if step + 1 < run.total_steps:  # collate the next step while this one runs
                 upcoming = prefetch.submit(_micro_batches, run, step + 1)
-            norms = []
-            local_loss = optimizer_step(
-                accelerator, run.scorer, run.optimizer, run.scheduler, micro, max_grad_norm=settings.max_grad_norm,
-                supervised=sum(run.supervised[i] for i in step_rows),
-                key_dropout=partial(set_dropout_keys, run.layers.values(), settings.seed, step), norms=norms,
-                after_backward=run.ranks and run.ranks.orthogonality_gradients,
-                after_step=run.ranks and partial(run.ranks.after_step, step + 1),
+            local_loss, grad_norm = train_step(
+                accelerator, run.scorer, run.optimizer, run.scheduler, micro, step=step,
+                max_grad_norm=settings.max_grad_norm, supervised=sum(run.supervised[i] for i in step_rows),
+                layers=run.layers.values(), seed=settings.seed, ranks=run.ranks,
             )
             done = step + 1
             logged = done % settings.log_every == 0 or done == run.total_steps
@@ -220,7 +215,7 @@ def run_steps(run: Run, stop: StopRequest) -> None:
             tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
             state.tokens += tokens
             state.train_seconds += time.perf_counter() - step_start
-            window.add(local_loss, norms[0] if norms else None, tokens)
+            window.add(local_loss, grad_norm, tokens)
             if logged or saving:  # the one read of the loss from the device, and every rank's agreement on it
                 loss = window.mean_loss()
                 _check_finite(run, loss, done)

@@ -3,7 +3,7 @@ one AdamW step over a rank's micro-batches (bench/run.py times this too)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection
 from contextlib import nullcontext
 
 import torch
@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from lorafit.data.batches import supervised_count
-from lorafit.lora.adalora import inject_adalora
+from lorafit.lora.adalora import RankAllocator, inject_adalora
+from lorafit.lora.dropout import keyed_dropout
 from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import inject_lora, stores_transposed
 from lorafit.model.load import decoder_blocks, enable_checkpointing, fuse_activations
@@ -64,45 +65,40 @@ def wrap_targets(model: nn.Module, lora: LoraSection) -> dict:
                        use_rslora=lora.use_rslora, variant=lora.variant)
 
 
-def optimizer_step(
-    accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *,
-    max_grad_norm: float, supervised: int | None = None, key_dropout: Callable | None = None, norms: list | None = None,
-    after_backward: Callable | None = None, after_step: Callable | None = None,
-) -> torch.Tensor:
-    """One AdamW step over this rank's micro-batches; returns this rank's part of the step's mean token loss.
+def train_step(
+    accelerator: Accelerator, scorer: nn.Module, optimizer, scheduler, micro_batches: list[dict], *, step: int = 0,
+    max_grad_norm: float, supervised: int | None = None, layers: Collection[nn.Module] = (), seed: int = 0,
+    ranks: RankAllocator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One AdamW step over this rank's micro-batches: (this rank's part of the step's mean token loss, the
+    gradient's norm before clipping, or None without clipping). Both stay on the device: reading one makes the
+    host wait for the step.
 
-    The loss stays on the device (a 0-d tensor): reading it would make the host wait for the step to finish.
-
-    Every token of the step weighs alike, whichever rank or micro-batch holds it: each micro-batch's summed
-    loss is divided by `supervised`, the supervised tokens of the whole step on all ranks (by default those
-    of `micro_batches`). DDP and FSDP average gradients over ranks, so the loss is multiplied by the number
-    of processes to make that average a sum. `key_dropout(rows, shape)` keys LoRA dropout by a batch's
-    data-set rows (its "rows" entry) before its forward. `after_backward()` may add to the gradients (AdaLoRA's
-    penalty) before clipping; `after_step()` sees the updated weights and their gradients (AdaLoRA's pruning).
-    Where the gradient is clipped, its norm before clipping (a device tensor) is appended to `norms`.
+    Every token of the step weighs alike, whichever rank or micro-batch holds it: `supervised` counts the
+    supervised tokens of the whole step on all ranks (by default those of `micro_batches`). The dropout of
+    `layers` is keyed by (seed, step, a row's index in the data set (a batch's "rows"), position, layer).
+    `ranks`, AdaLoRA's allocator, adds its penalty's gradient and prunes.
     """
     if supervised is None:
         supervised = sum(supervised_count(batch["labels"]) for batch in micro_batches)
+    # DDP and FSDP average the gradients over ranks: times the processes, that average is the sum over tokens.
     scale = accelerator.num_processes / max(supervised, 1)
-    total_loss = torch.zeros((), device=accelerator.device)
+    loss = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
-        if key_dropout is not None:
-            key_dropout(batch.get("rows", []), inputs["input_ids"].shape)
         last = index == len(micro_batches) - 1
-        with (nullcontext() if last else accelerator.no_sync(scorer)), accelerator.autocast():
-            summed = scorer(**inputs)
-        accelerator.backward(summed * scale)
-        total_loss += summed.detach() / max(supervised, 1)
-    if after_backward is not None:
-        after_backward()
-    if max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
-        if norms is not None:
-            norms.append(norm)
+        with (nullcontext() if last else accelerator.no_sync(scorer)), \
+                keyed_dropout(layers, seed, step, batch.get("rows", []), inputs["input_ids"].shape):
+            with accelerator.autocast():
+                summed = scorer(**inputs)  # SupervisedLoss -> loss_sum (model/loss.py): summed CE of supervised tokens
+            accelerator.backward(summed * scale)
+        loss += summed.detach() / max(supervised, 1)
+    if ranks is not None:
+        ranks.orthogonality_gradients()
+    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm) if max_grad_norm > 0 else None
     optimizer.step()
-    if after_step is not None:
-        after_step()
+    if ranks is not None:
+        ranks.after_step(step + 1)  # sees the updated weights and their gradients
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss
+    return loss, grad_norm

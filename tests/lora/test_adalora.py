@@ -16,7 +16,7 @@ from lorafit.data.batches import collate
 from lorafit.errors import LorafitError
 from lorafit.lora.adalora import AdaLoRALinear, rank_allocator
 from lorafit.recipe import LoraSection, load_recipe
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 peft = pytest.importorskip("peft")
 TOTAL, TINIT, TFINAL = 10, 2, 3
@@ -50,8 +50,7 @@ def trained_adalora(arch: str = "gpt2") -> tuple[torch.nn.Module, dict, list[int
     scorer.train()
     kept = []
     for step in range(TOTAL):
-        optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0,
-                       after_backward=ranks.orthogonality_gradients, after_step=lambda: ranks.after_step(step + 1))
+        train_step(accelerator, scorer, optimizer, scheduler, [batch], step=step, max_grad_norm=1.0, ranks=ranks)
         kept.append(sum(int((layer.lora_E != 0).sum()) for layer in layers.values()))
     return model.eval(), layers, kept
 

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
 
 import pytest
 import torch
 from conftest import supervised_rows, tiny_model
 
 from lorafit.data.batches import collate
-from lorafit.lora.dropout import dropout_keys, keyed_keep_mask, set_dropout_keys
+from lorafit.lora.dropout import dropout_keys, keep_mask, keyed_dropout, keys_for, layer_keys
 from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import inject_lora, lora_layers
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 P = 0.3
 
 
 def masks(seed: int, step: int, rows: list[int], length: int, salt: int = 0, features: int = 64) -> torch.Tensor:
-    return keyed_keep_mask(dropout_keys(seed, step, rows, length, torch.device("cpu")), salt, features, P)
+    return keep_mask(layer_keys(dropout_keys(seed, step, rows, length, torch.device("cpu")), salt), features, P)
 
 
 def test_a_rows_mask_is_the_same_wherever_it_sits_and_however_it_is_padded():
@@ -48,11 +47,24 @@ def test_keyed_layer_scales_kept_inputs_and_zeroes_dropped_ones():
     layer = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8, dropout=P).train()
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 5, 16)
-    set_dropout_keys([layer], seed=1, step=2, rows=[3, 4], shape=(2, 5))
-    keep = keyed_keep_mask(dropout_keys(1, 2, [3, 4], 5, x.device), 0, 16, P)
+    keep = masks(1, 2, [3, 4], 5, features=16)
     expected = layer.base(x) + layer.scaling * ((x * keep / (1 - P)) @ layer.lora_A.T @ layer.lora_B.T)
-    torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(layer(x), layer(x))  # the same keys give the same masks
+    with keyed_dropout([layer], seed=1, step=2, rows=[3, 4], shape=(2, 5)):
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer(x), layer(x))  # the same keys give the same masks
+    assert keys_for(layer) is None  # out of the block, nothing is left on the layer
+
+
+def test_layers_keyed_together_draw_different_masks_for_the_same_rows():
+    """Two identical layers fed the same input in one block: with one salt for all layers their outputs would agree."""
+    torch.manual_seed(0)
+    first = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8, dropout=P).train()
+    torch.nn.init.normal_(first.lora_B)
+    second = copy.deepcopy(first)
+    x = torch.randn(2, 5, 16)
+    with keyed_dropout([first, second], seed=1, step=2, rows=[3, 4], shape=(2, 5)):
+        assert not torch.allclose(first(x), second(x))
+        torch.testing.assert_close(first(x), first(x))
 
 
 def moved(model, micro_batches: list[list[int]], data: list[dict]) -> dict[str, torch.Tensor]:
@@ -66,8 +78,8 @@ def moved(model, micro_batches: list[list[int]], data: list[dict]) -> dict[str, 
     accelerator = Accelerator(cpu=True)
     scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
     batches = [{**collate([data[i] for i in indices], pad_id=1), "rows": indices} for indices in micro_batches]
-    key_dropout = partial(set_dropout_keys, lora_layers(model).values(), 5, 0)
-    optimizer_step(accelerator, scorer, optimizer, scheduler, batches, max_grad_norm=0.0, key_dropout=key_dropout)
+    train_step(accelerator, scorer, optimizer, scheduler, batches, max_grad_norm=0.0, layers=lora_layers(model).values(),
+               seed=5)
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -108,5 +120,5 @@ def test_recomputed_checkpointed_activations_see_the_same_masks():
 def test_layers_without_dropout_are_left_unkeyed():
     model = tiny_model("gpt2")
     layers = inject_lora(model, ["q", "v"], rank=2, alpha=4, dropout=0.0)
-    set_dropout_keys(layers.values(), 1, 0, [0], (1, 4))
-    assert all(layer.dropout_keys is None for layer in layers.values())
+    with keyed_dropout(layers.values(), 1, 0, [0], (1, 4)):
+        assert all(keys_for(layer) is None for layer in layers.values())

@@ -75,7 +75,7 @@ def train_steps(model: torch.nn.Module, steps: int) -> list[float]:
     from accelerate import Accelerator
 
     from lorafit.model.loss import SupervisedLoss
-    from lorafit.train.step import optimizer_step
+    from lorafit.train.step import train_step
 
     batch = collate(supervised_rows(), pad_id=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -83,7 +83,7 @@ def train_steps(model: torch.nn.Module, steps: int) -> list[float]:
     scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
     scorer.train()
-    return [optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0).item()
+    return [train_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0)[0].item()
             for _ in range(steps)]
 
 

@@ -1,63 +1,71 @@
-"""Model FLOPs per token and MFU: the formula checked against hand counts from tiny configs, and the peak table."""
+"""Model FLOPs per token checked against torch's own FLOP counter on a real LoRA training step; MFU and the peak table."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_model
+from torch.utils.flop_counter import FlopCounterMode
 
-from lorafit.model.inject import inject_lora
+from lorafit.data.tasks import IGNORE
+from lorafit.model.loss import SupervisedLoss
+from lorafit.recipe import LoraSection
 from lorafit.report.throughput import device_peak_flops, peak_for_name, throughput_figures, training_flops_per_token
+from lorafit.train.step import prepare_model, train_step
 
-SEQ_LEN, SUPERVISED = 16, 0.25
-RANK = 4
+ROWS, LENGTH, PROMPT = 3, 16, 10  # every row LENGTH tokens, the last LENGTH - PROMPT supervised
 
 
-def flops_for(arch: str) -> float:
+def counted_step(arch: str, targets: list[str]):
+    """(the model, its LoRA layers, the FLOPs FlopCounterMode counts in one train_step on ROWS × LENGTH tokens).
+
+    Set up so that the counter sees what the model FLOPs convention counts, no more and no less:
+    - eager attention: the counter has no formula for the CPU's fused attention kernel. Both it and the
+      convention count QKᵀ and AV over the whole LENGTH × LENGTH square, the causal mask's masked half
+      included (PaLM's convention; FlopCounterMode's attention formula does not halve for a causal mask);
+    - the embeddings' output requires grad, as under gradient checkpointing: the convention gives every frozen
+      projection a gradient w.r.t. its input (4N), where a plain step skips it in the first block below the
+      first adapted projection, since nothing there trains;
+    - whole projections adapted: q/v slices of a fused projection run B as one block-structured matrix, zeros
+      included, which is work done but not model FLOPs;
+    - no padding and no gradient checkpointing (recomputation is not model FLOPs either).
+    The head runs on the supervised positions only, in the step as in the formula.
+    """
+    from accelerate import Accelerator
+
     model = tiny_model(arch)
-    layers = inject_lora(model, ["q", "v"], rank=RANK, alpha=8)
-    return training_flops_per_token(model, layers, seq_len=SEQ_LEN, supervised_fraction=SUPERVISED)
+    model.set_attn_implementation("eager")
+    layers = prepare_model(model, LoraSection(rank=4, alpha=8, dropout=0.1, targets=targets))
+    model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(2, 128, (ROWS, LENGTH), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :PROMPT] = IGNORE
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = Accelerator(cpu=True)
+    scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
+    with FlopCounterMode(display=False) as counter:
+        train_step(accelerator, scorer, optimizer, scheduler, [{"input_ids": ids, "labels": labels}],
+                   max_grad_norm=1.0, layers=layers.values())
+    return model, layers, counter.get_total_flops()
 
 
-def hand_count(frozen: int, layers: int, heads: int, head_dim: int, hidden: int, vocab: int, lora: int) -> float:
-    return (
-        4 * frozen  # frozen trunk: forward 2N + activation gradients 2N
-        + 12 * layers * heads * head_dim * SEQ_LEN  # QKᵀ and AV: forward 4·L·H·Q·T, backward twice that
-        + 4 * hidden * vocab * SUPERVISED  # head forward + gradient w.r.t. hidden, supervised positions only
-        + 6 * lora  # LoRA trains: forward, activation and weight gradients
-    )
+@pytest.mark.parametrize(("arch", "targets"), [("gpt2", ["all-linear"]), ("llama", ["q", "v"])])
+def test_model_flops_per_token_equal_torchs_count_of_a_lora_training_step(arch, targets):
+    """GPT-2: Conv1D weights stored transposed, a tied head; Llama: grouped key/value heads (attention FLOPs
+    are the query heads'), separate q and v projections."""
+    model, layers, counted = counted_step(arch, targets)
+    tokens = ROWS * LENGTH
+    supervised = ROWS * (LENGTH - PROMPT) / tokens  # positions that predict a supervised token
 
+    def formula(layers=layers, seq_len=LENGTH, supervised=supervised):
+        return tokens * training_flops_per_token(model, layers, seq_len=seq_len, supervised_fraction=supervised)
 
-def test_gpt2_flops_per_token_match_a_hand_count():
-    # GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128); MLP width 4·32 = 128.
-    per_layer = (
-        32 * 96  # c_attn: 32 -> q, k, v (3·32)
-        + 32 * 32  # attn.c_proj
-        + 32 * 128  # mlp.c_fc
-        + 128 * 32  # mlp.c_proj
-    )
-    frozen = 2 * per_layer  # wte, wpe, layer norms and the (tied) lm_head are not trunk matmuls
-    # q and v on the fused c_attn: a rank-4 pair each, A [4, 32] and B [32, 4] per slice.
-    lora = 2 * 2 * (RANK * 32 + 32 * RANK)
-    expected = hand_count(frozen, layers=2, heads=4, head_dim=8, hidden=32, vocab=128, lora=lora)
-    assert flops_for("gpt2") == pytest.approx(expected)
-
-
-def test_llama_flops_per_token_match_a_hand_count():
-    # hidden 32, intermediate 64, 2 layers, 4 query heads and 2 key/value heads of head_dim 32/4 = 8.
-    per_layer = (
-        32 * 32  # q_proj
-        + 32 * 16  # k_proj: 2 kv heads · 8
-        + 32 * 16  # v_proj
-        + 32 * 32  # o_proj
-        + 3 * 32 * 64  # gate_proj, up_proj, down_proj
-    )
-    frozen = 2 * per_layer
-    # q: A [4, 32] + B [32, 4]; v: A [4, 32] + B [16, 4].
-    lora = 2 * ((RANK * 32 + 32 * RANK) + (RANK * 32 + 16 * RANK))
-    # Attention FLOPs use the query heads: grouped key/value heads do not shrink QKᵀ or AV.
-    expected = hand_count(frozen, layers=2, heads=4, head_dim=8, hidden=32, vocab=128, lora=lora)
-    assert flops_for("llama") == pytest.approx(expected)
+    assert formula() == pytest.approx(counted, rel=1e-9)
+    # the comparison sees each term: without the LoRA matmuls, attention or the head it would fail
+    for dropped in (formula(layers={}), formula(seq_len=0), formula(supervised=0.0), formula(supervised=1.0)):
+        assert dropped != pytest.approx(counted, rel=1e-9)
 
 
 def test_mfu_is_none_on_cpu_but_the_achieved_flops_are_reported():

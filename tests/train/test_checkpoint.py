@@ -89,6 +89,27 @@ def test_restore_continues_exactly_like_the_uninterrupted_run(tmp_path):
     assert np.array_equal(draws[2], expected_draws[2])
 
 
+def test_every_rank_gets_its_own_rng_back_and_new_ranks_take_rank_0s(tmp_path, monkeypatch):
+    """Two ranks' RNG states saved (the gather faked); each rank's next draws are its own after loading."""
+    import lorafit.train.checkpoint as checkpoint
+
+    model, optimizer, scheduler = training_setup(seed=1)
+    states, draws = [], []
+    for seed in (10, 11):  # the generators of rank 0 and rank 1
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        states.append(checkpoint.capture_rng())
+        draws.append(random_draws())
+    monkeypatch.setattr(checkpoint, "all_gather_objects", lambda mine: states)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, MARKER)
+    for rank, owner in ((1, 1), (0, 0), (2, 0)):  # rank 2 is new since the save
+        load_checkpoint(folder, model, optimizer, scheduler, rank=rank)
+        tensors, python, numbers = random_draws()
+        assert torch.equal(tensors, draws[owner][0]) and python == draws[owner][1], rank
+        assert np.array_equal(numbers, draws[owner][2]), rank
+
+
 def test_checkpoint_folder_holds_the_adapter_and_no_pickles(tmp_path):
     model, optimizer, scheduler = training_setup(seed=1)
     one_step(model, optimizer, scheduler)

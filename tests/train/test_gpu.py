@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from functools import partial
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from typer.testing import CliRunner
 
 from lorafit.cli import app
 from lorafit.data.batches import collate
-from lorafit.lora.dropout import set_dropout_keys
 from lorafit.lora.linear import LoRALinear
 from lorafit.model.load import resolve_precision
 from lorafit.model.loss import SupervisedLoss
@@ -24,7 +22,7 @@ from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report.throughput import peak_for_name
 from lorafit.train.optimizer import build_optimizer
 from lorafit.train.processes import make_accelerator
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -98,9 +96,9 @@ def test_training_steps_wait_for_the_gpu_only_where_the_loss_is_read():
     batch["rows"] = list(range(len(rows)))
 
     def one_step(step: int) -> torch.Tensor:
-        key_dropout = partial(set_dropout_keys, layers.values(), 0, step)
-        return optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=1.0,
-                              key_dropout=key_dropout)
+        loss, _ = train_step(accelerator, scorer, optimizer, scheduler, [batch], step=step, max_grad_norm=1.0,
+                             layers=layers.values())
+        return loss
 
     one_step(0)  # the first step creates the AdamW state and warms up the kernels
     losses = []

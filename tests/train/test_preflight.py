@@ -22,6 +22,8 @@ import lorafit.train.loop
 from lorafit.cli import app
 from lorafit.errors import LorafitError
 from lorafit.model.load import weights_fingerprint
+from lorafit.train.optimizer import lr_factor
+from lorafit.train.resume import check_length
 from lorafit.train.run_folder import LOCK, MARKER, RunLock
 
 runner = CliRunner()
@@ -311,6 +313,28 @@ def test_extending_a_finished_constant_run_by_n_steps_equals_one_run_of_the_tota
               for run in (extended, lone)]
     assert losses[0] == losses[1] and len(losses[0]) == 3
     assert json.loads((extended / "report.json").read_text())["throughput"]["steps"] == 3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_a_run_may_change_its_length_only_while_its_steps_keep_their_learning_rates(schedule):
+    """`check_length` against the schedule itself: a new length is allowed only when every step taken so far had
+    the rate it would have in the new length, and always for a run still in warmup, whatever the schedule."""
+    warmup, before = 3, 6
+    for step in range(1, before + 1):
+        for after in sorted({step, before - 1, before + 3, 2 * before}):
+            if after < step or after == before:
+                continue
+            same_rates = all(lr_factor(s, warmup=warmup, total=before, schedule=schedule)
+                             == lr_factor(s, warmup=warmup, total=after, schedule=schedule) for s in range(step))
+            try:
+                check_length(step, before, after, schedule, warmup)
+                allowed = True
+            except LorafitError:
+                allowed = False
+            if allowed:
+                assert same_rates, (step, after)
+            if step <= warmup or schedule == "constant":
+                assert allowed, (step, after)
 
 
 # ---------------------------------------------------------------- the lock and the marker

@@ -16,7 +16,7 @@ from lorafit.data.tasks import IGNORE
 from lorafit.model.inject import inject_lora, lora_layers
 from lorafit.model.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection
-from lorafit.train.step import optimizer_step, prepare_model
+from lorafit.train.step import prepare_model, train_step
 
 
 def randomize_b(model: torch.nn.Module) -> None:
@@ -55,8 +55,8 @@ def independent_gradient(model: torch.nn.Module, rows: list[dict]) -> tuple[floa
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, dict]:
-    """Run `optimizer_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient."""
+def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: float) -> tuple[float, dict, object]:
+    """Run `train_step` with SGD at lr 1, so each parameter moves by exactly minus its gradient; also the norm."""
     from accelerate import Accelerator
 
     model = copy.deepcopy(model)
@@ -65,9 +65,9 @@ def sgd_step(model: torch.nn.Module, micro_batches: list[dict], max_grad_norm: f
     scheduler = LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Accelerator()
     scorer, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
-    loss = optimizer_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm).item()
+    loss, grad_norm = train_step(accelerator, scorer, optimizer, scheduler, micro_batches, max_grad_norm=max_grad_norm)
     after = dict(model.named_parameters())
-    return loss, {n: before[n] - after[n].detach() for n in before}
+    return loss.item(), {n: before[n] - after[n].detach() for n in before}, grad_norm
 
 
 # ---------------------------------------------------------------- accumulation and clipping
@@ -79,8 +79,8 @@ def test_accumulated_step_weights_every_supervised_token_alike(split):
     expected_loss, expected_grad = independent_gradient(model, rows)
     starts = [sum(split[:i]) for i in range(len(split))]
     micro = [collate(rows[s : s + n], pad_id=1) for s, n in zip(starts, split)]
-    loss, moved = sgd_step(model, micro, max_grad_norm=0.0)
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    loss, moved, grad_norm = sgd_step(model, micro, max_grad_norm=0.0)
+    assert loss == pytest.approx(expected_loss, rel=1e-5) and grad_norm is None  # nothing clipped, no norm
     assert_same_gradients(moved, expected_grad)
 
 
@@ -109,7 +109,9 @@ def test_accumulated_step_clips_the_whole_steps_gradient():
     _, grad = independent_gradient(model, rows)
     norm = torch.sqrt(sum(g.pow(2).sum() for g in grad.values()))
     max_norm = float(norm) / 10
-    _, moved = sgd_step(model, [collate(rows[s : s + 2], pad_id=1) for s in range(0, 8, 2)], max_grad_norm=max_norm)
+    _, moved, grad_norm = sgd_step(model, [collate(rows[s : s + 2], pad_id=1) for s in range(0, 8, 2)],
+                                   max_grad_norm=max_norm)
+    assert float(grad_norm) == pytest.approx(float(norm), rel=1e-4)  # the norm before clipping
     for name, g in grad.items():
         torch.testing.assert_close(moved[name], g * (max_norm / norm), rtol=1e-3, atol=1e-7)
 
@@ -152,7 +154,7 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, 
     from lorafit.recipe import load_recipe
 
     reads = []
-    real_step = train_module.optimizer_step
+    real_step = train_module.train_step
 
     class Counted(torch.Tensor):
         def item(self):
@@ -160,9 +162,10 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, 
             return super().item()
 
     def counted_step(*args, **kwargs):
-        return real_step(*args, **kwargs).as_subclass(Counted)
+        loss, grad_norm = real_step(*args, **kwargs)
+        return loss.as_subclass(Counted), grad_norm
 
-    monkeypatch.setattr(train_module, "optimizer_step", counted_step)
+    monkeypatch.setattr(train_module, "train_step", counted_step)
     recipe = load_recipe(tiny_recipe(train={"max_steps": 8, "log_every": 4, "save_every": 0, "batch_size": 2},
                                      data={"max_eval_examples": 2}))
     train_module.train(recipe, console=Console(file=io.StringIO()))

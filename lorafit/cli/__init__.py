@@ -2,99 +2,41 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 
-from lorafit import __version__
+from lorafit.cli.options import (
+    AdapterDir,
+    AsJson,
+    Commands,
+    Debug,
+    DryRun,
+    ModelDir,
+    Overrides,
+    RecipePath,
+    comma_list,
+    global_options,
+    one_model,
+    start_missing_processes,
+)
 from lorafit.errors import LorafitError
-from lorafit.messages import error, note, print_json, run_command, stderr
+from lorafit.messages import note, print_json, run_command, stderr
 from lorafit.train.launch import rank
-
-# A usage error of the click that typer runs on (recent typers carry their own copy of click).
-UsageError = typer.BadParameter.__base__
-
-
-class Commands(TyperGroup):
-    """lorafit's commands, whose usage errors (a missing or malformed option) read like any other bad input:
-    one `error:` line and exit 2, instead of click's boxed usage text."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        with _usage_errors_in_one_line():
-            return super().parse_args(ctx, args)
-
-    def invoke(self, ctx):
-        with _usage_errors_in_one_line():  # a command's own options are parsed inside the group's invoke
-            return super().invoke(ctx)
-
-    def format_commands(self, ctx, formatter) -> None:
-        """Each command's first sentence whole (click would cut it at the terminal's width)."""
-        rows = [(name, self.get_command(ctx, name).get_short_help_str(limit=1000)) for name in self.list_commands(ctx)]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@contextlib.contextmanager
-def _usage_errors_in_one_line():
-    try:
-        yield
-    except UsageError as problem:
-        if type(problem).__name__ == "NoArgsIsHelpError":
-            raise  # `lorafit` alone prints its help
-        where = problem.ctx.command_path if problem.ctx is not None else "lorafit"
-        error(f"{problem.format_message().rstrip('.')}; see {where} --help")
-        raise typer.Exit(problem.exit_code) from None
-
-
-def _print_version(show: bool) -> None:
-    if show:
-        print(f"lorafit {__version__}")
-        raise typer.Exit()
-
-
-def _options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    pass
-
 
 app = typer.Typer(
     cls=Commands,
-    callback=_options,
+    callback=global_options,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain text, so that "[output] dir" is not read as markup
     help="Fine-tune Hugging Face causal language models with LoRA.",
 )
-
-Debug = Annotated[bool, typer.Option("--debug", help="Show library logs and full tracebacks.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
-RecipePath = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file.")]
-DryRun = Annotated[bool, typer.Option(
-    "--dry-run", help="Show the resolved recipe, model, data, first tokenized rows and plan, then stop; writes nothing."
-)]
-
-
-def _start_missing_processes() -> None:
-    """Under `accelerate launch --num_processes N` without GPUs, become the N processes it meant to start."""
-    from lorafit.train.launch import relaunch_command
-
-    command = run_command(lambda: relaunch_command(sys.argv[1:]), debug=False)
-    if command:
-        note(f"accelerate started one process without GPUs; starting {command[3].split('=')[1]} processes "
-             "through torch.distributed.run")
-        os.execv(command[0], command)
 
 
 @app.command()
@@ -103,9 +45,7 @@ def train(
     # a str, not a Path: Path("") would turn an empty --output (an unset variable) into the current folder
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
-    overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
-    ] = None,
+    overrides: Overrides = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -117,7 +57,7 @@ def train(
     """
 
     if not dry_run:
-        _start_missing_processes()
+        start_missing_processes()
 
     def action():
         from lorafit.recipe import load_recipe
@@ -143,12 +83,10 @@ def train(
 @app.command("eval")
 def evaluate(
     recipe: RecipePath,
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder to apply to the base.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
+    adapter: AdapterDir = None,
+    model: ModelDir = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
-    overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
-    ] = None,
+    overrides: Overrides = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -159,8 +97,7 @@ def evaluate(
         from lorafit.evaluate import evaluate_recipe
         from lorafit.recipe import load_recipe
 
-        if adapter is not None and model is not None:
-            raise LorafitError("give --adapter or --model, not both")
+        one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
         if dry_run:
             from lorafit.dryrun import dry_run as show_plan
@@ -173,13 +110,9 @@ def evaluate(
                 "split": split or chosen.data.eval_split, "eval": scores}
 
     result = run_command(action, debug)
-    if dry_run:
-        if as_json:
-            print_json("eval", result)
-        return
     if as_json:
         print_json("eval", result)
-    elif rank() == 0:  # every process computed the same numbers; one prints them
+    elif not dry_run and rank() == 0:  # every process computed the same numbers; one prints them
         from lorafit.report.tables import eval_table
 
         Console().print(eval_table(result["eval"]))
@@ -189,8 +122,8 @@ def evaluate(
 def generate(
     recipe: RecipePath,
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompt text(s): what fills the recipe's template.")] = None,
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="Adapter folder to apply to the base.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="A full (e.g. merged) model folder instead.")] = None,
+    adapter: AdapterDir = None,
+    model: ModelDir = None,
     prompts_file: Annotated[
         Optional[Path], typer.Option("--prompts", help="File of prompts: one per line, or .jsonl rows with the input field.")
     ] = None,
@@ -198,9 +131,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from this probability mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (each prompt starts from it).")] = 0,
-    overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe key (repeatable).")
-    ] = None,
+    overrides: Overrides = None,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -223,8 +154,7 @@ def generate(
         from lorafit.generate import generate as run_generation
         from lorafit.recipe import load_recipe
 
-        if adapter is not None and model is not None:
-            raise LorafitError("give --adapter or --model, not both")
+        one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
         given.extend(read_prompts(prompts_file) if prompts_file is not None else [])
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -299,7 +229,7 @@ def info(
             raise LorafitError("give exactly one of --recipe PATH or --model ID_OR_DIR")
         raw = load_recipe(recipe).model_dump() if recipe is not None else {"model": {"name": model}}
         given = {"rank": rank, "alpha": alpha, "variant": variant,
-                 "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None}
+                 "targets": comma_list(targets) if targets is not None else None}
         raw.setdefault("lora", {}).update({key: value for key, value in given.items() if value is not None})
         if dtype is not None:
             raw["model"]["dtype"] = dtype
@@ -345,8 +275,8 @@ def sweep(
         swept, chosen = ("lora.rank", ranks) if ranks is not None else (key, values)
         settings = list(overrides or [])
         if targets:
-            settings.append("lora.targets=" + json.dumps([t.strip() for t in targets.split(",") if t.strip()]))
-        return run_sweep(recipe, swept, [v.strip() for v in chosen.split(",") if v.strip()], overrides=settings,
+            settings.append("lora.targets=" + json.dumps(comma_list(targets)))
+        return run_sweep(recipe, swept, comma_list(chosen), overrides=settings,
                          output=output, console=stderr if as_json else Console(), train_output=2 if as_json else None)
 
     result = run_command(action, debug)
@@ -357,6 +287,3 @@ def sweep(
 
         Console().print(sweep_table(result))
 
-
-if __name__ == "__main__":
-    app()
