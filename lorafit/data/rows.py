@@ -195,6 +195,13 @@ def _rows_to_dataset(path: Path, rows: list[dict], lines: list[int], needed: dic
 def _mixed_column(path: Path, name: str, key: str, values: list, lines: list[int], error: Exception) -> str:
     """Name the first line that breaks the column: a non-text value in a text field, else a change of type."""
     present = [(value, line) for value, line in zip(values, lines) if value is not None]
+    if key == "messages_field":  # a tool call (content null) or content parts (a list) beside plain text
+        for value, line in present:
+            for number, message in enumerate(value if isinstance(value, list) else [], start=1):
+                content = message.get("content", message.get("value")) if isinstance(message, dict) else message
+                if not isinstance(content, str):
+                    return (f"{path} line {line}: message {number} of field {name!r} has {short_repr(content)} as "
+                            "its content, not text (tool calls and content parts are not read); fix the row")
     if key not in ("label_field", "messages_field"):
         odd = next(((value, line) for value, line in present if not isinstance(value, str)), None)
         if odd:

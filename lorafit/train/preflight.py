@@ -75,8 +75,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = check_output(recipe.output.dir, name)
-    if not resume:
-        check_keep_best(recipe, resume)
+    if not resume:  # a resumed run is told in set_up, where its evaluation rows are known
+        check_keep_best(recipe, resume=False)
     if evaluation_split(recipe.data) == recipe.data.train_split:
         note(f"evaluation reads the training split {recipe.data.train_split!r}, so its scores are on rows the model "
              "trains on; set [data] eval_split or eval_fraction for held-out scores", console)

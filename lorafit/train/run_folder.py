@@ -87,7 +87,7 @@ def check_output(run_dir: str, model_name: str, kind: str = "run") -> Path:
     if os.statvfs(existing).f_flag & os.ST_RDONLY:
         raise LorafitError(f"{key} {path} is on a read-only file system; choose a writable place")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise LorafitError(f"cannot write to {existing} (permission denied); choose an {key} you can write to")
+        raise LorafitError(f"cannot write to {existing} (permission denied); choose a place you can write to")
     return path
 
 

@@ -480,14 +480,17 @@ def modes_of_a_plain_write(ctx, result):
 # ---------------------------------------------------------------- 12. a conversation that starts with the assistant
 
 
-def chat_from_assistant(ctx):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
-    rows.append({"messages": [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "ok"}]})
-    source = write_jsonl(ctx.work / "chat.jsonl", rows)
-    recipe = tomllib.loads(recipe_in(ctx.work, ctx.data).read_text())
-    recipe["data"] = {"source": str(source), "task": "chat", "chat_template": CHAT_TEMPLATE}
-    (ctx.work / "recipe.toml").write_text(tomli_w.dumps(recipe))
-    return ["train", "-r", str(ctx.work / "recipe.toml"), "--dry-run"]
+def chat_dry_run(third: list[dict]):
+    """`train --dry-run` on three conversations, the third one `third`."""
+    def setup(ctx):
+        rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
+        source = write_jsonl(ctx.work / "chat.jsonl", [*rows, {"messages": third}])
+        recipe = tomllib.loads(recipe_in(ctx.work, ctx.data).read_text())
+        recipe["data"] = {"source": str(source), "task": "chat", "chat_template": CHAT_TEMPLATE}
+        (ctx.work / "recipe.toml").write_text(tomli_w.dumps(recipe))
+        return ["train", "-r", str(ctx.work / "recipe.toml"), "--dry-run"]
+
+    return setup
 
 
 # ---------------------------------------------------------------- friction: signals, torchrun, causes, advice
@@ -671,7 +674,8 @@ CASES = {
     "11 merge writes files with the umask's mode": Case(merge_adapter, 0, r"", writes=True,
                                                         then=modes_of_a_plain_write),
     "12 conversation starting with the assistant": Case(
-        chat_from_assistant, 2, r"chat\.jsonl row 3: the conversation starts with the assistant"),
+        chat_dry_run([{"role": "assistant", "content": "I start"}, {"role": "user", "content": "ok"}]), 2,
+        r"chat\.jsonl row 3: the conversation starts with the assistant"),
     "SIGTERM while the libraries import": Case(sigterm_while_importing, 130, r"^stopped by a signal; nothing (more )?was"),
     "SIGTERM in eval": Case(
         signal_during(lorafit.evaluate, "evaluate_split", lambda ctx: ["eval", "-r", str(ctx.recipe)]), 130,
@@ -687,6 +691,12 @@ CASES = {
         lambda ctx: ["merge", str(TINY_MODEL), str(ctx.trained / "adapter"), str(ctx.copy_run()), "--force"], 2,
         r"holds a lorafit run, which --force does not replace"),
     "UTF-8 BOM in data": Case(bom_rows, 0, r"dry run: nothing"),
+    "chat tool call": Case(
+        chat_dry_run([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": []}]),
+        2, r"chat\.jsonl row 3: message 2 of 'messages' is not \{role, content\} with text content"),
+    "chat content parts": Case(
+        chat_dry_run([{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "yo"}]),
+        2, r"chat\.jsonl line 3: message 1 of field 'messages' has \[\{'type': 'text', 'text': 'hi'\}\] as its content"),
     "remote-code model": Case(remote_code_model, 2, r"needs its own Python code to load; .* trust_remote_code = true"),
     "--temperature inf": Case(
         lambda ctx: ["generate", "-r", str(ctx.recipe), "--temperature", "inf", "hi"], 2, r"--temperature inf is not a"),
