@@ -47,13 +47,18 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, weights, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    splits = {recipe.data.train_split: tokenize_split(recipe.data, tokenizer, recipe.data.train_split)} if training else {}
+    train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split) if training else None
+    splits = {recipe.data.train_split: train_split} if training else {}
     held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None)
-    if held_out is not None:
-        splits[held_out.name] = held_out
+    if held_out is not None:  # evaluating on the training split: that split twice, as training and as evaluation
+        splits[f"{held_out.name} (evaluation)" if held_out.name in splits else held_out.name] = held_out
     elif not training:
         raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
                            "pass --split NAME, or set [data] eval_split or eval_fraction")
+    if training:
+        from lorafit.train.preflight import check_keep_best
+
+        check_keep_best(recipe, resume, evaluation=held_out is not None)
     names = list(splits)
     result = {
         "recipe": recipe.model_dump(exclude_none=True),
@@ -66,7 +71,7 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     result["samples"] = [{"tokens": len(row["input_ids"]), "text": marked_row(row, tokenizer, colour=False).plain}
                          for row in samples]
     if training:
-        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], checked)
+        result["plan"] = training_plan(recipe, train_split, checked)
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
 

@@ -11,6 +11,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafit.errors import LorafitError
+from lorafit.storage import input_file
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Names users bring from peft and transformers, pointed at ours in error messages.
@@ -171,9 +172,7 @@ def is_local_data(source: str | dict[str, str]) -> bool:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override (`section.key=value`), validate, and resolve relative paths against the recipe's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise LorafitError(f"recipe {path} does not exist; pass --recipe with a TOML file such as recipes/tiny-sst2.toml")
+    path = input_file(Path(path), "recipe", "pass --recipe with a TOML file such as recipes/tiny-sst2.toml")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
@@ -187,14 +186,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         _apply_override(override_paths, item)
     _resolve_paths(override_paths, Path.cwd())
     _merge(raw, override_paths)
-    return validate(raw, where=str(path))
+    given = {f"{section}.{key}" for section, keys in override_paths.items() for key in keys}
+    return validate(raw, where=str(path), overridden=given)
 
 
-def validate(raw: dict, where: str = "recipe") -> Recipe:
+def validate(raw: dict, where: str = "recipe", overridden: set[str] = frozenset()) -> Recipe:
+    """The Recipe, or one line naming the key; a key given on the command line (`overridden`) is blamed there."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        raise LorafitError(f"{where}: {_describe(error.errors()[0])}") from error
+        problem = error.errors()[0]
+        key = ".".join(str(part) for part in problem["loc"][:2])
+        if key in overridden:
+            where = "--output" if key == "output.dir" else f"--set {key}"
+        raise LorafitError(f"{where}: {_describe(problem)}") from error
     refuse_undefined(recipe, where)
     return recipe
 
@@ -239,8 +244,13 @@ def _suggestion(location: list[str]) -> str:
         if section is None:
             return ""
         choices = list(section.annotation.model_fields)
-    alias = ALIASES.get(location[-1])
-    close = [alias] if alias in choices else difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
+    alias = ALIASES.get(location[-1], location[-1])
+    if alias in choices:
+        return f" (did you mean {alias!r}?)"
+    home = [name for name, field in Recipe.model_fields.items() if alias in field.annotation.model_fields]
+    if len(location) > 1 and home:  # a key of another section, such as [lora] learning_rate
+        return f" (did you mean [{home[0]}] {alias}?)"
+    close = difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
 
 

@@ -85,6 +85,10 @@ def read_adapter_weights(directory: Path) -> dict[str, tuple[str, dict[str, torc
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LorafitError(f"{path} is not a readable safetensors file ({error}); re-save the adapter") from error
+    for key, tensor in tensors.items():  # an integer or bool tensor would be cast to fp32 and load as other weights
+        if not tensor.is_floating_point():
+            raise LorafitError(f"{path} stores {key} as {str(tensor.dtype).removeprefix('torch.')}, not as floating "
+                               "point numbers; re-save the adapter from its training run")
     return lora_tensors(tensors, path)
 
 

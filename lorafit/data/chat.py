@@ -48,24 +48,30 @@ def messages_of(value, where: str, index: int, field: str) -> list[dict]:
     return messages
 
 
-def render(messages: list[dict], tokenizer, template: str, *, generation_prompt: bool = False) -> str:
+def render(messages: list[dict], tokenizer, template: str, *, generation_prompt: bool = False,
+           row: str = "a conversation") -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as error:  # jinja2 errors, and raise_exception() calls inside templates
-        raise LorafitError(f"the chat template failed on a conversation: {type(error).__name__}: {error}; "
-                           "fix [data] chat_template or the rows") from error
+        raise LorafitError(f"the chat template failed on {row}: {type(error).__name__}: {error}; "
+                           "fix [data] chat_template or the row") from error
 
 
-def assistant_spans(messages: list[dict], tokenizer, template: str, last_only: bool) -> tuple[str, list[tuple]]:
+def assistant_spans(messages: list[dict], tokenizer, template: str, last_only: bool,
+                    row: str = "a conversation") -> tuple[str, list[tuple]]:
     """(the rendered conversation, the character span of each supervised assistant turn: from its content to the
-    end of the turn's rendering)."""
-    text = render(messages, tokenizer, template)
+    end of the turn's rendering). `row` names the conversation in errors ("train.jsonl row 3")."""
+    text = render(messages, tokenizer, template, row=row)
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    turns = turns[-1:] if last_only else turns
+    if turns and turns[0] == 0:  # no earlier turn to render as this turn's prompt
+        raise LorafitError(f"{row}: the conversation starts with the assistant, so its first turn answers nothing; "
+                           "start it with a user (or system) message, or drop the row")
     spans = []
-    for turn in turns[-1:] if last_only else turns:
-        start = len(render(messages[:turn], tokenizer, template, generation_prompt=True))
-        through = render(messages[: turn + 1], tokenizer, template)
+    for turn in turns:
+        start = len(render(messages[:turn], tokenizer, template, generation_prompt=True, row=row))
+        through = render(messages[: turn + 1], tokenizer, template, row=row)
         if not text.startswith(through) or len(through) < start:
             raise LorafitError("the chat template does not render a conversation as its earlier turns followed by "
                                "the new one, so assistant turns cannot be located; give [data] chat_template")

@@ -83,9 +83,10 @@ def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
     )
     evaluation = report["eval"]
     before = evaluation.get("before") or {}
+    other_rows = " (on other rows)" if before.get("rows_changed") else ""  # the eval data changed on a resume
     for key in ("loss", "perplexity", "accuracy"):
         if key in evaluation:
-            was = f"{before[key]:.4f} -> " if key in before else ""
+            was = f"{before[key]:.4f}{other_rows} -> " if key in before else ""
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
     if "skipped" in evaluation:
         table.add_row("eval", f"none: {evaluation['skipped']}")

@@ -164,7 +164,7 @@ def test_files_and_json_are_strict_at_any_depth():
     [
         (LorafitError("stopped at step 3; checkpoint saved, continue with --resume", exit_code=130),
          "stopped at step 3; checkpoint saved, continue with --resume"),
-        (KeyboardInterrupt(), "interrupted"),
+        (KeyboardInterrupt(), "stopped by a signal; nothing more was written"),
     ],
 )
 def test_a_stop_the_user_asked_for_is_a_notice_not_an_error(tiny_recipe, monkeypatch, raised, said):
