@@ -19,6 +19,7 @@ from lorafit.data.packing import check_packing
 from lorafit.data.plan import global_batch_split
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import VARIANTS
 from lorafit.model.load import (
     check_context_length,
     check_safetensors,
@@ -85,8 +86,9 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         held.callback(lock.release)
         finished = finished_report(run_dir, recipe) if resume else None
         resume_from = None if finished else check_resume(run_dir, recipe, resume, state)
-        if resume_from is not None and recipe.lora.variant == "adalora":
-            raise LorafitError("--resume does not restore AdaLoRA's importance scores yet; start a new run")
+        refused = VARIANTS[recipe.lora.variant].resume_refusal
+        if resume_from is not None and refused:
+            raise LorafitError(refused)
         if resume_from is not None:
             checkpoint.verify(resume_from, trainable)
         return finished, str(resume_from) if resume_from else None
@@ -105,17 +107,17 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
 def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
 
-    Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
-    update would no longer be low-rank (and a slice's rows could not all be reached).
+    Refuses targets the model lacks and a rank (the one the variant's layers start at) above a wrapped module's
+    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached).
     """
     model = meta_model(config)
     lora = recipe.lora
     layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
     for path, layer in layers.items():
-        smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
-        if lora.rank > smaller:
+        if layer.rank > layer.max_rank:
             raise LorafitError(
-                f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
+                f"{VARIANTS[lora.variant].rank_name} = {layer.rank} is more than {path}'s smaller side "
+                f"({layer.max_rank}); use a rank of at most {layer.max_rank}"
             )
     # compile, FSDP and 4-bit weights work block by block
     if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":
