@@ -45,7 +45,7 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
             checked = check_run(recipe, resume, console, held)
     name = str(model_dir) if model_dir is not None else recipe.model.name
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
-    model = model_table(recipe, name, weights, adapter)
+    model = model_table(recipe, name, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split) if training else None
     splits = {recipe.data.train_split: train_split} if training else {}
@@ -76,18 +76,17 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     return result
 
 
-def model_table(recipe: Recipe, name: str, weights: str, adapter: Path | None) -> dict:
-    """The parameter and memory report of the model with the recipe's LoRA, from the config on the meta device;
-    an adapter to evaluate is checked against the same meta model (its weights are not read either)."""
+def model_table(recipe: Recipe, name: str, adapter: Path | None) -> dict:
+    """The parameter and memory report of model `name` with the recipe's LoRA, from the config on the meta device;
+    an adapter to evaluate is checked against the same model (its weights are not read either)."""
     from lorafit.report.counts import describe
 
     if adapter is not None:
         from lorafit.adapter.load import check_adapter
-        from lorafit.model.load import load_config, meta_model
+        from lorafit.model.load import load_config
 
-        check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
-    lora = recipe.lora
-    return describe(name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dtype=weights)
+        check_adapter(load_config(name, trust_remote_code=recipe.model.trust_remote_code), Path(adapter))
+    return describe(recipe, name)
 
 
 def split_summary(split: TokenizedSplit, max_length: int) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.adapter.convert import load_peft_tensors
 from lorafit.adapter.format import (
     CONFIG_FILE,
     PICKLE_FILE,
@@ -31,8 +32,8 @@ from lorafit.adapter.format import (
 from lorafit.adapter.save import LORAFIT_FILE
 from lorafit.errors import LorafitError
 from lorafit.lora.linear import is_block_structured, projection_shape
+from lorafit.lora.variants import LoRALayer, for_module, from_peft_config
 from lorafit.model.inject import (
-    LoRALayer,
     freeze_and_wrap,
     is_embedding,
     is_projection,
@@ -41,6 +42,7 @@ from lorafit.model.inject import (
     model_targets,
     stores_transposed,
 )
+from lorafit.model.load import meta_model
 from lorafit.model.targets import Target, fused_slices, matches_suffix
 
 
@@ -134,9 +136,10 @@ def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALayer]:
     return freeze_and_wrap(model, {plan.path: _build_layer(plan) for plan in plans})
 
 
-def check_adapter(model: nn.Module, directory: Path) -> None:
-    """Raise LorafitError if the adapter does not fit `model` (which may live on the meta device)."""
-    plan_adapter(model, directory)
+def check_adapter(config, directory: Path) -> None:
+    """Raise LorafitError if the adapter does not fit the model of `config`, built on the meta device: no weight
+    is read, so a misfit is refused before the expensive work."""
+    plan_adapter(meta_model(config), directory)
 
 
 def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
@@ -149,20 +152,20 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     if lora_layers(model):
         raise LorafitError("the model already has LoRA layers; load an adapter into a plain base model")
     modules = dict(model.named_modules())
-    variant = "dora" if config.get("use_dora") else "lora"
+    variant = from_peft_config(config)
     table = model_targets(model)
     plans = []
     for path, (kind, tensors) in weights.items():
         module = _fitting_module(model, modules, path, kind, tensors)
         check_table(path, tensors.pop(TABLE, None), module.weight)
-        check_parts(path, variant, is_embedding(module), tensors)
+        check_parts(path, for_module(variant, embedding=is_embedding(module)), tensors, config)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
         _check_finite(directory, path, kind, tensors, alpha)
         plan = ModulePlan(
             path=path,
             module=module,
             tensors=tensors,
-            variant=variant,
+            variant=variant.name,
             rank=rank,
             alpha=float(alpha),
             use_rslora=bool(config.get("use_rslora", False)),
@@ -260,5 +263,5 @@ def _loaded_layer(plan: ModulePlan) -> LoRALayer:
     with torch.random.fork_rng(devices=cuda):
         layer = lora_layer(plan.module, plan.rank, plan.alpha, plan.dropout, variant=plan.variant,
                            slices=plan.slices, use_rslora=plan.use_rslora)
-    layer.load_saved_tensors({part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
+    load_peft_tensors(layer, {part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
     return layer

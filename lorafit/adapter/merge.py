@@ -13,7 +13,7 @@ from torch import nn
 from lorafit.adapter.load import check_adapter, load_adapter, read_adapter_config
 from lorafit.errors import LorafitError, os_failure
 from lorafit.model.inject import merge_lora
-from lorafit.model.load import context_length, knows_only_special_tokens, load_config, load_model, meta_model
+from lorafit.model.load import context_length, knows_only_special_tokens, load_config, load_model
 from lorafit.storage import staged_dir
 
 PROBE_SEQUENCES = 4
@@ -34,7 +34,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     read_adapter_config(adapter)
     check_out(out, base, adapter, force=force)
     config = load_config(base)
-    check_adapter(meta_model(config), adapter)  # refuse a misfit before reading the base weights
+    check_adapter(config, adapter)  # refuse a misfit before reading the base weights
 
     # Merge in fp32 and round once when casting back, rather than rounding ΔW to bf16 and then the sum.
     model = load_model(base, "float32").eval()

@@ -209,7 +209,7 @@ def info(
         Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v or all-linear.")
     ] = None,
     variant: Annotated[
-        Optional[str], typer.Option("--variant", help="lora or dora (default: [lora] variant, else lora).")
+        Optional[str], typer.Option("--variant", help="lora, dora or adalora (default: [lora] variant, else lora).")
     ] = None,
     dtype: Annotated[
         Optional[str],
@@ -234,9 +234,7 @@ def info(
         if dtype is not None:
             raw["model"]["dtype"] = dtype
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
-        lora = chosen.lora
-        return describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                        dtype=chosen.model.dtype, variant=lora.variant, quantize=chosen.model.quantize)
+        return describe(chosen)
 
     report = run_command(action, debug)
     if as_json:

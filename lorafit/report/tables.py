@@ -18,8 +18,11 @@ def info_tables(report: dict) -> list:
     """Rich renderables for `lorafit info` and the end-of-training summary."""
     from rich.table import Table
 
-    variant = {"lora": "LoRA", "dora": "DoRA"}.get(report["lora"].get("variant", "lora"), "LoRA")
-    modules = Table(title=f"{variant} targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
+    from lorafit.lora.variants import VARIANTS
+
+    lora = report["lora"]
+    modules = Table(title=f"{VARIANTS[lora['variant']].title} targets (rank {lora['rank']}, alpha {lora['alpha']:g})",
+                    caption=lora.get("exports"))
     for column in ("module", "shape (d_out x d_in)", "LoRA params"):
         modules.add_column(column, justify="right" if column != "module" else "left")
     rows = report["modules"]

@@ -29,8 +29,9 @@ from lorafit.data.rows import no_evaluation_reason
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError, os_failure
 from lorafit.evaluate import evaluate_split
-from lorafit.lora.adalora import RankAllocator, rank_allocator
+from lorafit.lora.adalora import RankAllocator
 from lorafit.lora.linear import LoRALinear
+from lorafit.lora.variants import allocator_for
 from lorafit.messages import note
 from lorafit.model.load import load_model
 from lorafit.model.loss import SupervisedLoss
@@ -148,7 +149,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize)
-    ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
+    ranks = allocator_for(recipe.lora, layers, total_steps)
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}

@@ -27,6 +27,7 @@ from lorafit.data.rows import (
 )
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
 from lorafit.model.load import (
     check_context_length,
@@ -146,17 +147,17 @@ def _has_evaluation(recipe: Recipe) -> bool | None:
 def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
 
-    Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
-    update would no longer be low-rank (and a slice's rows could not all be reached).
+    Refuses targets the model lacks and a rank (the one the variant's layers start at) above a wrapped module's
+    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached).
     """
     model = meta_model(config)
     lora = recipe.lora
     layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
     for path, layer in layers.items():
-        smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
-        if lora.rank > smaller:
+        if layer.rank > layer.max_rank:
             raise LorafitError(
-                f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
+                f"{VARIANTS[lora.variant].rank_name} = {layer.rank} is more than {path}'s smaller side "
+                f"({layer.max_rank}); use a rank of at most {layer.max_rank}"
             )
     # compile, FSDP and 4-bit weights work block by block
     if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import VARIANTS
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
 
@@ -69,9 +70,7 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
 
 def not_resumable(recipe: Recipe) -> str | None:
     """Why a run of `recipe` cannot be continued from its checkpoints, or None when it can."""
-    if recipe.lora.variant == "adalora":
-        return "AdaLoRA runs cannot be resumed yet (their importance scores are not saved)"
-    return None
+    return VARIANTS[recipe.lora.variant].resume_refusal or None
 
 
 def saved_state(run_dir: Path, recipe: Recipe) -> str:
