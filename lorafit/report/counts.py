@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from lorafit.lora.variants import VARIANTS, LoRALayer, layer_variant
-from lorafit.model.inject import count_parameters, wrap_targets
+from lorafit.model.inject import count_parameters, target_notes, wrap_targets
 from lorafit.model.load import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
-from lorafit.model.quantize import frozen_weight_bytes
+from lorafit.model.quantize import check_quantizable, frozen_weight_bytes
 from lorafit.recipe import Recipe
 
 ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
@@ -17,8 +17,10 @@ LORA_BYTES = 4  # A and B are always kept in fp32
 
 
 def module_rows(layers: dict[str, LoRALayer]) -> list[dict]:
+    """One row per adapted module (or weight parameter: a stack of experts also says how many it holds)."""
     return [
-        {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params}
+        {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params,
+         **({"experts": layer.experts} if hasattr(layer, "experts") else {})}
         for path, layer in layers.items()
     ]
 
@@ -75,6 +77,9 @@ def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
     model = meta_model(config)
     lora, dtype, quantize = recipe.lora, recipe.model.dtype, recipe.model.quantize
+    if quantize != "none":
+        check_quantizable(model)
+    notes = target_notes(model, lora.targets, lora.dropout)
     layers = wrap_targets(model, lora)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     itemsize = DTYPES[weights].itemsize
@@ -91,4 +96,5 @@ def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     report["lora"] = {"rank": variant.rank(lora), "alpha": lora.alpha, "targets": lora.targets, "variant": variant.name}
     if variant.exports:
         report["lora"]["exports"] = variant.exports
+    report["notes"] = notes  # what the targets do that one might not expect (lorafit.model.inject.target_notes)
     return report
