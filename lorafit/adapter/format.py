@@ -304,6 +304,31 @@ def nested_paths(module: str, parameters: list[str]) -> dict[str, str]:
     return {name: module + ".base_layer" * (len(parameters) - 1 - i) for i, name in enumerate(parameters)}
 
 
+# peft (0.18 on) under transformers 5 reads an adapter for a mixture-of-experts family whose checkpoints transformers
+# converts as one trained on transformers 4, whose experts were modules: it moves these target_modules names to
+# target_parameters (the stacks they became), whichever module they name (peft/utils/transformers_weight_conversion.py,
+# _convert_peft_config_moe). A LoRA on a dense MLP or shared expert so named then does not load in peft.
+PEFT_MOE_RENAMES = {"qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"), "mixtral": ("gate", "w1", "w2", "w3")}
+
+
+def peft_notes(model_type: str, keys: list[str]) -> list[str]:
+    """A line when peft would take some of the adapted modules (`keys`: layer paths) of a `model_type` model for
+    experts and not load their LoRA; none otherwise."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:  # a transformers without checkpoint conversions: peft converts nothing either
+        return []
+    names = PEFT_MOE_RENAMES.get(patterns.get(model_type) or ("mixtral" if model_type == "mixtral" else ""), ())
+    renamed = [key for key in keys if key.rsplit(".", 1)[-1] in names]
+    if not renamed:
+        return []
+    shown = sorted({key.rsplit(".", 1)[-1] for key in renamed})
+    return [f"peft reads target_modules {', '.join(shown)} of a {model_type} model as the names of its experts (from "
+            f"transformers 4) and moves them to the experts' stacks, so the LoRA on {renamed[0]} and "
+            f"{len(renamed) - 1} more modules so named loads in lorafit but not in peft; leave them out of the "
+            "targets for an adapter that peft loads whole"]
+
+
 def check_selected(directory: Path, config: dict, path: str) -> None:
     """Weights for a module that target_modules does not select would be ignored by peft: refuse them."""
     targets = config.get("target_modules") or []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorafit.adapter.convert import is_parameter
+from lorafit.adapter.format import peft_notes
 from lorafit.lora.variants import VARIANTS, LoRALayer, layer_variant
 from lorafit.model.inject import count_parameters, target_notes, wrap_targets
 from lorafit.model.load import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
@@ -70,6 +72,15 @@ def parameter_report(
     }
 
 
+def wrap_with_notes(model: nn.Module, lora) -> tuple[dict[str, LoRALayer], list[str]]:
+    """The recipe's LoRA layers on `model`, and one line for each thing its targets do that one might not expect:
+    what "all-linear" adapts or leaves out, dropout that expert LoRA has none of, modules peft would not load."""
+    notes = target_notes(model, lora.targets, lora.dropout)
+    layers = wrap_targets(model, lora)
+    modules = [key for key, layer in layers.items() if not is_parameter(layer)]
+    return layers, notes + peft_notes(model.config.model_type, modules)
+
+
 def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     """What the recipe's LoRA (its variant, start, quantization and targets) would train, computed on the meta device
     from the config of its model (or of `model_name`) alone. `info`, the dry run and their tables show it."""
@@ -79,8 +90,7 @@ def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     lora, dtype, quantize = recipe.lora, recipe.model.dtype, recipe.model.quantize
     if quantize != "none":
         check_quantizable(model)
-    notes = target_notes(model, lora.targets, lora.dropout)
-    layers = wrap_targets(model, lora)
+    layers, notes = wrap_with_notes(model, lora)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     itemsize = DTYPES[weights].itemsize
     frozen = None

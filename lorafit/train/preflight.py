@@ -29,7 +29,6 @@ from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
-from lorafit.model.inject import target_notes
 from lorafit.model.load import (
     check_context_length,
     check_safetensors,
@@ -42,13 +41,13 @@ from lorafit.model.load import (
 )
 from lorafit.model.quantize import check_quantizable, require_torchao
 from lorafit.recipe import Recipe
+from lorafit.report.counts import wrap_with_notes
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.optimizer import parameter_groups
 from lorafit.train.processes import all_gather_objects, make_accelerator
 from lorafit.train.resume import check_resume, finished_report
 from lorafit.train.run_folder import RunLock, check_output
-from lorafit.train.step import wrap_targets
 
 
 @dataclass
@@ -156,9 +155,9 @@ def check_lora(config, recipe: Recipe, console: Console | None = None) -> dict[s
     lora = recipe.lora
     if recipe.model.quantize != "none":
         check_quantizable(model)
-    for text in target_notes(model, lora.targets, lora.dropout):
+    layers, notes = wrap_with_notes(model, lora)  # on the meta device an SVD start draws nothing
+    for text in notes:
         note(text, console or Console(stderr=True))
-    layers = wrap_targets(model, lora)  # on the meta device an SVD start draws nothing
     for path, layer in layers.items():
         if layer.rank > layer.max_rank:
             raise LorafitError(
