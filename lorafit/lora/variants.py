@@ -52,7 +52,8 @@ class LoRALayer(Protocol):
         """Trained values."""
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW as a dense `weight_shape` matrix, for merging."""
+        """ΔW as a dense `weight_shape` matrix, for merging (a parameter's layer: one per expert, stacked as the
+        parameter is)."""
 
     def merge(self) -> None: ...
 

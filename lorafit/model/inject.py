@@ -152,20 +152,17 @@ def _no_match(model: nn.Module, name: str, table: dict[str, Target]) -> str:
     paths = linear_paths(model)
     names = sorted({path.rsplit(".", 1)[-1] for path in paths})
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    stacks = experts.expert_parameters(model)
-    offered = [*table, *([EXPERTS, *sorted({EXPERT_PARAMETERS_BY_NAME[p.name] for p in stacks})] if stacks else []),
-               ALL_LINEAR, EMBED]
-    known = ", ".join(dict.fromkeys(offered))
-    fused = (f"; its experts' gate and up are one stacked parameter ({stacks[0].full}): target gate_up"
-             if name in ("gate", "up") and any(p.name == EXPERT_PARAMETERS["gate_up"] for p in stacks) else "")
+    stacks = {parameter.name: parameter for parameter in experts.expert_parameters(model)}
+    offered = [semantic for semantic, parameter in EXPERT_PARAMETERS.items() if parameter in stacks]
+    known = ", ".join(dict.fromkeys([*table, *([EXPERTS, *offered] if stacks else []), ALL_LINEAR, EMBED]))
+    gate_up = stacks.get(EXPERT_PARAMETERS["gate_up"])
+    fused = (f"; its experts' gate and up are one stacked parameter ({gate_up.full}): target gate_up"
+             if name in ("gate", "up") and gate_up else "")
     where = f" ({table[name].module} in this model's row)" if name in table else ""
     return (
         f"target {name!r}{where} does not exist in this {model_type} model; use one of {known}, or a module or "
         f"parameter name; its linear layers are named {shown} ({len(paths)} in all){fused}"
     )
-
-
-EXPERT_PARAMETERS_BY_NAME = {parameter: name for name, parameter in EXPERT_PARAMETERS.items()}
 
 
 def target_notes(model: nn.Module, targets: list[str], dropout: float) -> list[str]:
@@ -258,9 +255,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     whichever other layers of the same module it is nested in."""
     layers, owners = {}, {}  # owners: path of a parameter layer -> path of the module holding the parameter
     for path, module in model.named_modules():
-        if isinstance(module, ExpertLoRA):
-            parent = path.removesuffix(".base")
-            owners[path] = owners.get(parent, path) if parent != path else path
+        if isinstance(module, ExpertLoRA):  # nested inside another: at <owner>.base(.base...)
+            owners[path] = owners.get(path.removesuffix(".base"), path)
             layers[f"{owners[path]}.{module.parameter}"] = module
         elif layer_variant(module) is not None:
             layers[path] = module

@@ -125,9 +125,8 @@ ARCHITECTURES: dict[str, dict[str, Target]] = {
     "qwen3": LLAMA,
     "gemma3_text": LLAMA,
     # Mixture-of-experts families: attention as Llama's, and the experts' stacks through EXPERT_PARAMETERS; gate, up
-    # and down also name the dense MLPs of a family that has some (Qwen3-MoE's mlp_only_layers, shared experts).
+    # and down also name the dense MLPs of a family that has some (Qwen3-MoE's mlp_only_layers).
     "qwen3_moe": LLAMA,
-    "qwen2_moe": {**ATTENTION, "gate": Target("gate_proj"), "up": Target("up_proj"), "down": Target("down_proj")},
     "mixtral": ATTENTION,
     "olmoe": ATTENTION,
     "gpt_oss": ATTENTION,

@@ -125,3 +125,14 @@ def test_meta_model_wraps_the_same_stacks():
         "model.layers.0.mlp.experts.gate_up_proj": 4 * RANK * (32 + 48),
         "model.layers.0.mlp.experts.down_proj": 4 * RANK * (24 + 32),
     }
+
+
+def test_an_svd_start_on_the_experts_is_refused_before_any_weight_is_read():
+    """The check that `train` runs on the meta device: PiSSA starts from a linear layer's SVD, not a stack's."""
+    from lorafit.recipe import validate
+    from lorafit.train.preflight import check_lora
+
+    recipe = validate({"lora": {"targets": ["q", "experts"], "init": "pissa"}})
+    with pytest.raises(LorafitError, match="init = 'pissa' starts from a linear layer's SVD and does not apply to "
+                                           "expert parameters"):
+        check_lora(tiny_config("mixtral"), recipe)

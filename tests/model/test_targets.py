@@ -179,3 +179,22 @@ def test_fused_slices_need_every_name_to_be_a_fused_target(names):
 )
 def test_a_suffix_names_whole_dotted_parts_only(path, suffix, selected):
     assert targets.matches_suffix(path, suffix) == selected
+
+
+def test_deepseek_latent_attention_q_k_v_are_the_features_its_attention_uses():
+    """Multi-head latent attention: q is all of q_b_proj; k (without its shared rotary part) and v are the per-head
+    features of kv_b_proj, the latent's up-projection, that the attention takes as keys and values."""
+    model = tiny_model("deepseek_v3")
+    attention = "model.layers.0.self_attn"
+    latent = output_of(model.get_submodule(f"{attention}.kv_b_proj"))
+    query = output_of(model.get_submodule(f"{attention}.q_b_proj"))
+    _captured.clear()
+    model.set_attn_implementation(CAPTURE)
+    model(sample_tokens())
+    q, k, v = _captured[0]
+    table = targets.ARCHITECTURES["deepseek_v3"]
+    assert (table["q"].module, table["k"].module, table["v"].module) == (
+        "self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.kv_b_proj")
+    assert features_feeding(q, query["out"]) == list(range(query["out"].shape[-1]))
+    assert sorted(table["k"].features(model.config)) == features_feeding(k, latent["out"])
+    assert sorted(table["v"].features(model.config)) == features_feeding(v, latent["out"])
