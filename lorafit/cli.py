@@ -270,6 +270,42 @@ def merge(
 
 
 @app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (PEFT LoRA format).")],
+    engine: Annotated[str, typer.Option("--for", help="Serving engine: vllm, sglang, llamacpp or peft.")],
+    out: Annotated[Optional[Path], typer.Argument(help="Folder to write what the engine loads to.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model folder: its config (llamacpp), "
+                                                "tokenizer (end of turn) and weights (a merged model).")] = None,
+    check_only: Annotated[bool, typer.Option("--check-only", help="Check the adapter; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """Check an adapter against a serving engine's rules and write what it loads (GGUF for llama.cpp)."""
+
+    def action():
+        from lorafit.adapter.export import export_adapter
+
+        return export_adapter(adapter, engine, out, base=base, check_only=check_only, force=force)
+
+    result = run_command(action, debug)
+    if as_json:
+        print_json("export", result)
+    else:
+        for problem in result["problems"]:
+            (error if problem["level"] == "refuse" or result["refused"] and problem["level"] == "merge" else note)(
+                f"{result['engine']}: {problem['text']}")
+        if result["written"]:
+            Console().print(f"wrote {result['written']} for {result['engine']} -> [bold]{result['out']}[/]\n"
+                            f"serve: {result['serve']}", highlight=False, soft_wrap=True)
+        elif not result["refused"]:
+            Console().print(f"{result['engine']}: "
+                            f"{'ready as written' if result['ready_as_written'] else 'export writes what it loads'}")
+    if result["refused"]:
+        raise typer.Exit(2)
+
+
+@app.command()
 def info(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take model and LoRA settings from a recipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")] = None,
