@@ -1,0 +1,180 @@
+"""llama.cpp's logits with the GGUF adapter `lorafit export --for llamacpp` writes, against transformers + peft.
+
+A tiny Llama (random weights, grouped-query attention) gets a random LoRA adapter on every projection and the
+token embedding, with rsLoRA and a per-module rank so that the folding of scalings into lora_b is exercised.
+Its base is written as a GGUF model here with `gguf` (f32, the q/k rows in llama.cpp's rotary order, a byte
+vocabulary whose text never matters: prompts are token ids), its adapter by `lorafit export`. Three prompts go
+through llama.cpp (llama-cpp-python) with and without the adapter and through transformers and peft; the
+report gives the largest |logit difference| of each pair, and how far the adapter moves the logits at all.
+
+    python bench/llamacpp_parity.py [--out DIR]
+
+llama-cpp-python has no wheel for every machine: `CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python`
+builds llama.cpp from source (cmake, a C++ compiler). tests/adapter/test_llamacpp_parity.py runs this check
+where llama_cpp is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [[1, 72, 101, 108, 108, 111], [1, 300, 7, 19, 250, 3, 88, 141, 200], [1, *range(40, 53)]]
+SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 320, "rms_norm_eps": 1e-5,
+         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "embed"]
+TOLERANCE = 1e-3  # fp32 on both sides: what summation order leaves
+
+
+def tiny_llama(folder: Path):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # larger than the default init, so logits spread out
+            parameter.copy_(torch.randn_like(parameter) * (0.2 if parameter.ndim > 1 else 0.1) + (parameter.ndim == 1))
+    model.save_pretrained(folder)
+    return model
+
+
+def random_adapter(model, folder: Path) -> None:
+    """lorafit's own adapter on every target, rsLoRA, v_proj at twice the rank of the rest."""
+    from lorafit.adapter.save import save_adapter
+    from lorafit.model.inject import inject_lora, lora_layer, replace_module
+
+    layers = inject_lora(model, TARGETS, 4, 8, use_rslora=True)
+    for path, layer in layers.items():
+        if path.endswith("v_proj"):
+            replace_module(model, path, lora_layer(layer.base, 8, 8, use_rslora=True))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    save_adapter(model, folder, base_model="tiny-llama", targets=TARGETS)
+
+
+def gguf_base(model, file: Path) -> None:
+    """The base as llama.cpp's f32 GGUF model, tensor by tensor as convert_hf_to_gguf.py names and orders them."""
+    import gguf
+
+    from lorafit.adapter.gguf import rotary_rows
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(file), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_theta if hasattr(config, "rope_theta") else SHAPE["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens llama.cpp looks up, then fillers
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tokens += [f"t{i}" for i in range(config.vocab_size - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, *[gguf.TokenType.BYTE] * 256]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types(types + [gguf.TokenType.NORMAL] * (len(tokens) - len(types)))
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in model.state_dict().items():
+        if names.get_name(name, try_suffixes=(".weight",)) is None:
+            continue  # buffers such as rotary frequencies, which llama.cpp computes itself
+        tensor = tensor.float()
+        module = name.removesuffix(".weight").split(".")[-1]
+        if module in heads:
+            tensor = rotary_rows(tensor, heads[module])
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_logits(base: Path, adapter: Path | None) -> list[torch.Tensor]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(base), lora_path=None if adapter is None else str(adapter), n_ctx=64, n_batch=64,
+                logits_all=True, n_threads=1, verbose=False)
+    out = []
+    for prompt in PROMPTS:
+        llm.reset()
+        llm.eval(prompt)
+        out.append(torch.tensor(llm.scores[:len(prompt)]).float())
+    return out
+
+
+@torch.no_grad()
+def torch_logits(model) -> list[torch.Tensor]:
+    return [model(input_ids=torch.tensor([prompt])).logits[0].float() for prompt in PROMPTS]
+
+
+def largest(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def run(out: Path) -> dict:
+    """Build, export and compare in `out`; the figures as a dict."""
+    import peft
+    import transformers
+
+    from lorafit.adapter.export import export_adapter
+
+    base = tiny_llama(out / "base")
+    random_adapter(transformers.AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    export = export_adapter(out / "adapter", "llamacpp", out / "gguf", base=str(out / "base"))
+    gguf_base(base, out / "base.gguf")
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out / "base"),
+                                             out / "adapter").eval()
+    reference_base, reference = torch_logits(base), torch_logits(adapted)
+    engine_base = llama_cpp_logits(out / "base.gguf", None)
+    engine = llama_cpp_logits(out / "base.gguf", out / "gguf" / "adapter.gguf")
+    figures = {
+        "prompts": len(PROMPTS), "tokens": sum(map(len, PROMPTS)),
+        "adapter_effect": largest(reference, reference_base),  # how far the adapter moves transformers' logits
+        "base_max_abs_diff": largest(engine_base, reference_base),
+        "adapter_max_abs_diff": largest(engine, reference),
+        "greedy_tokens_equal": all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(engine, reference)),
+        "export_problems": [p["rule"] for p in export["problems"]],
+    }
+    figures["pass"] = figures["base_max_abs_diff"] < TOLERANCE and figures["adapter_max_abs_diff"] < TOLERANCE
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="Folder for the models and files (default: a temporary one).")
+    args = parser.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print('llama_cpp is not importable: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python',
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    out = args.out or Path(tempfile.mkdtemp(prefix="lorafit-llamacpp-"))
+    figures = run(out)
+    print(json.dumps(figures))
+    return 0 if figures["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
