@@ -38,7 +38,8 @@ class Engine:
     label: str
     kinds: frozenset[str]  # module kinds it applies LoRA to: linear, embedding (experts: a later entry)
     modules: dict[str, frozenset[str]] | None  # model_type -> last names of the modules it wraps; None: any module
-    one_alpha: bool = True  # one scaling for every module: rsLoRA and per-module alphas must be folded into B
+    one_alpha: bool = True  # one scaling for every module: per-module alphas must be folded into B
+    rslora: bool = False  # honours use_rslora (alpha/sqrt(r)); else it is folded into B too
     dora: bool = False
     plain_only: bool = True  # LoRA A/B pairs only: no biases, saved modules, trainable tokens or PiSSA-style inits
     added_vocab: bool = False
@@ -61,7 +62,7 @@ ENGINES = {
         modules={"llama": PROJECTIONS | EMBEDDINGS, "mistral": PROJECTIONS | EMBEDDINGS, "phi3": PHI3,
                  "qwen2": PROJECTIONS, "qwen3": PROJECTIONS,
                  "opt": frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"})},
-        max_ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512), default_rank=16,
+        max_ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512), default_rank=16, rslora=True,
     ),
     "sglang": Engine(
         "sglang", "SGLang", frozenset({"linear", "embedding"}),
@@ -189,20 +190,24 @@ def _rank(adapter: Adapter, engine: Engine) -> list[Problem]:
                     f"{engine.default_rank}; start it with --max-lora-rank {flag}")]
 
 
-def _scaling(adapter: Adapter, engine: Engine) -> list[Problem]:
+def scaling_folds(adapter: Adapter, engine: Engine) -> list[str]:
+    """What of the adapter's scalings `engine`'s one lora_alpha cannot say, so export folds it into lora_B."""
     if not engine.one_alpha:
         return []
-    why = []
-    if adapter.config.get("use_rslora"):
-        why.append("rsLoRA (alpha/sqrt(r))")
-    if len(set(adapter.scalings().values())) > 1 or adapter.config.get("alpha_pattern"):
-        why.append("per-module alphas")
-    if engine.gguf and len(set(adapter.ranks().values())) > 1:
-        why.append("per-module ranks")
-    if not why:
+    rslora = adapter.config.get("use_rslora") and not (engine.rslora or engine.gguf)  # GGUF: alpha absorbs it
+    folds = ["rsLoRA (alpha/sqrt(r))"] if rslora else []
+    _, factors = adapter.folding(per_rank=engine.gguf)
+    if any(abs(factor - 1) > 1e-6 for factor in factors.values()):
+        folds.append("modules scaled differently (rank_pattern/alpha_pattern)")  # older vLLM and SGLang read neither
+    return folds
+
+
+def _scaling(adapter: Adapter, engine: Engine) -> list[Problem]:
+    folds = scaling_folds(adapter, engine)
+    if not folds:
         return []
     return [Problem("scaling", FIXED, f"{engine.label} scales every module by one lora_alpha over its rank, and this "
-                    f"adapter uses {' and '.join(why)}: written with each module's scaling folded into lora_B")]
+                    f"adapter uses {' and '.join(folds)}: written with each module's scaling folded into lora_B")]
 
 
 def _tied_lm_head(adapter: Adapter, engine: Engine) -> list[Problem]:

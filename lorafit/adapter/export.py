@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.adapter.engines import ADAPTER_FORM, ENGINES, FIXED, MERGE, REFUSE, Engine, Problem, check
+from lorafit.adapter.engines import ADAPTER_FORM, ENGINES, FIXED, MERGE, REFUSE, Engine, Problem, check, scaling_folds
 from lorafit.adapter.format import (
     CONFIG_FILE,
     KEY_PATTERN,
@@ -43,7 +43,6 @@ class Adapter:
     config: dict
     modules: dict[str, tuple[str, dict[str, torch.Tensor]]]  # path -> (kind, {"A", "B", maybe "magnitude"/"table"})
     extra: list[str]  # tensors that are not LoRA pairs: biases, saved modules
-    tensors: dict[str, torch.Tensor]  # every tensor of the file, as stored
     facts: dict = field(default_factory=dict)  # lorafit.json
     base: object | None = None  # the base's transformers config (text part), when known
     base_name: str | None = None  # --base
@@ -85,6 +84,16 @@ class Adapter:
         return {path: lora_scaling(*rank_and_alpha(self.config, path, rank)[::-1], rslora)
                 for path, rank in self.ranks().items()}
 
+    def folding(self, per_rank: bool) -> tuple[float, dict[str, float]]:
+        """(alpha, factor for each module's lora_B) for an engine that scales a module by alpha / r, r being the
+        config's for every module, or with `per_rank` the module's own (llama.cpp). alpha is the default module's
+        scaling times r, so that the default module keeps its B; rounded to fp32, as GGUF stores it."""
+        rank = self.config["r"]
+        alpha = lora_scaling(self.config.get("lora_alpha", 8), rank, bool(self.config.get("use_rslora"))) * rank
+        alpha = torch.tensor(alpha, dtype=torch.float32).item()
+        ranks = self.ranks()
+        return alpha, {path: s / (alpha / (ranks[path] if per_rank else rank)) for path, s in self.scalings().items()}
+
     def normalized_targets(self) -> set[str]:
         return {STACKED.get(path.split(".")[-1], path.split(".")[-1]) for path in self.modules}
 
@@ -94,10 +103,11 @@ class Adapter:
             return 0
         rows = [parts["A"].shape[1] for kind, parts in self.modules.values() if kind == "embedding"]
         rows += [parts["table"].shape[0] for _, parts in self.modules.values() if "table" in parts]
-        added = self.directory / "added_tokens.json"
-        if added.is_file():
-            ids = json.loads(added.read_text()).values()
-            rows += [max(ids) + 1] if ids else []
+        try:
+            ids = json.loads((self.directory / "added_tokens.json").read_text()).values()
+        except (OSError, ValueError, AttributeError):  # none, or not a {token: id} object
+            ids = []
+        rows += [max(ids) + 1] if ids and all(isinstance(i, int) for i in ids) else []
         return max([0, *(row - self.vocab_size for row in rows)])
 
 
@@ -108,12 +118,14 @@ def read_adapter(directory: Path, base: str | None = None) -> Adapter:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise LorafitError(f"{directory} holds a {peft_type or 'untyped'} adapter; export handles LoRA adapters")
-    check_values(directory / CONFIG_FILE, {"target_modules": [], **config} if config.get("target_parameters") else config)
+    experts = bool(config.get("target_parameters"))  # expert adapters may name no target_modules
+    check_values(directory / CONFIG_FILE, {**config, "target_modules": config.get("target_modules") or []}
+                 if experts else config)
     tensors = read_weights_file(directory)
     extra = [key for key in tensors if KEY_PATTERN.match(key) is None or key.endswith(".bias")]
     lora = {key: tensor for key, tensor in tensors.items() if key not in extra}
-    modules = lora_tensors(lora, directory / WEIGHTS_FILE) if lora else {}
-    return Adapter(directory, config, modules, extra, tensors, read_facts(directory), _base_config(base, config), base)
+    modules = lora_tensors(lora, directory / WEIGHTS_FILE) if lora or not experts else {}
+    return Adapter(directory, config, modules, extra, read_facts(directory), _base_config(base, config), base)
 
 
 def _base_config(base: str | None, config: dict):
@@ -152,7 +164,7 @@ def export_adapter(adapter_dir: Path, engine_name: str, out: Path | None, *, bas
         problems = [p for p in problems if p.level in (REFUSE, MERGE) or p.rule not in ADAPTER_FORM]
     result = {
         "adapter": str(adapter_dir), "engine": engine.name, "base": base, "out": None if out is None else str(out),
-        "problems": [_shown(problem, base) for problem in problems],
+        "problems": [_shown(problem, base, refused) for problem in problems],
         "ready_as_written": not any(p.level in (REFUSE, MERGE, FIXED) for p in problems),
         "refused": refused, "written": None, "serve": None,
     }
@@ -184,12 +196,13 @@ def export_adapter(adapter_dir: Path, engine_name: str, out: Path | None, *, bas
     return result
 
 
-def _shown(problem: Problem, base: str | None) -> dict:
+def _shown(problem: Problem, base: str | None, refused: bool) -> dict:
     """A problem as reported: a MERGE problem says what export does about it."""
     shown = asdict(problem)
-    if problem.level == MERGE:
-        shown["text"] += ("; writing the merged model instead (lorafit merge), which it serves as a plain model"
-                          if base else "; pass --base BASE to write the merged model instead")
+    if problem.level == MERGE and not base:
+        shown["text"] += "; pass --base BASE to write the merged model instead"
+    elif problem.level == MERGE and not refused:
+        shown["text"] += "; writing the merged model instead (lorafit merge), which it serves as a plain model"
     return shown
 
 
@@ -197,9 +210,8 @@ def _peft_files(adapter: Adapter, engine: Engine) -> dict[str, bytes]:
     """The PEFT folder; where the engine reads one alpha, every module's scaling is folded into its lora_B."""
     from safetensors.torch import save
 
-    source = adapter.directory / WEIGHTS_FILE
-    if not engine.one_alpha or not _needs_folding(adapter):
-        return {CONFIG_FILE: _json(adapter.config), WEIGHTS_FILE: source.read_bytes()}  # as they are
+    if not scaling_folds(adapter, engine):
+        return {CONFIG_FILE: _json(adapter.config), WEIGHTS_FILE: (adapter.directory / WEIGHTS_FILE).read_bytes()}
     config, factors = folded_config(adapter)
     tensors = {}
     for path, (kind, parts) in adapter.modules.items():
@@ -209,22 +221,17 @@ def _peft_files(adapter: Adapter, engine: Engine) -> dict[str, bytes]:
     return {CONFIG_FILE: _json(config), WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}
 
 
-def _needs_folding(adapter: Adapter) -> bool:
-    return bool(adapter.config.get("use_rslora")) or len(set(adapter.scalings().values())) > 1 \
-        or bool(adapter.config.get("alpha_pattern"))
-
-
 def folded_config(adapter: Adapter) -> tuple[dict, dict[str, float]]:
     """(config, factor for each module's lora_B) so that one scaling s, the default module's, is right everywhere.
 
     With lora_alpha = s·r and alpha_pattern[key] = s·rank_pattern[key], peft (and a vLLM that reads the patterns)
     scales every module by s, as does an engine that reads only r and lora_alpha; B carries the rest.
     """
-    config = adapter.config
-    scaling = lora_scaling(config.get("lora_alpha", 8), config["r"], bool(config.get("use_rslora")))
-    folded = {**config, "lora_alpha": _number(scaling * config["r"]), "use_rslora": False,
-              "alpha_pattern": {key: _number(scaling * rank) for key, rank in (config.get("rank_pattern") or {}).items()}}
-    return folded, {path: s / scaling for path, s in adapter.scalings().items()}
+    alpha, factors = adapter.folding(per_rank=False)
+    scaling = alpha / adapter.config["r"]
+    patterns = adapter.config.get("rank_pattern") or {}
+    return {**adapter.config, "lora_alpha": _number(alpha), "use_rslora": False,
+            "alpha_pattern": {key: _number(scaling * rank) for key, rank in patterns.items()}}, factors
 
 
 def _gguf_files(adapter: Adapter) -> dict:

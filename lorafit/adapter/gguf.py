@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.lora.linear import lora_scaling
 
 if TYPE_CHECKING:
     from lorafit.adapter.export import Adapter
@@ -46,16 +45,6 @@ def require_gguf():
     return gguf
 
 
-def gguf_alpha(adapter: Adapter) -> tuple[float, dict[str, float]]:
-    """(adapter.lora.alpha, factor for each module's lora_b): llama.cpp's alpha / rank times the factor is the
-    module's own scaling. alpha is the default module's scaling times its rank, so a plain LoRA keeps its B."""
-    config = adapter.config
-    alpha = lora_scaling(config.get("lora_alpha", 8), config["r"], bool(config.get("use_rslora"))) * config["r"]
-    alpha = torch.tensor(alpha, dtype=torch.float32).item()  # as the file stores it
-    ranks = adapter.ranks()
-    return alpha, {path: scaling / (alpha / ranks[path]) for path, scaling in adapter.scalings().items()}
-
-
 def rotary_rows(b: torch.Tensor, heads: int) -> torch.Tensor:
     """B's output rows in the order convert_hf_to_gguf.py gives q/k weights: each head's two rotary halves
     interleaved ([h, 2, d/2] -> [h, d/2, 2]), llama.cpp's rotary pairing being adjacent elements."""
@@ -71,7 +60,7 @@ def gguf_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     names = gguf.get_tensor_name_map(_arch(gguf, arch), config.num_hidden_layers)
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    _, factors = gguf_alpha(adapter)
+    _, factors = adapter.folding(per_rank=True)  # llama.cpp scales each pair by alpha / its own rank
     tensors = {}
     for path, (kind, parts) in sorted(adapter.modules.items()):
         name = names.get_name(path)
@@ -92,7 +81,7 @@ def write_gguf(adapter: Adapter, file: Path) -> None:
     """Write the adapter as llama.cpp's GGUF LoRA file (fp32 tensors)."""
     gguf = require_gguf()
     arch = ARCHITECTURES[adapter.base.model_type][0]
-    alpha, _ = gguf_alpha(adapter)
+    alpha, _ = adapter.folding(per_rank=True)
     writer = gguf.GGUFWriter(str(file), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -55,6 +55,7 @@ def write_adapter(folder: Path, modules: dict[str, tuple], config: dict | None =
 
 
 QV = {Q: (8, HIDDEN, HIDDEN, "linear"), V: (8, HIDDEN, 16, "linear")}
+QV_RANKS = {Q: (8, HIDDEN, HIDDEN, "linear"), V: (4, HIDDEN, 16, "linear")}
 EMBED = {"model.embed_tokens": (8, VOCAB, HIDDEN, "embedding")}
 HEAD = {"lm_head": (8, HIDDEN, VOCAB, "linear")}
 GPT2_QV = {"transformer.h.0.attn.c_attn": (16, HIDDEN, 3 * HIDDEN, "linear")}
@@ -89,10 +90,14 @@ RULES = [
      ({Q: (16, HIDDEN, HIDDEN, "linear")}, {}, ("llama", {}), None)),
     ("vllm", "rank", NOTE, ({Q: (32, HIDDEN, HIDDEN, "linear")}, {}, ("llama", {}), None),
      ({Q: (16, HIDDEN, HIDDEN, "linear")}, {}, ("llama", {}), None)),
-    *[(engine, "scaling", FIXED, (QV, {"use_rslora": True}, ("llama", {}), None), (QV, {}, ("llama", {}), None))
-      for engine in ("vllm", "sglang", "llamacpp")],
+    # one lora_alpha / r for every module: SGLang knows no rsLoRA, vLLM does; llama.cpp divides by each pair's rank
+    ("sglang", "scaling", FIXED, (QV, {"use_rslora": True}, ("llama", {}), None), (QV, {}, ("llama", {}), None)),
+    ("vllm", "scaling", FIXED, (QV_RANKS, {"rank_pattern": {"v_proj": 4}}, ("llama", {}), None),
+     (QV, {"use_rslora": True}, ("llama", {}), None)),
+    ("llamacpp", "scaling", FIXED, (QV, {"alpha_pattern": {"v_proj": 4}}, ("llama", {}), None),
+     (QV_RANKS, {"rank_pattern": {"v_proj": 4}}, ("llama", {}), None)),
     *[(engine, "scaling", FIXED, (QV, {"alpha_pattern": {"v_proj": 4}}, ("llama", {}), None),
-       (QV, {}, ("llama", {}), None)) for engine in ("vllm", "sglang", "llamacpp")],
+       (QV, {}, ("llama", {}), None)) for engine in ("vllm", "sglang")],
     ("llamacpp", "tied-lm-head", MERGE, ({**QV, **HEAD}, {}, ("llama", {"tie_word_embeddings": True}), None),
      ({**QV, **HEAD}, {}, ("llama", {}), None)),
     ("llamacpp", "base", REFUSE, (QV, {}, None, None), (QV, {}, ("llama", {}), None)),
