@@ -111,21 +111,23 @@ class Adapter:
         return max([0, *(row - self.vocab_size for row in rows)])
 
 
-def read_adapter(directory: Path, base: str | None = None) -> Adapter:
-    """The adapter in `directory` and, from --base or a local base_model_name_or_path, its base's config."""
+def read_adapter(directory: Path, base: str | None = None, *, config=None) -> Adapter:
+    """The adapter in `directory` and its base's config: `config`, else from --base or a local
+    base_model_name_or_path."""
     directory = Path(directory)
-    config = read_config_file(directory)
-    peft_type = str(config.get("peft_type", "")).upper()
+    settings = read_config_file(directory)
+    peft_type = str(settings.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise LorafitError(f"{directory} holds a {peft_type or 'untyped'} adapter; export handles LoRA adapters")
-    experts = bool(config.get("target_parameters"))  # expert adapters may name no target_modules
-    check_values(directory / CONFIG_FILE, {**config, "target_modules": config.get("target_modules") or []}
-                 if experts else config)
+    experts = bool(settings.get("target_parameters"))  # expert adapters may name no target_modules
+    check_values(directory / CONFIG_FILE, {**settings, "target_modules": settings.get("target_modules") or []}
+                 if experts else settings)
     tensors = read_weights_file(directory)
     extra = [key for key in tensors if KEY_PATTERN.match(key) is None or key.endswith(".bias")]
     lora = {key: tensor for key, tensor in tensors.items() if key not in extra}
     modules = lora_tensors(lora, directory / WEIGHTS_FILE) if lora or not experts else {}
-    return Adapter(directory, config, modules, extra, read_facts(directory), _base_config(base, config), base)
+    config = _text_config(config) if config is not None else _base_config(base, settings)
+    return Adapter(directory, settings, modules, extra, read_facts(directory), config, base)
 
 
 def _base_config(base: str | None, config: dict):
@@ -135,12 +137,15 @@ def _base_config(base: str | None, config: dict):
     if not base and not (isinstance(name, str) and Path(name).expanduser().is_dir()):
         return None  # a hub id in the adapter's config: export reads nothing from the network on its own
     try:
-        loaded = load_config(name)
+        return _text_config(load_config(name))
     except LorafitError:
         if base:
             raise
         return None
-    return loaded.get_text_config() if hasattr(loaded, "get_text_config") else loaded
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def export_adapter(adapter_dir: Path, engine_name: str, out: Path | None, *, base: str | None = None,
@@ -248,12 +253,10 @@ def _json(data: dict) -> bytes:
     return json_text(data).encode()
 
 
-def readiness(adapter_dir: Path, base: str | None) -> str:
-    """One line: for which engines the adapter loads as written, which need `lorafit export`, which refuse it."""
-    try:
-        adapter = read_adapter(adapter_dir, base)
-    except LorafitError:  # a base whose config cannot be read here (a hub id offline): judge the adapter alone
-        adapter = read_adapter(adapter_dir)
+def readiness(adapter_dir: Path, config=None) -> str:
+    """One line: for which engines the adapter loads as written, which need `lorafit export`, which refuse it.
+    `config` is the base's transformers config (train has it at hand)."""
+    adapter = read_adapter(adapter_dir, config=config)
     ready, convert, refused = [], [], []
     for engine in ENGINES.values():
         # a base that cannot be read here is export's to be given (--base), not a fault of the adapter

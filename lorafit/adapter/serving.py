@@ -77,7 +77,7 @@ def serve_hint(engine: Engine, out: Path, base: str | None, *, merged: bool, cha
     if engine.name == "llamacpp":
         if merged:
             return f"python convert_hf_to_gguf.py {out} (llama.cpp), then llama-server -m the GGUF it writes"
-        return f"llama-server -m {base}.gguf --lora {out / 'adapter.gguf'}" + \
+        return f"llama-server -m BASE.gguf --lora {out / 'adapter.gguf'}" + \
             (f" --jinja --chat-template-file {template}" if chat else "")
     if merged:
         return f"AutoModelForCausalLM.from_pretrained({str(out)!r})"

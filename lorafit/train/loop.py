@@ -271,7 +271,7 @@ def finish(run: Run) -> dict:
     for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
     if run.accelerator.is_main_process:
-        run.console.print(readiness(run.run_dir / "adapter", run.recipe.model.name), highlight=False, soft_wrap=True)
+        run.console.print(readiness(run.run_dir / "adapter", run.model.config), highlight=False, soft_wrap=True)
     run.accelerator.wait_for_everyone()
     return report
 

@@ -151,9 +151,9 @@ def test_check_only_writes_nothing_and_says_whether_it_is_ready(tmp_path):
 def test_readiness_names_the_engines_that_load_the_adapter_as_written(tmp_path):
     saved_adapter("llama", tmp_path / "llama")
     saved_adapter("gpt2", tmp_path / "gpt2")
-    llama = readiness(tmp_path / "llama", None)
+    llama = readiness(tmp_path / "llama")
     assert llama.startswith("serving: ready as written for vLLM, SGLang, peft; llama.cpp after `lorafit export")
-    assert readiness(tmp_path / "gpt2", None).endswith("not as an adapter for vLLM, SGLang "
+    assert readiness(tmp_path / "gpt2", tiny_config("gpt2")).endswith("not as an adapter for vLLM, SGLang "
                                                         "(lorafit export --check-only says why)")
 
 
