@@ -293,8 +293,8 @@ def export(
         print_json("export", result)
     else:
         for problem in result["problems"]:
-            (error if problem["level"] == "refuse" or result["refused"] and problem["level"] == "merge" else note)(
-                f"{result['engine']}: {problem['text']}")
+            blocking = problem["level"] == "refuse" or (result["refused"] and problem["level"] == "merge")
+            (error if blocking else note)(f"{result['engine']}: {problem['text']}")
         if result["written"]:
             Console().print(f"wrote {result['written']} for {result['engine']} -> [bold]{result['out']}[/]\n"
                             f"serve: {result['serve']}", highlight=False, soft_wrap=True)

@@ -163,6 +163,10 @@ def _saved_modules(adapter: Adapter, engine: Engine) -> list[Problem]:
 
 
 def _vocabulary(adapter: Adapter, engine: Engine) -> list[Problem]:
+    embedded = any(kind == "embedding" or "table" in parts for kind, parts in adapter.modules.values())
+    if adapter.vocab_size is None and embedded and not engine.added_vocab:
+        return [Problem("vocabulary", NOTE, "the base's vocabulary is unknown, so whether the adapter adds tokens "
+                        f"({engine.label} loads none) was not checked; pass --base BASE")]
     added = adapter.added_tokens()
     if not added:
         return []
