@@ -7,7 +7,7 @@ vocabulary whose text never matters: prompts are token ids), its adapter by `lor
 through llama.cpp (llama-cpp-python) with and without the adapter and through transformers and peft; the
 report gives the largest |logit difference| of each pair, and how far the adapter moves the logits at all.
 
-    python bench/llamacpp_parity.py [--out DIR]
+    python bench/llamacpp_parity.py [--out DIR] [--converter llama.cpp/convert_lora_to_gguf.py]
 
 llama-cpp-python has no wheel for every machine: `CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python`
 builds llama.cpp from source (cmake, a C++ compiler). tests/adapter/test_llamacpp_parity.py runs this check
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,14 +47,14 @@ def tiny_llama(folder: Path):
     return model
 
 
-def random_adapter(model, folder: Path) -> None:
-    """lorafit's own adapter on every target, rsLoRA, v_proj at twice the rank of the rest."""
+def random_adapter(model, folder: Path, plain: bool = False) -> None:
+    """lorafit's own adapter on every target: rsLoRA with v_proj at twice the rank of the rest, or `plain`."""
     from lorafit.adapter.save import save_adapter
     from lorafit.model.inject import inject_lora, lora_layer, replace_module
 
-    layers = inject_lora(model, TARGETS, 4, 8, use_rslora=True)
+    layers = inject_lora(model, TARGETS, 4, 8, use_rslora=not plain)
     for path, layer in layers.items():
-        if path.endswith("v_proj"):
+        if path.endswith("v_proj") and not plain:
             replace_module(model, path, lora_layer(layer.base, 8, 8, use_rslora=True))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -131,7 +132,30 @@ def largest(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def run(out: Path) -> dict:
+def gguf_arrays(file: Path) -> dict:
+    import gguf
+
+    return {tensor.name: torch.from_numpy(tensor.data.copy()) for tensor in gguf.GGUFReader(str(file)).tensors}
+
+
+def converter_diff(converter: Path, out: Path) -> float:
+    """Largest |difference| between llama.cpp's own convert_lora_to_gguf.py and lorafit export, tensor by tensor,
+    on a plain adapter of every target (one rank, no rsLoRA: what the converter reads right)."""
+    import transformers
+
+    from lorafit.adapter.export import export_adapter
+
+    random_adapter(transformers.AutoModelForCausalLM.from_pretrained(out / "base"), out / "plain", plain=True)
+    export_adapter(out / "plain", "llamacpp", out / "plain-gguf", base=str(out / "base"))
+    subprocess.run([sys.executable, str(converter), str(out / "plain"), "--base", str(out / "base"), "--outfile",
+                    str(out / "plain-converted.gguf"), "--outtype", "f32"], check=True, capture_output=True)
+    ours, theirs = gguf_arrays(out / "plain-gguf" / "adapter.gguf"), gguf_arrays(out / "plain-converted.gguf")
+    if set(ours) != set(theirs):
+        raise SystemExit(f"tensor names differ: {sorted(set(ours) ^ set(theirs))}")
+    return max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+
+
+def run(out: Path, converter: Path | None = None) -> dict:
     """Build, export and compare in `out`; the figures as a dict."""
     import peft
     import transformers
@@ -156,12 +180,17 @@ def run(out: Path) -> dict:
         "export_problems": [p["rule"] for p in export["problems"]],
     }
     figures["pass"] = figures["base_max_abs_diff"] < TOLERANCE and figures["adapter_max_abs_diff"] < TOLERANCE
+    if converter is not None:
+        figures["converter_max_abs_diff"] = converter_diff(converter, out)
+        figures["pass"] = figures["pass"] and figures["converter_max_abs_diff"] == 0
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="Folder for the models and files (default: a temporary one).")
+    parser.add_argument("--converter", type=Path, help="llama.cpp's convert_lora_to_gguf.py: also compare its GGUF "
+                        "with lorafit's, tensor by tensor, on a plain adapter.")
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -171,7 +200,7 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="lorafit-llamacpp-"))
-    figures = run(out)
+    figures = run(out, args.converter)
     print(json.dumps(figures))
     return 0 if figures["pass"] else 1
 
