@@ -1,11 +1,13 @@
 """llama.cpp's logits with the GGUF adapter `lorafit export --for llamacpp` writes, against transformers + peft.
 
-A tiny Llama (random weights, grouped-query attention) gets a random LoRA adapter on every projection and the
-token embedding, with rsLoRA and a per-module rank so that the folding of scalings into lora_b is exercised.
-Its base is written as a GGUF model here with `gguf` (f32, the q/k rows in llama.cpp's rotary order, a byte
-vocabulary whose text never matters: prompts are token ids), its adapter by `lorafit export`. Three prompts go
-through llama.cpp (llama-cpp-python) with and without the adapter and through transformers and peft; the
-report gives the largest |logit difference| of each pair, and how far the adapter moves the logits at all.
+Two tiny models with random weights: a Llama (grouped-query attention; q/k rows reordered for llama.cpp's
+rotary) and a GPT-2 (q/v on the fused c_attn, tied head). Each gets a random lorafit adapter on every projection
+and the token embedding, with rsLoRA (on Llama also v_proj at twice the rank), so that the folding of scalings
+into lora_b is exercised. Its base is written as a GGUF model here with `gguf` (f32, named and ordered as
+convert_hf_to_gguf.py does, with a byte vocabulary whose text never matters: prompts are token ids), its
+adapter by `lorafit export`. Three prompts go through llama.cpp (llama-cpp-python) with and without the adapter
+and through transformers and peft; the report gives the largest |logit difference| of each pair, and how far
+the adapter moves the logits at all.
 
     python bench/llamacpp_parity.py [--out DIR] [--converter llama.cpp/convert_lora_to_gguf.py]
 
@@ -28,18 +30,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPTS = [[1, 72, 101, 108, 108, 111], [1, 300, 7, 19, 250, 3, 88, 141, 200], [1, *range(40, 53)]]
-SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 320, "rms_norm_eps": 1e-5,
-         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
-TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "embed"]
+VOCAB = 320
+CONFIGS = {  # random tiny models; Llama with grouped-query attention, GPT-2 with its fused c_attn and tied head
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+              "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": VOCAB, "bos_token_id": 1,
+             "eos_token_id": 2},
+}
+TARGETS = {"llama": ["q", "k", "v", "o", "gate", "up", "down", "embed"], "gpt2": ["q", "v", "o", "up", "down", "embed"]}
+CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # GPT-2 stores these [d_in, d_out]
 TOLERANCE = 1e-3  # fp32 on both sides: what summation order leaves
 
 
-def tiny_llama(folder: Path):
+def tiny_model(arch: str, folder: Path):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).eval()
+    config = transformers.AutoConfig.for_model(arch, **CONFIGS[arch])
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():  # larger than the default init, so logits spread out
             parameter.copy_(torch.randn_like(parameter) * (0.2 if parameter.ndim > 1 else 0.1) + (parameter.ndim == 1))
@@ -48,11 +57,12 @@ def tiny_llama(folder: Path):
 
 
 def random_adapter(model, folder: Path, plain: bool = False) -> None:
-    """lorafit's own adapter on every target: rsLoRA with v_proj at twice the rank of the rest, or `plain`."""
+    """lorafit's own adapter on every target: rsLoRA (on Llama with v_proj at twice the rest's rank), or `plain`."""
     from lorafit.adapter.save import save_adapter
     from lorafit.model.inject import inject_lora, lora_layer, replace_module
 
-    layers = inject_lora(model, TARGETS, 4, 8, use_rslora=not plain)
+    targets = TARGETS[model.config.model_type]
+    layers = inject_lora(model, targets, 4, 8, use_rslora=not plain)
     for path, layer in layers.items():
         if path.endswith("v_proj") and not plain:
             replace_module(model, path, lora_layer(layer.base, 8, 8, use_rslora=True))
@@ -61,26 +71,31 @@ def random_adapter(model, folder: Path, plain: bool = False) -> None:
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    save_adapter(model, folder, base_model="tiny-llama", targets=TARGETS)
+    save_adapter(model, folder, base_model="tiny", targets=targets)
 
 
 def gguf_base(model, file: Path) -> None:
     """The base as llama.cpp's f32 GGUF model, tensor by tensor as convert_hf_to_gguf.py names and orders them."""
     import gguf
 
-    from lorafit.adapter.gguf import rotary_rows
+    from lorafit.adapter.gguf import ARCHITECTURES, rotary_rows
 
     config = model.config
-    writer = gguf.GGUFWriter(str(file), "llama")
+    arch = ARCHITECTURES[config.model_type][0]
+    writer = gguf.GGUFWriter(str(file), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_theta if hasattr(config, "rope_theta") else SHAPE["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch == "llama":
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+        writer.add_rope_freq_base(10000.0)  # transformers' default rope_theta
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:
+        writer.add_feed_forward_length(4 * config.hidden_size)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     # SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens llama.cpp looks up, then fillers
@@ -94,16 +109,20 @@ def gguf_base(model, file: Path) -> None:
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": getattr(config, "num_key_value_heads", None)}
     for name, tensor in model.state_dict().items():
-        if names.get_name(name, try_suffixes=(".weight",)) is None:
-            continue  # buffers such as rotary frequencies, which llama.cpp computes itself
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # buffers (rotary frequencies, GPT-2's causal mask), and a tied head llama.cpp shares itself
         tensor = tensor.float()
-        module = name.removesuffix(".weight").split(".")[-1]
-        if module in heads:
+        module = name.rsplit(".", 2)[-2]
+        if module in heads and arch == "llama":
             tensor = rotary_rows(tensor, heads[module])
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), tensor.contiguous().numpy())
+        if name.endswith(CONV1D):
+            tensor = tensor.t()
+        writer.add_tensor(gguf_name, tensor.contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -155,14 +174,14 @@ def converter_diff(converter: Path, out: Path) -> float:
     return max((ours[name] - theirs[name]).abs().max().item() for name in ours)
 
 
-def run(out: Path, converter: Path | None = None) -> dict:
+def run(out: Path, arch: str = "llama", converter: Path | None = None) -> dict:
     """Build, export and compare in `out`; the figures as a dict."""
     import peft
     import transformers
 
     from lorafit.adapter.export import export_adapter
 
-    base = tiny_llama(out / "base")
+    base = tiny_model(arch, out / "base")
     random_adapter(transformers.AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
     export = export_adapter(out / "adapter", "llamacpp", out / "gguf", base=str(out / "base"))
     gguf_base(base, out / "base.gguf")
@@ -172,7 +191,7 @@ def run(out: Path, converter: Path | None = None) -> dict:
     engine_base = llama_cpp_logits(out / "base.gguf", None)
     engine = llama_cpp_logits(out / "base.gguf", out / "gguf" / "adapter.gguf")
     figures = {
-        "prompts": len(PROMPTS), "tokens": sum(map(len, PROMPTS)),
+        "arch": arch, "prompts": len(PROMPTS), "tokens": sum(map(len, PROMPTS)),
         "adapter_effect": largest(reference, reference_base),  # how far the adapter moves transformers' logits
         "base_max_abs_diff": largest(engine_base, reference_base),
         "adapter_max_abs_diff": largest(engine, reference),
@@ -190,7 +209,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="Folder for the models and files (default: a temporary one).")
     parser.add_argument("--converter", type=Path, help="llama.cpp's convert_lora_to_gguf.py: also compare its GGUF "
-                        "with lorafit's, tensor by tensor, on a plain adapter.")
+                        "with lorafit's, tensor by tensor, on a plain Llama adapter (it transposes GPT-2's).")
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -200,9 +219,10 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="lorafit-llamacpp-"))
-    figures = run(out, args.converter)
-    print(json.dumps(figures))
-    return 0 if figures["pass"] else 1
+    results = [run(out / arch, arch, args.converter if arch == "llama" else None) for arch in CONFIGS]
+    for figures in results:
+        print(json.dumps(figures))
+    return 0 if all(figures["pass"] for figures in results) else 1
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ pytest.importorskip("peft")
 pytest.importorskip("gguf")
 
 
-def test_llama_cpp_logits_with_the_exported_adapter_match_transformers_and_peft(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_llama_cpp_logits_with_the_exported_adapter_match_transformers_and_peft(tmp_path, arch):
     spec = importlib.util.spec_from_file_location("llamacpp_parity", REPO / "bench" / "llamacpp_parity.py")
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
-    figures = parity.run(tmp_path)
+    figures = parity.run(tmp_path, arch)
     assert figures["adapter_effect"] > 100 * parity.TOLERANCE  # the adapter visibly moves the logits
     assert figures["base_max_abs_diff"] < parity.TOLERANCE, figures
     assert figures["adapter_max_abs_diff"] < parity.TOLERANCE, figures
