@@ -2,7 +2,7 @@
 
 Two tiny models with random weights: a Llama (grouped-query attention; q/k rows reordered for llama.cpp's
 rotary) and a GPT-2 (q/v on the fused c_attn, tied head). Each gets a random lorafit adapter on every projection
-and the token embedding, with rsLoRA (on Llama also v_proj at twice the rank), so that the folding of scalings
+(and on Llama the token embedding), with rsLoRA (on Llama also v_proj at twice the rank), so that the folding of scalings
 into lora_b is exercised. Its base is written as a GGUF model here with `gguf` (f32, named and ordered as
 convert_hf_to_gguf.py does, with a byte vocabulary whose text never matters: prompts are token ids), its
 adapter by `lorafit export`. Three prompts go through llama.cpp (llama-cpp-python) with and without the adapter
@@ -38,9 +38,12 @@ CONFIGS = {  # random tiny models; Llama with grouped-query attention, GPT-2 wit
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": VOCAB, "bos_token_id": 1,
              "eos_token_id": 2},
 }
-TARGETS = {"llama": ["q", "k", "v", "o", "gate", "up", "down", "embed"], "gpt2": ["q", "v", "o", "up", "down", "embed"]}
+# GPT-2's head is its embedding table, one tensor in llama.cpp: no embedding LoRA there (export refuses it)
+TARGETS = {"llama": ["q", "k", "v", "o", "gate", "up", "down", "embed"], "gpt2": ["q", "v", "o", "up", "down"]}
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # GPT-2 stores these [d_in, d_out]
-TOLERANCE = 1e-3  # fp32 on both sides: what summation order leaves
+# largest |logit difference| allowed, fp32 on both sides (logits span about ±20): summation order for Llama; GPT-2's
+# GELU, which ggml takes from an fp16 table, moves the base model's logits by about 2e-3 by itself
+TOLERANCE = {"llama": 1e-4, "gpt2": 5e-3}
 
 
 def tiny_model(arch: str, folder: Path):
@@ -133,7 +136,7 @@ def llama_cpp_logits(base: Path, adapter: Path | None) -> list[torch.Tensor]:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(base), lora_path=None if adapter is None else str(adapter), n_ctx=64, n_batch=64,
-                logits_all=True, n_threads=1, verbose=False)
+                logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0)  # 0: an f32 KV cache (f16 by default)
     out = []
     for prompt in PROMPTS:
         llm.reset()
@@ -198,7 +201,7 @@ def run(out: Path, arch: str = "llama", converter: Path | None = None) -> dict:
         "greedy_tokens_equal": all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(engine, reference)),
         "export_problems": [p["rule"] for p in export["problems"]],
     }
-    figures["pass"] = figures["base_max_abs_diff"] < TOLERANCE and figures["adapter_max_abs_diff"] < TOLERANCE
+    figures["pass"] = max(figures["base_max_abs_diff"], figures["adapter_max_abs_diff"]) < TOLERANCE[arch]
     if converter is not None:
         figures["converter_max_abs_diff"] = converter_diff(converter, out)
         figures["pass"] = figures["pass"] and figures["converter_max_abs_diff"] == 0

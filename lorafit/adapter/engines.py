@@ -46,7 +46,7 @@ class Engine:
     max_ranks: tuple[int, ...] = ()  # the values its max-rank flag accepts; empty: any rank
     default_rank: int = 0
     gguf: bool = False  # loads GGUF adapters converted against the base's config
-    tied_lm_head: bool = True  # accepts lm_head LoRA on a model whose lm_head is its embedding table
+    tied_embeddings: bool = True  # applies embedding or lm_head LoRA on a model whose lm_head is its embedding table
     embedding_note: str = ""
 
 
@@ -75,7 +75,7 @@ ENGINES = {
     "llamacpp": Engine(
         "llamacpp", "llama.cpp", frozenset({"linear", "embedding"}),
         modules={model_type: names for model_type, (_, names, _) in GGUF_ARCHITECTURES.items()},
-        gguf=True, tied_lm_head=False,
+        gguf=True, tied_embeddings=False,
     ),
     "peft": Engine("peft", "peft", frozenset({"linear", "embedding"}), modules=None, one_alpha=False, dora=True,
                    plain_only=False, added_vocab=True),
@@ -214,12 +214,16 @@ def _scaling(adapter: Adapter, engine: Engine) -> list[Problem]:
                     f"adapter uses {' and '.join(folds)}: written with each module's scaling folded into lora_B")]
 
 
-def _tied_lm_head(adapter: Adapter, engine: Engine) -> list[Problem]:
-    heads = [path for path in adapter.modules if path.split(".")[-1] == "lm_head"]
-    if engine.tied_lm_head or not heads or not adapter.tied:
+def _tied_embeddings(adapter: Adapter, engine: Engine) -> list[Problem]:
+    """llama.cpp serves a tied base's output from the token embedding's own tensor: its converter refuses lm_head
+    LoRA, and an embedding LoRA would also be applied, with the wrong shapes, to the output (an abort)."""
+    adapted = sorted({path.split(".")[-1] for path, (kind, _) in adapter.modules.items()
+                      if kind == "embedding" or path.split(".")[-1] == "lm_head"})
+    if engine.tied_embeddings or not adapted or not adapter.tied:
         return []
-    return [Problem("tied-lm-head", MERGE, f"the adapter adapts lm_head, which this base ties to its embedding table; "
-                    f"{engine.label} has no separate output tensor to apply it to")]
+    return [Problem("tied-embeddings", MERGE, f"the adapter adapts {' and '.join(adapted)}, and this base ties its "
+                    f"output to its embedding table, which {engine.label} keeps as one tensor: it cannot apply "
+                    "a LoRA to one use of it")]
 
 
 def _gguf(adapter: Adapter, engine: Engine) -> list[Problem]:
@@ -252,6 +256,6 @@ def _few(items: list[str], shown: int = 3) -> str:
 
 
 RULES: list[Callable[[Adapter, Engine], list[Problem]]] = [
-    _architecture, _dora, _init, _bias, _saved_modules, _vocabulary, _rank, _scaling, _tied_lm_head, _gguf,
+    _architecture, _dora, _init, _bias, _saved_modules, _vocabulary, _rank, _scaling, _tied_embeddings, _gguf,
     _embeddings, _quantized,
 ]

@@ -22,7 +22,8 @@ def test_llama_cpp_logits_with_the_exported_adapter_match_transformers_and_peft(
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
     figures = parity.run(tmp_path, arch)
-    assert figures["adapter_effect"] > 100 * parity.TOLERANCE  # the adapter visibly moves the logits
-    assert figures["base_max_abs_diff"] < parity.TOLERANCE, figures
-    assert figures["adapter_max_abs_diff"] < parity.TOLERANCE, figures
+    tolerance = parity.TOLERANCE[arch]
+    assert figures["adapter_effect"] > 100 * tolerance  # the adapter visibly moves the logits
+    assert figures["base_max_abs_diff"] < tolerance, figures
+    assert figures["adapter_max_abs_diff"] < tolerance, figures
     assert figures["greedy_tokens_equal"], figures
