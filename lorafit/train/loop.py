@@ -19,6 +19,7 @@ from rich.console import Console
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.adapter.export import readiness
 from lorafit.adapter.format import WEIGHTS_FILE
 from lorafit.adapter.save import adapter_files
 from lorafit.data.batches import collate, supervised_counts
@@ -276,6 +277,8 @@ def finish(run: Run) -> dict:
             note(str(os_failure(error, "the run is complete without curves.png")), run.console)
     for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
+    if run.accelerator.is_main_process:
+        run.console.print(readiness(run.run_dir / "adapter", run.model.config), highlight=False, soft_wrap=True)
     run.accelerator.wait_for_everyone()
     return report
 
