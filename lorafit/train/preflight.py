@@ -19,6 +19,7 @@ from lorafit.data.packing import check_packing
 from lorafit.data.plan import global_batch_split
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.generation.scores import require_sacrebleu
 from lorafit.model.load import (
     check_context_length,
     check_safetensors,
@@ -60,6 +61,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
     precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
     metrics.check_settings(settings)
+    require_sacrebleu(recipe.eval.metrics)
     accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)

@@ -1,0 +1,98 @@
+"""Evaluation by generation in a run and in `lorafit eval`: predictions.jsonl holds one line per prompt with all
+of its references, the scores are sacrebleu's on those lines, and they reach metrics.jsonl, keep_best and report.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+from conftest import REPO, write_recipe
+from typer.testing import CliRunner
+
+from lorafit.cli import app
+from lorafit.generate import recipe_decoding
+from lorafit.generation.decoding import Decoding
+from lorafit.recipe import load_recipe
+from lorafit.train.loop import train
+
+E2E = REPO / "data" / "e2e-tiny"
+ROWS = 12
+EVAL = {"metrics": ["bleu", "exact_match"], "num_beams": 2, "no_repeat_ngram_size": 3, "max_new_tokens": 8,
+        "stop": ["\n\n"]}
+
+
+def e2e_recipe(folder, **sections):
+    data = {"source": {"train": str(E2E / "train.jsonl"), "validation": str(E2E / "validation.jsonl")},
+            "task": "completion", "prompt_field": "meaning_representation", "response_field": "human_reference",
+            "template": "{text} ||", "max_length": 128, "max_eval_examples": ROWS}
+    return write_recipe(folder, data=data, eval=EVAL, **sections)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe = load_recipe(e2e_recipe(folder, train={"max_steps": 4, "eval_every": 2, "keep_best": True, "lr": 5e-3,
+                                                   "label_smoothing": 0.1}))
+    return {"report": train(recipe), "dir": folder / "run", "recipe": folder / "recipe.toml"}
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_predictions_hold_one_line_per_prompt_with_all_of_its_references(run):
+    rows = lines(E2E / "validation.jsonl")[:ROWS]
+    expected: dict[str, list[str]] = {}
+    for row in rows:
+        expected.setdefault(row["meaning_representation"] + " ||", []).append(row["human_reference"])
+    found = lines(run["dir"] / "predictions.jsonl")
+    assert len(found) == len(expected) < ROWS  # E2E gives several rows per input
+    assert {line["prompt"]: line["references"] for line in found} == expected
+    assert all(isinstance(line["prediction"], str) and "\n\n" not in line["prediction"] for line in found)
+    assert run["report"]["eval"]["prompts"] == len(expected) and run["report"]["eval"]["examples"] == ROWS
+
+
+def test_report_scores_are_sacrebleus_on_the_written_predictions(run):
+    found = lines(run["dir"] / "predictions.jsonl")
+    most = max(len(line["references"]) for line in found)
+    streams = [[line["references"][k] if k < len(line["references"]) else None for line in found] for k in range(most)]
+    bleu = sacrebleu.corpus_bleu([line["prediction"] for line in found], streams).score
+    evaluation = run["report"]["eval"]
+    assert evaluation["bleu"] == pytest.approx(bleu)
+    exact = sum(" ".join(line["prediction"].split()) in line["references"] for line in found) / len(found)
+    assert evaluation["exact_match"] == pytest.approx(100 * exact)
+    assert {"bleu", "exact_match"} <= set(evaluation["before"])
+
+
+def test_eval_every_logs_the_metrics_and_keep_best_keeps_the_highest_bleu(run):
+    logged = [m for m in lines(run["dir"] / "metrics.jsonl") if "eval_bleu" in m]
+    assert [m["step"] for m in logged] == [0, 2, 4]
+    best = max(logged[1:], key=lambda m: m["eval_bleu"])  # the first evaluation with a better score wins ties
+    assert run["report"]["eval"]["best"]["step"] == best["step"]
+    assert run["report"]["eval"]["best"]["bleu"] == best["eval_bleu"]
+    assert (run["dir"] / "adapter-best").is_dir()
+
+
+def test_eval_command_scores_the_adapter_as_the_run_did_and_writes_the_predictions(run, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    result = CliRunner().invoke(app, ["eval", "-r", str(run["recipe"]), "--adapter", str(run["dir"] / "adapter"),
+                                      "--predictions", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    evaluation = json.loads(result.stdout)["eval"]
+    assert evaluation["bleu"] == pytest.approx(run["report"]["eval"]["bleu"])
+    assert lines(out) == lines(run["dir"] / "predictions.jsonl")
+
+
+def test_generation_metrics_with_a_classification_recipe_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["train", "-r", str(write_recipe(tmp_path, eval={"metrics": ["bleu"]}))])
+    assert result.exit_code == 2 and "[eval] metrics score generated text" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_takes_the_recipes_decoding_with_the_options_on_top(tmp_path):
+    recipe = load_recipe(e2e_recipe(tmp_path))
+    assert recipe_decoding(recipe) == Decoding(max_new_tokens=8, num_beams=2, no_repeat_ngram_size=3, stop=("\n\n",))
+    assert recipe_decoding(recipe, num_beams=5, stop=None).num_beams == 5
+    plain = load_recipe(write_recipe(tmp_path, data={"task": "completion"}))
+    assert recipe_decoding(plain) == Decoding(max_new_tokens=128)  # generate's own default when [eval] has none
