@@ -157,3 +157,21 @@ def test_a_chat_prompt_is_a_user_turn_with_the_assistants_turn_opened():
     row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the film was"}]}
     assert prompt_ids(data, tokenizer, row) == tokenizer(
         "<system>be brief\n<user>the film was\n<assistant>", add_special_tokens=False)["input_ids"]
+
+
+def test_streamed_text_stops_before_a_stop_string_and_beam_search_prints_when_done(tmp_path, adapter_dir):
+    recipe = completion_recipe(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    free = tokenizer.decode(greedy_by_hand(adapter_dir, "the film was", 16, {tokenizer.eos_token_id}),
+                            skip_special_tokens=True)
+    stop = free.strip().split()[2][:3]  # a piece of a word some way in: its first letters arrive before it is known
+    pieces = []
+    [result] = generate(recipe, ["the film was"], adapter=adapter_dir, decoding=Decoding(max_new_tokens=16, stop=(stop,)),
+                        stream=lambda index, text, done: pieces.append((text, done)))
+    assert result["stop"] == "stop string" and result["completion"] == free[: free.index(stop)]
+    assert "".join(text for text, _ in pieces) == result["completion"]
+    assert [done for _, done in pieces].count(True) == 1 and pieces[-1][1]
+    pieces.clear()
+    [beamed] = generate(recipe, ["the film was"], adapter=adapter_dir, decoding=Decoding(max_new_tokens=6, num_beams=3),
+                        stream=lambda index, text, done: pieces.append((text, done)))
+    assert pieces == [(beamed["completion"], True)]

@@ -4,10 +4,16 @@ of its references, the scores are sacrebleu's on those lines, and they reach met
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import sacrebleu
-from conftest import REPO, write_recipe
+import torch
+import transformers
+from conftest import REPO, TINY_MODEL, write_recipe
 from typer.testing import CliRunner
 
 from lorafit.cli import app
@@ -22,11 +28,12 @@ EVAL = {"metrics": ["bleu", "exact_match"], "num_beams": 2, "no_repeat_ngram_siz
         "stop": ["\n\n"]}
 
 
-def e2e_recipe(folder, **sections):
-    data = {"source": {"train": str(E2E / "train.jsonl"), "validation": str(E2E / "validation.jsonl")},
+def e2e_recipe(folder, data=None, eval=None, **sections):
+    """A completion recipe on data/e2e-tiny with [eval] metrics; `data` and `eval` update its sections."""
+    rows = {"source": {"train": str(E2E / "train.jsonl"), "validation": str(E2E / "validation.jsonl")},
             "task": "completion", "prompt_field": "meaning_representation", "response_field": "human_reference",
             "template": "{text} ||", "max_length": 128, "max_eval_examples": ROWS}
-    return write_recipe(folder, data=data, eval=EVAL, **sections)
+    return write_recipe(folder, data={**rows, **(data or {})}, eval={**EVAL, **(eval or {})}, **sections)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,54 @@ def test_generate_takes_the_recipes_decoding_with_the_options_on_top(tmp_path):
     assert recipe_decoding(recipe, num_beams=5, stop=None).num_beams == 5
     plain = load_recipe(write_recipe(tmp_path, data={"task": "completion"}))
     assert recipe_decoding(plain) == Decoding(max_new_tokens=128)  # generate's own default when [eval] has none
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("processes")
+def test_two_processes_generate_their_shares_and_score_what_one_process_scores(tmp_path):
+    """torchrun with 2 gloo processes: each generates its share of the prompts, the main one writes the file."""
+    recipe = e2e_recipe(tmp_path, data={"max_eval_examples": 20}, train={"eval_batch_size": 2},
+                        eval={"metrics": ["bleu", "rouge_l", "chrf"]})
+    one = CliRunner().invoke(app, ["eval", "-r", str(recipe), "--predictions", str(tmp_path / "one.jsonl"), "--json"])
+    assert one.exit_code == 0, one.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "lorafit", "eval", "-r", str(recipe), "--predictions",
+               str(tmp_path / "two.jsonl"), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    two = subprocess.run(command, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ones, twos = json.loads(one.stdout)["eval"], json.loads(two.stdout)["eval"]
+    assert lines(tmp_path / "two.jsonl") == lines(tmp_path / "one.jsonl")
+    assert ones["prompts"] == twos["prompts"] > 4
+    for key in ("bleu", "rouge_l", "chrf"):
+        assert twos[key] == pytest.approx(ones[key], rel=1e-9)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_e2e_reproduction_recipe_runs_offline_on_lookalikes(tmp_path):
+    """recipes/gpt2-e2e.toml as shipped, but for its hub model and data set: a small random GPT-2 with 512
+    positions, and a dataset folder with e2e_nlg's fields and splits (40 rows each); 2 steps, 8 evaluation rows."""
+    model_dir, data_dir = tmp_path / "gpt2-medium-lookalike", tmp_path / "e2e_nlg-lookalike"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir.mkdir()
+    for split, source in (("train", "train"), ("validation", "validation"), ("test", "validation")):
+        rows = (E2E / f"{source}.jsonl").read_text().splitlines(keepends=True)[:40]
+        (data_dir / f"{split}.jsonl").write_text("".join(rows))
+    overrides = [f"model.name={model_dir}", f"data.source={data_dir}", f"output.dir={tmp_path / 'run'}",
+                 "train.max_steps=2", "data.max_eval_examples=8", "eval.max_new_tokens=6"]
+    result = CliRunner().invoke(app, ["train", "-r", str(REPO / "recipes" / "gpt2-e2e.toml"), "--json",
+                                      *[part for item in overrides for part in ("--set", item)]])
+    assert result.exit_code == 0, result.stderr
+    evaluation = json.loads(result.stdout)["eval"]
+    assert {"bleu", "rouge_l", "chrf", "exact_match"} <= set(evaluation) and evaluation["prompts"] < 8
+    assert len(lines(tmp_path / "run" / "predictions.jsonl")) == evaluation["prompts"]
