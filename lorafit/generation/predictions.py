@@ -34,7 +34,7 @@ def judge(scorer, tokenizer, prompts: list[PromptGroup], settings: EvalSection, 
     model, decoding, was_training = scorer.model, Decoding.of(settings), scorer.training
     scorer.eval()  # no dropout
     space = room(model, decoding.max_new_tokens)
-    keep = None if space is None else max(1, space)
+    keep = None if space is None else max(1, space)  # the most prompt tokens that leave room for max_new_tokens
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     mine: dict[int, str] = {}
     for share in eval_shares(len(order), rank, world, batch_size):
@@ -55,6 +55,8 @@ def judge(scorer, tokenizer, prompts: list[PromptGroup], settings: EvalSection, 
     shortened = sum(keep is not None and len(group.ids) > keep for group in prompts)
     if shortened:
         result["prompts_shortened"] = shortened
+        note(f"{shortened} of {len(prompts)} evaluation prompts kept only their last {keep} tokens, to leave room for "
+             f"[eval] max_new_tokens = {decoding.max_new_tokens} in the model's context")
     return result, lines
 
 

@@ -154,3 +154,25 @@ def test_the_e2e_reproduction_recipe_runs_offline_on_lookalikes(tmp_path):
     evaluation = json.loads(result.stdout)["eval"]
     assert {"bleu", "rouge_l", "chrf", "exact_match"} <= set(evaluation) and evaluation["prompts"] < 8
     assert len(lines(tmp_path / "run" / "predictions.jsonl")) == evaluation["prompts"]
+
+
+def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens_and_is_counted():
+    from lorafit.data.references import PromptGroup
+    from lorafit.generation.decoding import decode
+    from lorafit.generation.predictions import judge
+    from lorafit.model.load import load_tokenizer
+    from lorafit.model.loss import SupervisedLoss
+    from lorafit.recipe import EvalSection
+
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    long, short = list(range(5, 45)), [7, 8, 9]
+    prompts = [PromptGroup("long", long, ["a"]), PromptGroup("short", short, ["b"])]
+    settings = EvalSection(metrics=["exact_match"], max_new_tokens=8)
+    result, found = judge(SupervisedLoss(model).eval(), tokenizer, prompts, settings, batch_size=2)
+    assert result["prompts_shortened"] == 1 and result["prompts"] == 2
+    decoding = Decoding(max_new_tokens=8)
+    assert found[0]["prediction"] == decode(model, tokenizer, [long[-24:]], decoding)[0].text  # 32 - 8 positions
+    assert found[1]["prediction"] == decode(model, tokenizer, [short], decoding)[0].text
