@@ -111,24 +111,27 @@ def completion(tokenizer, new: list[int], ends: list[int], stop: tuple[str, ...]
     if end is not None:
         new = new[: end + 1]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-    if cut >= 0:
-        count = next(k for k in range(1, len(new) + 1) if _has_stop(tokenizer.decode(new[:k], skip_special_tokens=True), stop))
-        return Completion(new[:count], text[:cut], STOP_STRING)
+    kept = before_stop(text, stop)
+    if kept is not None:
+        count = next(k for k in range(1, len(new) + 1)
+                     if before_stop(tokenizer.decode(new[:k], skip_special_tokens=True), stop) is not None)
+        return Completion(new[:count], kept, STOP_STRING)
     if end is not None:
         return Completion(new, text, END_TOKEN)
     return Completion(new, text, CONTEXT if ran_out and len(new) == limit else MAX_NEW_TOKENS)
 
 
-def _has_stop(text: str, stop: tuple[str, ...]) -> bool:
-    return any(s in text for s in stop)
+def before_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """`text` up to the first stop string in it, or None when it holds none."""
+    cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
+    return text[:cut] if cut >= 0 else None
 
 
 def held_back(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """(the part of streamed `text` that can be shown now, whether a stop string was reached): text up to a stop
     string, or all of it but a tail that could still become one."""
-    cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], True
+    kept = before_stop(text, stop)
+    if kept is not None:
+        return kept, True
     hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return text[: len(text) - hold], False
