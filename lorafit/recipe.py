@@ -157,6 +157,42 @@ class TrainSection(Section):
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards the frozen model over the processes
     gradient_checkpointing: bool = False
     compile: bool = False
+    # The share of each target's probability spread evenly over the vocabulary (F.cross_entropy's label_smoothing);
+    # the training loss only: evaluation scores the plain log-likelihood.
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+# What [eval] metrics can score generated text with (lorafit.generation.scores).
+GenerationMetric = Literal["bleu", "chrf", "rouge_l", "exact_match"]
+GENERATION_METRICS: tuple[str, ...] = get_args(GenerationMetric)
+
+
+class EvalSection(Section):
+    """Completion and chat: generate for every evaluation prompt with these settings and score the text against the
+    prompt's references. None of it changes training, so a resumed run may change any of it."""
+
+    metrics: list[GenerationMetric] = Field(default_factory=list, json_schema_extra=RESUMABLE)  # [] = no generation
+    num_beams: int = Field(1, gt=0, json_schema_extra=RESUMABLE)
+    length_penalty: float = Field(1.0, allow_inf_nan=False, json_schema_extra=RESUMABLE)
+    no_repeat_ngram_size: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
+    max_new_tokens: int = Field(64, gt=0, json_schema_extra=RESUMABLE)
+    stop: list[str] = Field(default_factory=list, json_schema_extra=RESUMABLE)  # a completion ends before any of these
+    lowercase: bool = Field(False, json_schema_extra=RESUMABLE)  # score case-insensitively (as e2e-metrics does)
+    references_field: str = Field("", json_schema_extra=RESUMABLE)  # a field of eval rows listing every reference
+
+    @field_validator("metrics")
+    @classmethod
+    def _once(cls, metrics: list[str]) -> list[str]:
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("name each metric once")
+        return metrics
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not text for text in stop):
+            raise ValueError('a stop string cannot be empty; write e.g. stop = ["\\n\\n"]')
+        return stop
 
 
 class OutputSection(Section):
@@ -168,6 +204,7 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
 
@@ -234,6 +271,11 @@ def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
     problem = refusal(recipe.lora, recipe.train)
     if problem:
         raise LorafitError(f"{where}: {problem}")
+    if recipe.eval.metrics and recipe.data.task not in ("completion", "chat"):
+        raise LorafitError(
+            f"{where}: [eval] metrics score generated text, which task = {recipe.data.task!r} does not produce; "
+            "use them with task = 'completion' or 'chat', or remove them"
+        )
 
 
 def _describe(problem: dict) -> str:

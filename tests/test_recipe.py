@@ -194,6 +194,8 @@ def test_wrong_type_names_the_key_and_the_value(raw, key):
         ({"model": {"dtype": "int8"}}, "[model] dtype"),
         ({"data": {"task": "qa"}}, "[data] task"),
         ({"data": {"max_length": 0}}, "[data] max_length"),
+        ({"train": {"label_smoothing": 1.0}}, "[train] label_smoothing"),
+        ({"eval": {"num_beams": 0}}, "[eval] num_beams"),
     ],
 )
 def test_out_of_range_value_names_the_key(raw, key):
@@ -383,7 +385,19 @@ def test_round_trip_keeps_a_split_table_and_an_unset_config(tmp_path):
     assert again == original and again.data.config is None
 
 
-@pytest.mark.parametrize("name", ["tiny-sst2.toml", "gpt2-sst2.toml"])
+@pytest.mark.parametrize(
+    ("evaluation", "named"),
+    [
+        ({"metrics": ["meteor"]}, "[eval] metrics.0: input should be 'bleu', 'chrf', 'rouge_l' or 'exact_match'"),
+        ({"metrics": ["bleu", "bleu"]}, "[eval] metrics: name each metric once"),
+        ({"stop": ["\n", ""]}, "[eval] stop: a stop string cannot be empty"),
+    ],
+)
+def test_eval_metrics_and_stop_strings_are_checked(evaluation, named):
+    assert named in error_of({"data": {"task": "completion"}, "eval": evaluation})
+
+
+@pytest.mark.parametrize("name", ["tiny-sst2.toml", "gpt2-sst2.toml", "tiny-e2e.toml", "gpt2-e2e.toml"])
 def test_shipped_recipes_validate_and_round_trip(name, tmp_path):
     recipe = load_recipe(REPO / "recipes" / name)
     assert isinstance(recipe, Recipe)

@@ -26,10 +26,12 @@ from lorafit.data.batches import collate, supervised_counts
 from lorafit.data.chat import TEMPLATE_FILE, chat_template
 from lorafit.data.packing import Packed, pack_rows
 from lorafit.data.plan import StepRows, rank_share
+from lorafit.data.references import PromptGroup
 from lorafit.data.rows import no_evaluation_reason
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError, os_failure
 from lorafit.evaluate import evaluate_split
+from lorafit.generation.predictions import PREDICTIONS_FILE, eval_prompts, generation_scores
 from lorafit.lora.adalora import RankAllocator
 from lorafit.lora.linear import LoRALinear
 from lorafit.lora.variants import allocator_for
@@ -76,6 +78,7 @@ class Run:
     start_step: int = 0
     fitting: dict | None = None  # {"train"/"eval": what fitting the split to max_length did}, for the report
     ranks: RankAllocator | None = None  # AdaLoRA's importance scores and pruning
+    prompts: list[PromptGroup] | None = None  # what [eval] metrics generate for
 
     @property
     def run_dir(self) -> Path:
@@ -133,6 +136,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     if eval_split is None:
         note(f"no evaluation: {no_evaluation_reason(recipe.data)}", console)
     check_keep_best(recipe, checked.resume_from is not None, evaluation=eval_split is not None)
+    prompts = eval_prompts(recipe, tokenizer, eval_split, console)
     rows = train_split.examples.to_list()
     supervised = supervised_counts(train_split.examples)
     packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
@@ -151,12 +155,13 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize)
     ranks = allocator_for(recipe.lora, layers, total_steps)
-    scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
+    scorer = SupervisedLoss(model, settings.label_smoothing)
+    scorer, optimizer, scheduler = distribute(accelerator, scorer, settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
     return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
                total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision,
-               packed, fitting=fitting, ranks=ranks)
+               packed, fitting=fitting, ranks=ranks, prompts=prompts)
 
 
 def start_or_resume(run: Run) -> None:
@@ -328,6 +333,12 @@ def _evaluate(run: Run) -> dict:
     if run.eval_split is None:
         return {"examples": 0, "skipped": no_evaluation_reason(run.recipe.data)}
     scorer = run.accelerator.unwrap_model(run.scorer)  # DDP's wrapper is not needed without gradients
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
     with run.accelerator.autocast():
-        return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
-                              rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+        result = evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
+                                rank=rank, world=world)
+        if run.prompts is not None:  # [eval] metrics: generate, score, and write the latest predictions
+            predictions = run.run_dir / PREDICTIONS_FILE if run.accelerator.is_main_process else None
+            result.update(generation_scores(scorer, run.tokenizer, run.prompts, run.recipe, rank=rank, world=world,
+                                            write_to=predictions))
+    return result

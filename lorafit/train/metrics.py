@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe, TrainSection
+from lorafit.recipe import GENERATION_METRICS, Recipe, TrainSection
 from lorafit.storage import append_line, write_atomic
 from lorafit.train.processes import all_sum
 
@@ -101,9 +101,13 @@ def eval_record(step: int, result: dict) -> dict:
 
 
 def eval_metric(result: dict) -> tuple[str, float, bool]:
-    """(name, value, higher is better) of the number keep_best and a sweep compare: accuracy if scored, else loss."""
+    """(name, value, higher is better) of the number keep_best and a sweep compare: accuracy if scored, else the
+    first of [eval] metrics (results hold them in the recipe's order), else loss."""
     if "accuracy" in result:
         return "accuracy", result["accuracy"], True
+    generated = next((key for key in result if key in GENERATION_METRICS), None)
+    if generated is not None:
+        return generated, result[generated], True
     return "loss", result["loss"], False
 
 

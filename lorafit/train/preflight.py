@@ -27,6 +27,7 @@ from lorafit.data.rows import (
 )
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.generation.scores import require_sacrebleu
 from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
 from lorafit.model.load import (
@@ -70,6 +71,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
     precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
     metrics.check_settings(settings)
+    require_sacrebleu(recipe.eval.metrics)
     accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
