@@ -126,7 +126,8 @@ def llama_state(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
 
     kv_dim = kv_heads * head
     embed, attn_norm = take(vocab, dim), take(layers, dim)
-    wq, wk, wv, wo = take(layers, dim, dim), take(layers, kv_dim, dim), take(layers, kv_dim, dim), take(layers, dim, dim)
+    wq, wk = take(layers, dim, dim), take(layers, kv_dim, dim)
+    wv, wo = take(layers, kv_dim, dim), take(layers, dim, dim)
     ffn_norm = take(layers, dim)
     w1, w2, w3 = take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
     final_norm = take(dim)
@@ -136,12 +137,13 @@ def llama_state(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         state["lm_head.weight"] = take(vocab, dim)
     for i in range(layers):
         block = f"model.layers.{i}."
-        state.update({
-            block + "input_layernorm.weight": attn_norm[i], block + "post_attention_layernorm.weight": ffn_norm[i],
-            block + "self_attn.q_proj.weight": rotary(wq[i], heads), block + "self_attn.k_proj.weight": rotary(wk[i], kv_heads),
-            block + "self_attn.v_proj.weight": wv[i], block + "self_attn.o_proj.weight": wo[i],
-            block + "mlp.gate_proj.weight": w1[i], block + "mlp.down_proj.weight": w2[i], block + "mlp.up_proj.weight": w3[i],
-        })
+        parts = {
+            "input_layernorm": attn_norm[i], "post_attention_layernorm": ffn_norm[i],
+            "self_attn.q_proj": rotary(wq[i], heads), "self_attn.k_proj": rotary(wk[i], kv_heads),
+            "self_attn.v_proj": wv[i], "self_attn.o_proj": wo[i],
+            "mlp.gate_proj": w1[i], "mlp.down_proj": w2[i], "mlp.up_proj": w3[i],
+        }
+        state.update({f"{block}{name}.weight": tensor for name, tensor in parts.items()})
     if at != floats.numel():
         sys.exit(f"stories260K.bin: read {at} of {floats.numel()} floats; not a llama2.c version-0 checkpoint")
     return h, state
@@ -204,8 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     convert_model(args.source, args.out / "stories260K")
     convert_sst2(args.source, args.out / "sst2")
-    (args.out / "SOURCES.json").write_text(json.dumps({name: {"sha256": d, "urls": u} for name, (d, u) in FILES.items()},
-                                                      indent=1) + "\n")
+    sources = {name: {"sha256": digest, "urls": urls} for name, (digest, urls) in FILES.items()}
+    (args.out / "SOURCES.json").write_text(json.dumps(sources, indent=1) + "\n")
     print(f"ready: {args.out}")
 
 

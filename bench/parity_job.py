@@ -105,7 +105,8 @@ def plain_accuracy(model, rows: list[dict], label_ids: list[list[int]], pad_id: 
         scores = []
         for ids in label_ids:
             batch = padded([row["prompt"] + ids for row in chunk], [len(row["prompt"]) for row in chunk], pad_id)
-            logprobs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logprobs = logits.log_softmax(-1)
             targets = batch["labels"][:, 1:]
             picked = logprobs[:, :-1].gather(2, targets.clamp(min=0)[..., None])[..., 0]
             scores.append((picked * (targets != NO_LOSS)).sum(1))
@@ -189,14 +190,18 @@ def run_parity(args, console: Console, machine) -> dict:
         "job": job, "machine": machine(torch.device("cpu")), "seeds": seeds, "methods": methods,
         "ratios": [{"key": "accuracy_gap", "name": "lorafit mean − peft mean", "value": gap, "unit": "points",
                     "target": f">= −1 SE of peft ({-se:+.1%})", "pass": gap >= -se}],
-        "numerics": {"check": f"held-out rows scored of {total}", "rows_scored": sorted(scored), "target": f"all {total}",
-                     "agree": scored == {total}},
+        "numerics": {"check": f"held-out rows scored of {total}", "rows_scored": sorted(scored),
+                     "target": f"all {total}", "agree": scored == {total}},
         "notes": [
             "Job r: lorafit's recipe and peft + torch.optim.AdamW share rank 16 (alpha 16) on q_proj and v_proj, "
             f"batch {BATCH}, lr {LR} decaying linearly to 0, dropout 0, weight decay 0, clipping at 1.0, max_length "
             f"{MAX_LENGTH}; the plain loop shuffles, tokenizes and scores on its own.",
         ],
     }
+
+
+def mean_cell(method: dict) -> str:
+    return f"{method['mean']:.3f} ± {method['se']:.3f}"
 
 
 def parity_table(result: dict) -> Table:
@@ -207,8 +212,7 @@ def parity_table(result: dict) -> Table:
     for s in result["seeds"]:
         table.add_row(str(s["seed"]), f"{s['lorafit']:.3f}", f"{s['peft']:.3f}", f"{s['lorafit_before']:.3f}")
     lorafit, plain = result["methods"]["lorafit"], result["methods"]["peft"]
-    table.add_row("mean ± SE", f"{lorafit['mean']:.3f} ± {lorafit['se']:.3f}", f"{plain['mean']:.3f} ± {plain['se']:.3f}",
-                  "")
+    table.add_row("mean ± SE", mean_cell(lorafit), mean_cell(plain), "")
     return table
 
 
@@ -221,6 +225,6 @@ def parity_markdown(result: dict) -> list[str]:
     lines += [f"| {s['seed']} | {s['lorafit']:.3f} | {s['peft']:.3f} |" for s in result["seeds"]]
     lorafit, plain = result["methods"]["lorafit"], result["methods"]["peft"]
     ratio = result["ratios"][0]
-    lines += [f"| mean ± SE | {lorafit['mean']:.3f} ± {lorafit['se']:.3f} | {plain['mean']:.3f} ± {plain['se']:.3f} |",
+    lines += [f"| mean ± SE | {mean_cell(lorafit)} | {mean_cell(plain)} |",
               "", f"Target {ratio['target']}: {ratio['value']:+.1%} ({'PASS' if ratio['pass'] else 'MISS'}).", ""]
     return lines

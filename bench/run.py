@@ -78,7 +78,8 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches ([data] group_by_length = true)."
+        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches "
+        "([data] group_by_length = true)."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
@@ -773,8 +774,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="a,b,p,k,r",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
-                        "k (packed vs padded), r (accuracy parity on real data); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
-                        "classification)")
+                        "k (packed vs padded), r (accuracy parity on real data); for a GPU: l (1B-class Llama at "
+                        "2,048 tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--parity-steps", type=int, default=PARITY_STEPS,
                         help=f"job r's training steps per seed and method (default {PARITY_STEPS})")
@@ -821,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=120)  # a log file gets the tables unwrapped
     unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "r"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p, k, r")
+        choice = ", ".join([*jobs, "p", "k", "r"])
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {choice}")
         return 2
     results = []
     for key in args.jobs.split(","):
