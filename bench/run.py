@@ -39,6 +39,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from packing_job import packing_markdown, packing_table, run_packing
+from parity_job import SEEDS as PARITY_SEEDS
 from parity_job import STEPS as PARITY_STEPS
 from parity_job import parity_markdown, parity_table, run_parity
 from peft import LoraConfig, get_peft_model
@@ -779,6 +780,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--parity-steps", type=int, default=PARITY_STEPS,
                         help=f"job r's training steps per seed and method (default {PARITY_STEPS})")
+    parser.add_argument("--parity-seeds", default=",".join(map(str, PARITY_SEEDS)),
+                        help="job r's seeds, comma-separated (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, all cores)")
