@@ -36,8 +36,9 @@ NO_LOSS = -100
 def missing() -> str | None:
     """Why the job cannot run here, or None."""
     needed = [MODEL / "model.safetensors", SST2 / "train.jsonl", SST2 / "validation.jsonl"]
-    absent = [str(path.relative_to(DATA.parent.parent)) for path in needed if not path.exists()]
-    return f"{', '.join(absent)} missing; run python bench/fetch_parity_data.py first" if absent else None
+    if all(path.exists() for path in needed):
+        return None
+    return "bench/.data/ lacks the real model or data; run python bench/fetch_parity_data.py (bench/README.md, job r)"
 
 
 def read_rows(name: str) -> list[dict]:
