@@ -56,7 +56,7 @@ def arrangements(rows: list[dict]) -> dict[str, tuple[list[dict], list[list[int]
     packed = pack_rows(rows, counts, MAX_LENGTH).sequences
     plans = {}
     for name, items, batch in (("padded", rows, PADDED_BATCH), ("packed", packed, PACKED_BATCH)):
-        order = StepRows([len(item["input_ids"]) for item in items], batch, seed=0, group_by_length=True)
+        order = StepRows([len(item["input_ids"]) for item in items], batch, seed=0)  # lorafit's length-grouped plan
         plans[name] = (items, [order.rows(step) for step in range(order.steps_per_epoch)])
     return plans
 

@@ -79,8 +79,7 @@ NOTES = [
     (
         "peft and full fine-tuning use a plain loop: shuffled batches padded to the longest row, forward with "
         "labels= (transformers' loss over the full logits), backward, clip to 1.0, torch.optim.AdamW with its "
-        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches "
-        "([data] group_by_length = true)."
+        "default implementation. lorafit runs lorafit.train.step.optimizer_step on its length-grouped batches."
     ),
     (
         "Both see the same measured rows; lorafit groups them by length only among those rows (a real epoch "
@@ -191,8 +190,8 @@ def shuffled_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
 
 
 def lorafit_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
-    """The batches lorafit's training loop forms from these rows with [data] group_by_length = true."""
-    plan = StepRows([len(row["input_ids"]) for row in rows], batch_size, SEED, group_by_length=True)
+    """The batches lorafit's training loop would form from these rows (length-grouped, shuffled)."""
+    plan = StepRows([len(row["input_ids"]) for row in rows], batch_size, SEED)
     return [plan.rows(step) for step in range(plan.steps_per_epoch)]
 
 
