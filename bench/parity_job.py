@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parent / ".data"
 MODEL, SST2 = DATA / "stories260K", DATA / "sst2"
 RANK, ALPHA, LR, BATCH, MAX_LENGTH, MAX_GRAD_NORM = 16, 16, 5e-3, 16, 128, 1.0
 TEMPLATE, LABELS = "Review: {text}\nSentiment:", ("negative", "positive")
-SEEDS, STEPS = (0, 1, 2), 300
+SEEDS, STEPS = (0, 1, 2), 600  # at 300 steps both methods are still near the base model's 0.51
 NO_LOSS = -100
 
 
