@@ -111,6 +111,7 @@ class DataSection(Section):
     max_length: int = Field(128, gt=1)
     stride: int = Field(0, ge=0)  # text: tokens a window repeats from the one before as context (at least 1)
     packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.data.packing)
+    group_by_length: bool = True  # each step's rows of similar length (less padding); false: plain shuffled steps
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
     @field_validator("labels")

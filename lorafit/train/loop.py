@@ -143,7 +143,8 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     if packed is not None:  # from here on a "row" of the step plan is a packed sequence
         console.print(packed.describe(), highlight=False)
         rows, supervised = packed.sequences, packed.supervised
-    steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
+    steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed,
+                     group_by_length=recipe.data.group_by_length)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
     state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps,
                     eval_fingerprint=data_fingerprint(eval_split.examples.to_list()) if eval_split else "")
