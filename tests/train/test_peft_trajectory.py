@@ -19,7 +19,7 @@ from lorafit.data.batches import collate
 from lorafit.data.plan import StepRows
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
-from lorafit.train.step import distribute, optimizer_step, prepare_model
+from lorafit.train.step import distribute, prepare_model, train_step
 
 STEPS, BATCH, RANK, ALPHA = 8, 4, 4, 8
 
@@ -59,7 +59,7 @@ def test_lorafit_steps_match_peft_and_torch_adamw(weight_decay):
     accelerator = Accelerator(cpu=True)
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, STEPS)
     for batch in batches:
-        optimizer_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=settings.max_grad_norm)
+        train_step(accelerator, scorer, optimizer, scheduler, [batch], max_grad_norm=settings.max_grad_norm)
 
     for path, layer in layers.items():
         assert layer.lora_B.abs().max() > 1e-3  # the steps moved B away from its zero start
