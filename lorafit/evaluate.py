@@ -16,7 +16,6 @@ from lorafit.data.batches import collate, supervised_count
 from lorafit.data.plan import eval_shares
 from lorafit.data.tasks import IGNORE, label_token_ids
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval
-from lorafit.errors import LorafitError
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 from lorafit.train.processes import all_sum, make_accelerator
@@ -81,15 +80,14 @@ def evaluate_split(
 
 def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
-    from lorafit.data.rows import no_evaluation_reason
+    from lorafit.data.rows import no_evaluation_rows
     from lorafit.model.load import load_tokenizer
 
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     held_out = tokenize_eval(recipe.data, tokenizer, split)
     if held_out is None:
-        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
-                           "pass --split NAME, or set [data] eval_split or eval_fraction")
+        raise no_evaluation_rows(recipe.data)
     model, accelerator = inference_model(recipe, name, adapter)
     scorer = SupervisedLoss(model)
     with accelerator.autocast():

@@ -16,13 +16,15 @@ import torch
 from transformers import TextStreamer
 
 from lorafit.data import prompts
+from lorafit.data.chat import TEMPLATE_FILE
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
+from lorafit.model.load import context_length
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 
-CHAT_TEMPLATE = "chat_template.jinja"
+NO_LIMIT = 1 << 30  # the context of a model whose config names none (e.g. ALiBi): prompt plus completion must fit it
 # Called with (prompt index, text, done): pieces of a completion as they are decoded; done on its last call.
 Stream = Callable[[int, str, bool], None]
 
@@ -47,7 +49,7 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
         raise LorafitError('no prompt given; pass one or more PROMPT arguments or --prompts FILE')
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    saved = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
+    saved = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
     if saved is not None and saved.is_file():  # the chat template training used, saved beside the adapter
         tokenizer.chat_template = saved.read_text(encoding="utf-8")
     encoded = [prompt_ids(recipe.data, tokenizer, prompt, index) for index, prompt in enumerate(prompts)]
@@ -88,7 +90,7 @@ def classify(scorer, data: DataSection, prompts: list, encoded: list[list[int]],
 def complete(model, tokenizer, prompt, ids: list[int], sampling: Sampling, index: int = 0,
              stream: Stream | None = None) -> dict:
     """Continue one prompt until an end token, max_new_tokens, or the end of the model's context."""
-    context = context_length(model.config)
+    context = context_length(model.config) or NO_LIMIT
     room = context - len(ids)
     if room <= 0:
         raise LorafitError(f"prompt {index + 1} is {len(ids)} tokens, and the model's context holds {context}; "
@@ -124,14 +126,6 @@ def end_tokens(model, tokenizer) -> list[int]:
     configured = model.generation_config.eos_token_id
     configured = configured if isinstance(configured, list) else [configured]
     return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
-
-
-def context_length(config) -> int:
-    """Positions the model has: prompt plus completion must fit."""
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return 1 << 30  # no learned limit (e.g. ALiBi)
 
 
 def read_prompts(path: Path) -> list[str | dict]:

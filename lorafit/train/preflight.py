@@ -19,6 +19,7 @@ from lorafit.data.packing import check_packing
 from lorafit.data.plan import global_batch_split
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.messages import note
 from lorafit.model.load import (
     check_context_length,
     check_safetensors,
@@ -94,10 +95,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     finished, resume_from = on_main(accelerator, decide)
     if finished is not None:
         steps = finished["throughput"]["steps"]
-        console.print(
-            f"[yellow]note:[/] {run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
-            f"lorafit train --resume --set train.max_steps=<more than {steps}>", highlight=False, soft_wrap=True
-        )
+        note(f"{run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
+             f"lorafit train --resume --set train.max_steps=<more than {steps}>", console)
     return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
                    Path(resume_from) if resume_from else None, finished)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit.data.plan import FINGERPRINT_PREFIX
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
@@ -76,6 +77,9 @@ def finished_report(run_dir: Path, recipe: Recipe) -> dict | None:
 def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps: int) -> None:
     """The rules that need the tokenized rows: the same training rows, and a schedule length that may change."""
     saved = read_progress(folder)
+    if not saved.data_fingerprint.startswith(FINGERPRINT_PREFIX):
+        raise LorafitError(f"{folder.parent.parent} was saved by an older lorafit, whose hash of the training rows "
+                           "this one cannot check; finish it with that version, or start a new run")
     if saved.data_fingerprint != now.data_fingerprint:
         raise LorafitError(
             f"the training rows differ from those {folder.parent.parent} started with (data file or tokenizer "
