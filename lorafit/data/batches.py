@@ -51,15 +51,16 @@ class TokenRows:
 
     def __getitem__(self, indices) -> list[dict]:
         indices = [int(index) for index in indices]
-        if not indices:
-            return []
-        table = self.examples[indices]
-        ids, labels = (table[name].combine_chunks() for name in ("input_ids", "labels"))
-        offsets = ids.offsets.to_numpy()
-        offsets = offsets - offsets[0]
-        flat_ids, flat_labels = ids.flatten().to_numpy(), labels.flatten().to_numpy()
-        return [{"input_ids": flat_ids[start:stop], "labels": flat_labels[start:stop]}
-                for start, stop in zip(offsets[:-1], offsets[1:])]
+        rows = []
+        # record batch by record batch: slices of the table's own buffers, whose offsets start where the slice does
+        for batch in self.examples[indices].to_batches() if indices else []:
+            ids, labels = batch.column("input_ids"), batch.column("labels")
+            offsets = ids.offsets.to_numpy()
+            offsets = offsets - offsets[0]
+            flat_ids, flat_labels = ids.flatten().to_numpy(), labels.flatten().to_numpy()
+            rows += [{"input_ids": flat_ids[start:stop], "labels": flat_labels[start:stop]}
+                     for start, stop in zip(offsets[:-1], offsets[1:])]
+        return rows
 
 
 def packed_position_ids(rows: list[dict], longest: int) -> torch.Tensor:

@@ -27,9 +27,11 @@ from lorafit.errors import LorafitError
 DRAW_BATCH = 1000  # rows tokenized at a time
 
 
-def drawn(rows, encode_batch: Callable[[dict, list[int]], dict], features: datasets.Features, key: str,
-          draw: tuple[int, int], check: Callable[[list[str]], None], where: str, progress: bool) -> datasets.Dataset:
-    """The examples drawn from the iterable `rows` (all of them when `draw` is (0, 0)), from the cache when there."""
+def drawn(stream: Callable[[], datasets.IterableDataset], encode_batch: Callable[[dict, list[int]], dict],
+          features: datasets.Features, key: str, draw: tuple[int, int], check: Callable[[list[str]], None], where: str,
+          progress: bool) -> datasets.Dataset:
+    """The examples drawn from the rows `stream()` opens (all of them when `draw` is (0, 0)); the stream is not
+    opened at all when the cache has them."""
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "lorafit"
     cache = folder / f"drawn-{key}.arrow"
     if not cache.is_file():
@@ -37,7 +39,7 @@ def drawn(rows, encode_batch: Callable[[dict, list[int]], dict], features: datas
         handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{cache.name}.", suffix=".tmp")
         os.close(handle)
         try:
-            if not _draw(rows, encode_batch, features, temp, draw, check, progress):
+            if not _draw(stream(), encode_batch, features, temp, draw, check, progress):
                 raise LorafitError(f"no row of {where} has anything to predict; check the [data] fields")
             os.replace(temp, cache)
         finally:

@@ -97,7 +97,8 @@ class TokenizedSplit:
 
 
 def columns(examples: datasets.Dataset, *names: str) -> dict[str, np.ndarray]:
-    return examples.select_columns(list(names)).with_format("numpy")[:]
+    table = examples.select_columns(list(names)).with_format("arrow")[:]  # only these columns are gathered
+    return {name: table.column(name).to_numpy() for name in names}
 
 
 def tokenize_split(data: DataSection, tokenizer, split: str, *, evaluation: bool = False, progress: bool = False,
@@ -109,6 +110,8 @@ def tokenize_split(data: DataSection, tokenizer, split: str, *, evaluation: bool
     are not tokenized again). With [data] streaming, training draws the stream's first examples until it has
     `draw` = (examples, tokens) of them (lorafit.data.plan.stream_draw).
     """
+    if data.streaming and not evaluation and draw == (0, 0):
+        raise ValueError("a streamed training split needs the amount to draw (lorafit.data.plan.stream_draw)")
     if not (data.eval_fraction and split in (HELD_OUT, data.train_split)):
         examples, total = _tokenize(data, tokenizer, split, evaluation, progress, draw)
         return _counted(examples, total, split)
@@ -147,7 +150,6 @@ def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool, progre
     """(examples, rows read): every row's examples, tagged with the row they came from."""
     fields = task_fields(data)
     encode = encoder(data, tokenizer)
-    rows = load_rows(data, split, evaluation=evaluation)
     where = describe_split(data, split)
 
     def encode_batch(batch: dict, indices: list[int]) -> dict:
@@ -161,9 +163,11 @@ def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool, progre
         from lorafit.data.stream import drawn
 
         key = Hasher.hash((data.model_dump(), split, evaluation, draw, Hasher.hash(tokenizer), CODE_VERSION))
-        examples = drawn(rows, encode_batch, datasets.Features(features), key, draw,
-                         lambda names: check_fields(names, fields, where), where, progress)
+        examples = drawn(lambda: load_rows(data, split, evaluation=evaluation), encode_batch,
+                         datasets.Features(features), key, draw, lambda names: check_fields(names, fields, where),
+                         where, progress)
         return examples, int(columns(examples, "row")["row"].max()) + 1
+    rows = load_rows(data, split, evaluation=evaluation)
     check_fields(rows.column_names, fields, where)
     with _bars(progress):
         examples = rows.map(

@@ -83,7 +83,8 @@ def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps:
     if saved.data_fingerprint != now.data_fingerprint:
         raise LorafitError(
             f"the training rows differ from those {folder.parent.parent} started with (data file or tokenizer "
-            "changed); restore them to resume, or start a new run"
+            "changed, or under [data] streaming the max_steps that sets the rows drawn); restore them to resume, "
+            "or start a new run"
         )
     check_length(checkpoint_step(folder), saved.total_steps, now.total_steps, schedule, warmup_steps)
 
