@@ -37,6 +37,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
+from data_job import data_markdown, data_table, run_data
 from packing_job import packing_markdown, packing_table, run_packing
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
@@ -666,6 +667,8 @@ def ratio_table(result: dict) -> Table:
 
 
 def ratio_value(ratio: dict) -> str:
+    if "unit" in ratio:  # job d: bytes per token, seconds per million rows
+        return f"{ratio['value']:.2f} {ratio['unit']}"
     return f"{ratio['value']:.1%}" if ratio["key"] == "mfu" else f"{ratio['value']:.2f}x"
 
 
@@ -688,8 +691,8 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] in ("p", "k"):
-            lines += processes_markdown(result) if job["key"] == "p" else packing_markdown(result)
+        if job["key"] in ("p", "k", "d"):
+            lines += {"p": processes_markdown, "k": packing_markdown, "d": data_markdown}[job["key"]](result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -762,9 +765,9 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p,k",
+    parser.add_argument("--jobs", default="a,b,p,k,d",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
-                        "k (packed vs padded); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
+                        "k (packed vs padded), d (training start as the data grows); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
                         "classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
@@ -808,15 +811,18 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "d"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p, k")
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, "
+                      "p, k, d")
         return 2
     results = []
     for key in args.jobs.split(","):
         if key == "k":
             results.append(run_packing(args, console, model_config=model_config, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
+        elif key == "d":
+            results.append(run_data(args, console, machine=machine))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
@@ -825,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        tables = {"p": processes_table, "k": packing_table}
+        tables = {"p": processes_table, "k": packing_table, "d": data_table}
         console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):

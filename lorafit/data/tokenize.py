@@ -138,7 +138,7 @@ def tokenize_eval(data: DataSection, tokenizer, split: str | None = None, *, pro
         raise
 
 
-def processes(rows: int) -> int | None:
+def tokenizing_processes(rows: int) -> int | None:
     """Processes to tokenize `rows` with: every core this process may use, a core per ROWS_PER_PROCESS rows."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     count = min(cores, rows // ROWS_PER_PROCESS)
@@ -178,7 +178,7 @@ def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool, progre
             features=datasets.Features(features),
             new_fingerprint=_fingerprint(rows, data, tokenizer),
             desc=f"Tokenizing {split}",
-            num_proc=processes(len(rows)),
+            num_proc=tokenizing_processes(len(rows)),
         )
     if len(examples) == 0:
         raise LorafitError(f"no row of {where} has anything to predict; check [data] {next(iter(fields.values()))}")

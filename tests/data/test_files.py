@@ -99,7 +99,7 @@ def test_tokenizing_in_several_processes_gives_the_rows_one_process_gives(tmp_pa
     path = str(write_jsonl(tmp_path / "train.jsonl", ROWS))
     alone = tokenize_split(completion(path), tokenizer, "train")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "other-cache"))
-    monkeypatch.setattr(lorafit.data.tokenize, "processes", lambda rows: 2)
+    monkeypatch.setattr(lorafit.data.tokenize, "tokenizing_processes", lambda rows: 2)
     shared = tokenize_split(completion(path), tokenizer, "train")
     assert len(shared.examples.cache_files) == 2  # one file per process
     assert token_rows(shared) == token_rows(alone)
@@ -111,7 +111,7 @@ def test_a_row_error_in_a_tokenizing_process_is_the_same_one_line_error(tmp_path
     rows = ROWS + [{"prompt": 7, "response": " x"}]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    monkeypatch.setattr(lorafit.data.tokenize, "processes", lambda rows: 2)
+    monkeypatch.setattr(lorafit.data.tokenize, "tokenizing_processes", lambda rows: 2)
     with pytest.raises(LorafitError, match="line 25: field 'prompt' is 7, not text"):
         tokenize_split(completion(str(path)), tokenizer, "train")
 
