@@ -83,8 +83,7 @@ def pack(lengths, supervised, max_length: int) -> Packed:
     """Pack rows of these lengths with best-fit decreasing; a pure function of the lengths, so every process agrees."""
     lengths = np.asarray(lengths, dtype=np.int64)
     members, bounds = best_fit(lengths, max_length)
-    owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
-    per_sequence = [np.bincount(owner, weights=np.asarray(values)[members], minlength=len(bounds) - 1).astype(np.int64)
+    per_sequence = [np.add.reduceat(np.asarray(values, dtype=np.int64)[members], bounds[:-1])
                     for values in (lengths, supervised)]
     return Packed(members, bounds, *per_sequence, rows=len(lengths), max_length=max_length)
 

@@ -22,6 +22,7 @@ from lorafit.data.tokenize import TokenizedSplit
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, TrainSection
 
+FINGERPRINT_PREFIX = "rows:"  # TrainingPlan.fingerprint's; older lorafit hashed the rows' JSON, without it
 GROUP_CHUNK = 50  # batches per length-sorted chunk: big enough to group lengths, small enough to stay random
 
 
@@ -96,9 +97,6 @@ class TrainingPlan:
         if self.packed is not None:
             digest.update(self.packed.members.tobytes() + self.packed.bounds.tobytes())
         return f"{FINGERPRINT_PREFIX}{digest.hexdigest()}"
-
-
-FINGERPRINT_PREFIX = "rows:"  # fingerprints without it were hashed by older code from the rows' JSON
 
 
 def plan_training(recipe: Recipe, split: TokenizedSplit, global_batch: int) -> TrainingPlan:

@@ -44,11 +44,14 @@ FEATURES = {
     "row": datasets.Value("int32"),  # the split's row this example came from (a long document gives several)
     "fit": datasets.Value("int8"),  # KEPT, SHORTENED or CUT (truncation.py)
     "lost": datasets.Value("int32"),  # supervised tokens cut off
-    # What the step plan reads, a few bytes an example, so that a run never reads the token columns whole:
+    # ROW_FACTS, what the step plan reads (a few bytes an example), so that a run never reads the token columns whole:
     "length": datasets.Value("int32"),  # tokens
     "supervised": datasets.Value("int32"),  # tokens that carry loss (lorafit.data.batches.supervised_mask's rule)
     "digest": datasets.Value("int64"),  # a hash of input_ids and labels, for the run's data fingerprint
 }
+
+
+ROW_FACTS = ("length", "supervised", "digest")
 
 
 CODE_VERSION = hashlib.sha256(
@@ -187,8 +190,7 @@ def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool, progre
 
 def example_columns(examples: list[dict], features: dict) -> dict:
     """The examples of one batch as columns, with each one's length, supervised tokens and digest."""
-    out = {name: [example[name] for example in examples] for name in features if name not in ("length", "supervised",
-                                                                                                "digest")}
+    out = {name: [example[name] for example in examples] for name in features if name not in ROW_FACTS}
     ids, labels = (pa.array(out[name], type=pa.list_(pa.int32())) for name in ("input_ids", "labels"))
     offsets = ids.offsets.to_numpy()
     flat_ids, flat_labels = ids.flatten().to_numpy(), labels.flatten().to_numpy()
