@@ -21,6 +21,7 @@ from lorafit.data.rows import no_evaluation_rows
 from lorafit.data.tasks import IGNORE
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.recipe import Recipe, recipe_toml
+from lorafit.report.tables import draws_bars
 
 SAMPLE_ROWS = 3
 MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
@@ -45,10 +46,11 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, weights, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    splits = {recipe.data.train_split: tokenize_split(
-        recipe.data, tokenizer, recipe.data.train_split, draw=stream_draw(recipe, checked.state.global_batch))
-    } if training else {}
-    held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None)
+    bars = draws_bars(console)
+    splits = {recipe.data.train_split: tokenize_split(recipe.data, tokenizer, recipe.data.train_split, progress=bars,
+                                                      draw=stream_draw(recipe, checked.state.global_batch))
+              } if training else {}
+    held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None, progress=bars)
     if held_out is not None:
         splits[held_out.name] = held_out
     elif not training:

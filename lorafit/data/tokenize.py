@@ -172,7 +172,7 @@ def _tokenize(data: DataSection, tokenizer, split: str, evaluation: bool, progre
         return examples, int(columns(examples, "row")["row"].max()) + 1
     rows = load_rows(data, split, evaluation=evaluation)
     check_fields(rows.column_names, fields, where)
-    with _bars(progress):
+    with _mapping(progress):
         examples = rows.map(
             encode_batch,
             batched=True,
@@ -201,14 +201,21 @@ def example_columns(examples: list[dict], features: dict) -> dict:
 
 
 @contextmanager
-def _bars(show: bool):
-    """datasets' progress bars on (or off) while tokenizing; the CLI keeps them off otherwise (messages.library_logs)."""
-    hidden = datasets.are_progress_bars_disabled()
+def _mapping(show: bool):
+    """Around datasets' map: its progress bars on (or off), and os.environ kept the object it was.
+
+    The CLI keeps the bars off otherwise (messages.library_logs). map with num_proc leaves a copy of os.environ in
+    its place, while rich, click and others keep reading the original: it is put back, with the copy's values.
+    """
+    hidden, environ = datasets.are_progress_bars_disabled(), os.environ
     (datasets.enable_progress_bars if show else datasets.disable_progress_bars)()
     try:
         yield
     finally:
         (datasets.disable_progress_bars if hidden else datasets.enable_progress_bars)()
+        if os.environ is not environ:
+            environ.update(os.environ)
+            os.environ = environ
 
 
 def _counted(examples: datasets.Dataset, total: int, name: str) -> TokenizedSplit:

@@ -6,6 +6,7 @@ Expected tokens come from the tokenizer on text built here, or from the same row
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import datasets
@@ -100,7 +101,9 @@ def test_tokenizing_in_several_processes_gives_the_rows_one_process_gives(tmp_pa
     alone = tokenize_split(completion(path), tokenizer, "train")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "other-cache"))
     monkeypatch.setattr(lorafit.data.tokenize, "tokenizing_processes", lambda rows: 2)
+    environ = os.environ
     shared = tokenize_split(completion(path), tokenizer, "train")
+    assert os.environ is environ  # datasets swaps in a copy, which libraries holding the original would not see
     assert len(shared.examples.cache_files) == 2  # one file per process
     assert token_rows(shared) == token_rows(alone)
     columns = ("row", "length", "supervised", "digest")
