@@ -332,10 +332,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
 def _absolute_files(files, base: Path):
     """A list of files, or {split: files}, with every file name made absolute (anything else left to the schema)."""
-    if isinstance(files, (list, dict)):
-        pairs = files.items() if isinstance(files, dict) else enumerate(files)
-        resolved = {key: _absolute_files(value, base) for key, value in pairs}
-        return resolved if isinstance(files, dict) else list(resolved.values())
+    if isinstance(files, dict):
+        return {split: _absolute_files(value, base) for split, value in files.items()}
+    if isinstance(files, list):
+        return [_absolute_files(value, base) for value in files]
     return _absolute(files, base) if isinstance(files, str) else files
 
 

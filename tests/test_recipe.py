@@ -408,3 +408,13 @@ def test_hub_recipe_keeps_hub_ids():
     recipe = load_recipe(REPO / "recipes" / "gpt2-sst2.toml")
     assert (recipe.model.name, recipe.data.source, recipe.data.config) == ("gpt2", "glue", "sst2")
     assert Path(recipe.output.dir) == REPO / "runs" / "gpt2-sst2"
+
+
+def test_lists_and_globs_of_files_resolve_against_the_recipes_folder(tmp_path):
+    folder = tmp_path / "recipes"
+    recipe = load_recipe(write_toml(folder / "r.toml", {"data": {"source": ["a.jsonl", "../shards/*.jsonl"]}}))
+    assert recipe.data.source == [str(folder / "a.jsonl"), str(tmp_path / "shards" / "*.jsonl")]
+    split = {"train": ["a.jsonl", "b.jsonl"], "validation": "c.jsonl"}
+    recipe = load_recipe(write_toml(folder / "s.toml", {"data": {"source": split}}))
+    assert recipe.data.source == {"train": [str(folder / "a.jsonl"), str(folder / "b.jsonl")],
+                                  "validation": str(folder / "c.jsonl")}
