@@ -38,6 +38,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
+from data_job import data_markdown, data_table, run_data
 from packing_job import packing_markdown, packing_table, run_packing
 from parity_job import SEEDS as PARITY_SEEDS
 from parity_job import STEPS as PARITY_STEPS
@@ -670,6 +671,8 @@ def ratio_table(result: dict) -> Table:
 def ratio_value(ratio: dict) -> str:
     if ratio.get("unit") == "points":
         return f"{ratio['value']:+.1%}"
+    if "unit" in ratio:  # job s: bytes per token, seconds per million rows
+        return f"{ratio['value']:.2f} {ratio['unit']}"
     return f"{ratio['value']:.1%}" if ratio["key"] == "mfu" else f"{ratio['value']:.2f}x"
 
 
@@ -694,8 +697,9 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] in ("p", "k", "r"):
-            lines += {"p": processes_markdown, "k": packing_markdown, "r": parity_markdown}[job["key"]](result)
+        if job["key"] in ("p", "k", "r", "s"):
+            lines += {"p": processes_markdown, "k": packing_markdown, "r": parity_markdown,
+                      "s": data_markdown}[job["key"]](result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -770,10 +774,10 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p,k,r",
+    parser.add_argument("--jobs", default="a,b,p,k,r,s",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
-                        "k (packed vs padded), r (accuracy parity on real data); for a GPU: l (1B-class Llama at "
-                        "2,048 tokens), m (GPT-2-medium classification)")
+                        "k (packed vs padded), r (accuracy parity on real data), s (training start as the data "
+                        "grows); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--parity-steps", type=int, default=PARITY_STEPS,
                         help=f"job r's training steps per seed and method (default {PARITY_STEPS})")
@@ -820,9 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "r"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "r", "s"]]
     if unknown:
-        choice = ", ".join([*jobs, "p", "k", "r"])
+        choice = ", ".join([*jobs, "p", "k", "r", "s"])
         console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {choice}")
         return 2
     results = []
@@ -833,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
         elif key == "r":
             results.append(run_parity(args, console, machine))
+        elif key == "s":
+            results.append(run_data(args, console, machine=machine))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
@@ -841,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        tables = {"p": processes_table, "k": packing_table, "r": parity_table}
+        tables = {"p": processes_table, "k": packing_table, "r": parity_table, "s": data_table}
         console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):

@@ -83,7 +83,7 @@ def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: P
                     predictions: Path | None = None) -> dict:
     """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split; with
     [eval] metrics, also the generated text's scores, and its predictions.jsonl written to `predictions`."""
-    from lorafit.data.rows import no_evaluation_reason
+    from lorafit.data.rows import no_evaluation_rows
     from lorafit.generation.predictions import eval_prompts, generation_scores
     from lorafit.generation.scores import require_sacrebleu
     from lorafit.model.load import load_tokenizer
@@ -97,8 +97,7 @@ def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: P
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     held_out = tokenize_eval(recipe.data, tokenizer, split)
     if held_out is None:
-        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
-                           "pass --split NAME, or set [data] eval_split or eval_fraction")
+        raise no_evaluation_rows(recipe.data)
     prompts = eval_prompts(recipe, tokenizer, held_out)
     model, accelerator = inference_model(recipe, name, adapter)
     scorer = SupervisedLoss(model)

@@ -17,6 +17,7 @@ import torch
 from transformers import TextStreamer
 
 from lorafit.data import prompts
+from lorafit.data.chat import TEMPLATE_FILE
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
@@ -25,7 +26,6 @@ from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 from lorafit.storage import input_file
 
-CHAT_TEMPLATE = "chat_template.jinja"
 # Called with (prompt index, text, done): pieces of a completion as they are decoded; done on its last call.
 Stream = Callable[[int, str, bool], None]
 
@@ -44,7 +44,7 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
         raise LorafitError(f"--temperature {decoding.temperature} is not a finite number; give e.g. 0.7 (0 is greedy)")
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    saved = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
+    saved = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
     if saved is not None and saved.is_file():  # the chat template training used, saved beside the adapter
         tokenizer.chat_template = saved.read_text(encoding="utf-8")
     encoded = [prompt_ids(recipe.data, tokenizer, prompt, index) for index, prompt in enumerate(prompts)]

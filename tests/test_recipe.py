@@ -82,7 +82,10 @@ def test_every_design_key_is_accepted_with_its_value(tmp_path):
 )
 def test_every_documented_choice_is_accepted(section, key, choices):
     for choice in choices:
-        assert getattr(getattr(validate({section: {key: choice}}), section), key) == choice
+        raw = {section: {key: choice}}
+        if choice == "float16":  # fp16 weights are only defined with fp16 loss scaling
+            raw["train"] = {"mixed_precision": "fp16"}
+        assert getattr(getattr(validate(raw), section), key) == choice
 
 
 def test_data_source_may_be_one_file_per_split():
@@ -238,6 +241,7 @@ def test_set_reads_numbers_strings_lists_and_booleans(tmp_path):
             "data.template=Q: {text} A:",
             'data.labels=["no", "yes"]',
             'model.dtype="float16"',
+            "train.mixed_precision=fp16",  # which fp16 weights need
         ],
     )
     assert recipe.train.lr == 3e-3
@@ -418,3 +422,13 @@ def test_hub_recipe_keeps_hub_ids():
     recipe = load_recipe(REPO / "recipes" / "gpt2-sst2.toml")
     assert (recipe.model.name, recipe.data.source, recipe.data.config) == ("gpt2", "glue", "sst2")
     assert Path(recipe.output.dir) == REPO / "runs" / "gpt2-sst2"
+
+
+def test_lists_and_globs_of_files_resolve_against_the_recipes_folder(tmp_path):
+    folder = tmp_path / "recipes"
+    recipe = load_recipe(write_toml(folder / "r.toml", {"data": {"source": ["a.jsonl", "../shards/*.jsonl"]}}))
+    assert recipe.data.source == [str(folder / "a.jsonl"), str(tmp_path / "shards" / "*.jsonl")]
+    split = {"train": ["a.jsonl", "b.jsonl"], "validation": "c.jsonl"}
+    recipe = load_recipe(write_toml(folder / "s.toml", {"data": {"source": split}}))
+    assert recipe.data.source == {"train": [str(folder / "a.jsonl"), str(folder / "b.jsonl")],
+                                  "validation": str(folder / "c.jsonl")}

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorafit.data.chat import messages_of
+from lorafit.data.files import short_repr
 from lorafit.data.prompts import prompt_ids, render_prompt
-from lorafit.data.rows import HELD_OUT, describe_split, load_rows, short_repr
+from lorafit.data.rows import HELD_OUT, describe_split, load_rows
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSection
 

@@ -114,6 +114,12 @@ def print_fitting(console: Console, split) -> None:
         note(text, console)
 
 
+def draws_bars(console: Console) -> bool:
+    """Whether a library's own progress bar (tokenizing) may be drawn for this console: on a terminal, not for
+    the quiet consoles of other processes, not under --json (whose commands print to stderr, stdout being the JSON's)."""
+    return console.is_terminal and not console.quiet and not console.stderr
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -28,7 +28,7 @@ TRACKERS = {  # report_to name -> (pip package, accelerate's check that it is im
 
 
 def check_settings(settings: TrainSection) -> None:
-    """Refuse, before any work, trackers that are not installed and keep_best with nothing to choose from.
+    """Refuse, before any work, trackers that are not installed.
 
     accelerate itself silently skips a tracker whose package is missing; a run the user asked to track must not.
     """
@@ -38,8 +38,6 @@ def check_settings(settings: TrainSection) -> None:
         package, available = TRACKERS[name]
         if not getattr(accelerate.utils, available)():
             raise LorafitError(f"[train] report_to = {name!r} needs the {package} package: pip install {package}")
-    if settings.keep_best and not settings.eval_every:
-        raise LorafitError("[train] keep_best needs evaluations during training to choose from; set [train] eval_every")
 
 
 def tracker_options(settings: TrainSection, run_dir: Path) -> dict:
