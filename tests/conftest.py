@@ -46,7 +46,30 @@ TINY_CONFIGS = {
         hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
         max_position_embeddings=64, **SMALL
     ),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**LLAMA_SHAPE, head_dim=8, **SMALL),
+    # Mixture-of-experts: 4 experts, 2 per token, expert width 24 so that no stacked dimension equals another.
+    # Qwen3-MoE's second layer is dense (mlp_only_layers): "down" there is a linear layer, in the first a stack.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **LLAMA_SHAPE, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+        **SMALL
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **{**LLAMA_SHAPE, "intermediate_size": 24}, num_local_experts=4, num_experts_per_tok=2, **SMALL
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **{**LLAMA_SHAPE, "intermediate_size": 24}, num_experts=4, num_experts_per_tok=2, **SMALL
+    ),
+    "gpt_oss": lambda: transformers.GptOssConfig(  # experts stored [experts, d_in, d_out], with biases
+        **{**LLAMA_SHAPE, "intermediate_size": 24}, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, **SMALL
+    ),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(  # latent attention; a dense first layer, shared experts
+        **{**LLAMA_SHAPE, "num_key_value_heads": 4}, moe_intermediate_size=24, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=16,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, **SMALL
+    ),
 }
+MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3")
 ARCHITECTURES = list(TINY_CONFIGS)
 
 

@@ -3,23 +3,26 @@ holds them ("A" [R, d_in], "B" [d_out, R], and a variant's own parts), peft's ra
 
 The layers know nothing of this. A fused projection's slices are written as one LoRA of rank n·r on the whole
 module (A stacked, B block-structured with zero rows outside the slices); a PiSSA/OLoRA start against the original
-base (rank 2r per slice); DoRA's magnitude over every output row; AdaLoRA's kept triplets as a plain LoRA.
+base (rank 2r per slice); DoRA's magnitude over every output row; AdaLoRA's kept triplets as a plain LoRA; a
+weight parameter's experts as peft's `target_parameters` lay them out (PARAMETER_FORM).
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lorafit.adapter.format import peft_alpha
+from lorafit.adapter.format import nested_paths, peft_alpha
 from lorafit.lora.adalora import AdaLoRALinear
 from lorafit.lora.dora import DoRALinear
 from lorafit.lora.embedding import LoRAEmbedding
+from lorafit.lora.experts import ExpertLoRA, depth
 from lorafit.lora.inits import against_original
 from lorafit.lora.linear import LoRALinear, is_block_structured, whole
-from lorafit.lora.variants import ADALORA, DORA, EMBEDDING, INITS, LORA, LoRALayer, Variant, layer_variant
+from lorafit.lora.variants import ADALORA, DORA, EMBEDDING, INITS, LORA, PARAMETER, LoRALayer, Variant, layer_variant
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,62 @@ EMBEDDING_FORM = Form(_embedding_tensors, lambda layer, peft_rslora: _stacked_ra
                       lambda layer: _facts(layer, 1, None), _load_embedding, transposed=lambda layer: False, kind="embedding")
 
 
-FORMS: dict[Variant, Form] = {LORA: LORA_FORM, DORA: DORA_FORM, ADALORA: ADALORA_FORM, EMBEDDING: EMBEDDING_FORM}
+# ---------------------------------------------------------------- a weight parameter: peft's target_parameters
+#
+# peft's ParamWrapper keeps one nn.Linear pair for all experts: lora_A.weight [experts·r, d_in] with expert e's A in
+# rows e·r .. e·r+r-1, and lora_B.weight [d_out, r·experts] with column j·experts+e holding expert e's j-th column
+# (it reshapes B to [d_out, r, experts]). Its scaling is alpha/r with r per expert. The layer keeps A [E, r, d_in]
+# and B [E, d_out, r].
+
+
+@torch.no_grad()
+def _parameter_tensors(layer: ExpertLoRA) -> dict[str, torch.Tensor]:
+    a, b = whole(layer.lora_A), whole(layer.lora_B)
+    experts, rank, d_in = a.shape
+    return {"A": a.reshape(experts * rank, d_in), "B": b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)}
+
+
+@torch.no_grad()
+def _load_parameter(layer: ExpertLoRA, tensors: dict[str, torch.Tensor]) -> None:
+    experts, rank, d_in = layer.lora_A.shape
+    d_out = layer.lora_B.shape[1]
+    a, b = tensors["A"], tensors["B"]
+    for name, found, expected in (("lora_A", a, (experts * rank, d_in)), ("lora_B", b, (d_out, rank * experts))):
+        if tuple(found.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(found.shape)}, expected {expected} for {experts} experts")
+    layer.lora_A.copy_(a.reshape(experts, rank, d_in))
+    layer.lora_B.copy_(b.reshape(d_out, rank, experts).permute(2, 0, 1))
+
+
+def _parameter_facts(layer: ExpertLoRA) -> dict:
+    return {**_facts(layer, 1, None), "parameter": layer.parameter, "experts": layer.experts}
+
+
+PARAMETER_FORM = Form(_parameter_tensors, lambda layer, peft_rslora: _stacked_rank_and_alpha(layer, 1, peft_rslora),
+                      _parameter_facts, _load_parameter, transposed=lambda layer: False)
+
+
+def peft_paths(layers: dict[str, LoRALayer]) -> dict[str, str]:
+    """The module path peft names each layer's tensors by: a module's own path, and for a parameter's layer (keyed
+    by the parameter's path) its module's, nested as peft nests them (lorafit.adapter.format.nested_paths)."""
+    nested: dict[str, list[ExpertLoRA]] = defaultdict(list)
+    for key, layer in layers.items():
+        if isinstance(layer, ExpertLoRA):
+            nested[key.rpartition(".")[0]].append(layer)
+    paths = {key: key for key in layers}
+    for module, found in nested.items():
+        inner_first = [layer.parameter for layer in sorted(found, key=depth)]
+        paths.update({f"{module}.{name}": path for name, path in nested_paths(module, inner_first).items()})
+    return paths
+
+
+def is_parameter(layer: LoRALayer) -> bool:
+    """Adapts a weight parameter (peft's target_parameters) rather than a module (target_modules)."""
+    return layer_variant(layer) is PARAMETER
+
+
+FORMS: dict[Variant, Form] = {LORA: LORA_FORM, DORA: DORA_FORM, ADALORA: ADALORA_FORM, EMBEDDING: EMBEDDING_FORM,
+                              PARAMETER: PARAMETER_FORM}
 
 
 def _form(layer: LoRALayer) -> Form:

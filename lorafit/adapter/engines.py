@@ -6,6 +6,7 @@ packed from per-projection names through the model's packed_modules_mapping); SG
 names normalised by their last component: q/k/v -> qkv_proj, gate/up -> gate_up_proj) and lora.py (one scaling,
 lora_alpha / r, for every module); llama.cpp's convert_lora_to_gguf.py and src/llama-adapter.cpp (lora_a/lora_b
 pairs only, one adapter.lora.alpha with the runtime scale alpha / rank, lm_head LoRA refused on a tied model).
+LoRA on MoE experts goes to peft only; the others get the merged model (NO_EXPERT_LORA says why).
 A rule returns Problems; the level says what export does about each.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Problem:
 class Engine:
     name: str  # as given to --for
     label: str
-    kinds: frozenset[str]  # module kinds it applies LoRA to: linear, embedding (experts: a later entry)
+    kinds: frozenset[str]  # module kinds it applies LoRA to: linear, embedding, experts (target_parameters)
     modules: dict[str, frozenset[str]] | None  # model_type -> last names of the modules it wraps; None: any module
     one_alpha: bool = True  # one scaling for every module: per-module alphas must be folded into B
     rslora: bool = False  # honours use_rslora (alpha/sqrt(r)); else it is folded into B too
@@ -77,8 +78,19 @@ ENGINES = {
         modules={model_type: names for model_type, (_, names, _) in GGUF_ARCHITECTURES.items()},
         gguf=True, tied_embeddings=False,
     ),
-    "peft": Engine("peft", "peft", frozenset({"linear", "embedding"}), modules=None, one_alpha=False, dora=True,
-                   plain_only=False, added_vocab=True),
+    "peft": Engine("peft", "peft", frozenset({"linear", "embedding", "experts"}), modules=None, one_alpha=False,
+                   dora=True, plain_only=False, added_vocab=True),
+}
+
+
+# Why an engine is not trusted with LoRA on a mixture-of-experts model's stacked experts (peft's target_parameters:
+# lora_A [experts·r, d_in], lora_B [d_out, r·experts] per stack). The merged model serves everywhere instead.
+NO_EXPERT_LORA = {
+    "vllm": "vLLM's fused-MoE LoRA reads that layout only on models that declare it (is_3d_moe_weight), and as of "
+            "August 2026 reads peft's tensors there with the wrong shapes (vllm-project/vllm#52198, open)",
+    "sglang": "SGLang releases before sgl-project/sglang#25528 do not read peft's target_parameters tensors and "
+              "leave the experts unadapted without a word, and lorafit cannot tell which one will serve it",
+    "llamacpp": "lorafit's GGUF writer maps no expert tensors to llama.cpp's stacked ffn_*_exps names",
 }
 
 
@@ -103,8 +115,10 @@ def check(adapter: Adapter, engine: Engine) -> list[Problem]:
 def _kinds(adapter: Adapter, engine: Engine) -> list[Problem]:
     missing = sorted(set(adapter.kinds.values()) - engine.kinds)
     if "experts" in missing:
-        return [Problem("experts", REFUSE, f"{adapter.directory} adapts MoE experts (target_parameters); lorafit "
-                        f"does not export expert adapters for {engine.label} yet, so it writes nothing for them")]
+        stacks = sorted(name for name, kind in adapter.kinds.items() if kind == "experts")
+        why = NO_EXPERT_LORA.get(engine.name, f"{engine.label} applies no LoRA to them")
+        return [Problem("experts", MERGE, f"the adapter adapts the MoE experts' stacks ({', '.join(stacks)}), and "
+                        f"{engine.label} cannot be relied on to apply them: {why}")]
     return [Problem("kinds", REFUSE, f"{engine.label} applies no LoRA to {', '.join(missing)} modules")] if missing else []
 
 

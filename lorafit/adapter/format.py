@@ -58,7 +58,6 @@ UNSUPPORTED = (
     "lora_bias",
     "modules_to_save",
     "trainable_token_indices",
-    "target_parameters",
     "layer_replication",
     "alora_invocation_tokens",
     "use_qalora",
@@ -131,15 +130,19 @@ def adapter_config(
     values: dict[str, tuple[int, float]],
     suffixes: dict[str, str],
     *,
+    parameters: dict[str, str] | None = None,
     base_model: str,
     use_rslora: bool,
     fan_in_fan_out: bool,
     dropout: float,
     flags: dict | None = None,
 ) -> dict:
-    """adapter_config.json for modules with peft's (rank, alpha) `values`, selected by `suffixes`; `flags` are the
-    variant's own (DoRA's use_dora)."""
-    (rank, alpha), rank_pattern, alpha_pattern = rank_patterns(values, suffixes)
+    """adapter_config.json for modules and weight parameters with peft's (rank, alpha) `values`, the modules selected
+    by `suffixes` (target_modules), the parameters by `parameters` (target_parameters, suffixes of their paths);
+    `flags` are the variant's own (DoRA's use_dora)."""
+    parameters = parameters or {}
+    (rank, alpha), rank_pattern, alpha_pattern = rank_patterns(values, {**suffixes, **parameters})
+    chosen = {"target_parameters": sorted(set(parameters.values()))} if parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -157,7 +160,7 @@ def adapter_config(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-    } | (flags or {})
+    } | chosen | (flags or {})
 
 
 def selecting_suffixes(module_paths: Iterable[str], wrapped: list[str]) -> dict[str, str]:
@@ -232,7 +235,10 @@ def check_values(file: Path, config: dict) -> None:
         raise LorafitError(f"{file} has r={rank!r}; it must be a positive integer")
     if not isinstance(config.get("lora_alpha", 8), (int, float)):
         raise LorafitError(f"{file} has a non-numeric lora_alpha; fix it")
-    if not isinstance(config.get("target_modules"), (str, list)):
+    parameters = config.get("target_parameters")
+    if parameters is not None and not (isinstance(parameters, list) and all(isinstance(p, str) for p in parameters)):
+        raise LorafitError(f"{file} has a target_parameters that is not a list of names; fix it")
+    if not isinstance(config.get("target_modules"), (str, list)) and not parameters:
         raise LorafitError(f"{file} names no target_modules; it is not a LoRA adapter for modules")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
@@ -288,9 +294,45 @@ def check_table(path: str, table: torch.Tensor | None, weight: torch.Tensor) -> 
         )
 
 
+def selects_parameter(config: dict, key: str) -> bool:
+    """peft's rule for target_parameters: a parameter is selected by its whole path or a dotted suffix of it."""
+    return any(matches_suffix(key, target) for target in config.get("target_parameters") or [])
+
+
+def nested_paths(module: str, parameters: list[str]) -> dict[str, str]:
+    """The module path peft names the tensors of each adapted parameter of one module by: it nests one wrapper per
+    parameter, the first (in the module's registration order) innermost, each wrapper's inside named base_layer."""
+    return {name: module + ".base_layer" * (len(parameters) - 1 - i) for i, name in enumerate(parameters)}
+
+
+# peft (0.18 on) under transformers 5 reads an adapter for a mixture-of-experts family whose checkpoints transformers
+# converts as one trained on transformers 4, whose experts were modules: it moves these target_modules names to
+# target_parameters (the stacks they became), whichever module they name (peft/utils/transformers_weight_conversion.py,
+# _convert_peft_config_moe). A LoRA on a dense MLP or shared expert so named then does not load in peft.
+PEFT_MOE_RENAMES = {"qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"), "mixtral": ("gate", "w1", "w2", "w3")}
+
+
+def peft_notes(model_type: str, keys: list[str]) -> list[str]:
+    """A line when peft would take some of the adapted modules (`keys`: layer paths) of a `model_type` model for
+    experts and not load their LoRA; none otherwise."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:  # a transformers without checkpoint conversions: peft converts nothing either
+        return []
+    names = PEFT_MOE_RENAMES.get(patterns.get(model_type) or ("mixtral" if model_type == "mixtral" else ""), ())
+    renamed = [key for key in keys if key.rsplit(".", 1)[-1] in names]
+    if not renamed:
+        return []
+    shown = sorted({key.rsplit(".", 1)[-1] for key in renamed})
+    return [f"peft reads target_modules {', '.join(shown)} of a {model_type} model as the names of its experts (from "
+            f"transformers 4) and moves them to the experts' stacks, so the LoRA on {renamed[0]} and "
+            f"{len(renamed) - 1} more modules so named loads in lorafit but not in peft; leave them out of the "
+            "targets for an adapter that peft loads whole"]
+
+
 def check_selected(directory: Path, config: dict, path: str) -> None:
     """Weights for a module that target_modules does not select would be ignored by peft: refuse them."""
-    targets = config["target_modules"]
+    targets = config.get("target_modules") or []
     if isinstance(targets, str):
         try:
             selected = targets == "all-linear" or re.fullmatch(targets, path) is not None

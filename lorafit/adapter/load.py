@@ -27,12 +27,16 @@ from lorafit.adapter.format import (
     check_table,
     lora_tensors,
     lorafit_alpha,
+    nested_paths,
     rank_and_alpha,
+    selects_parameter,
 )
 from lorafit.adapter.save import LORAFIT_FILE
 from lorafit.errors import LorafitError
 from lorafit.lora.linear import is_block_structured, projection_shape
 from lorafit.lora.variants import LoRALayer, for_module, from_peft_config
+from lorafit.model.experts import Parameter
+from lorafit.model.experts import stores_transposed as experts_transposed
 from lorafit.model.inject import (
     freeze_and_wrap,
     is_embedding,
@@ -40,6 +44,7 @@ from lorafit.model.inject import (
     lora_layer,
     lora_layers,
     model_targets,
+    nesting_order,
     stores_transposed,
 )
 from lorafit.model.load import meta_model
@@ -133,6 +138,7 @@ class ModulePlan:
     dropout: float
     slices: list[list[int]] | None
     unsliced: ModulePlan | None = None  # the same adapter as one LoRA on the whole module
+    parameter: str | None = None  # a weight parameter of `module` (target_parameters); `path` is then its path
 
     @property
     def a(self) -> torch.Tensor:
@@ -145,8 +151,12 @@ class ModulePlan:
 
 def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALayer]:
     """Wrap `model` per the adapter's config and load its weights; LorafitError (exit 2) if it does not fit."""
-    plans = plan_adapter(model, directory)
-    return freeze_and_wrap(model, {plan.path: _build_layer(plan) for plan in plans})
+    plans = sorted(plan_adapter(model, directory), key=lambda plan: nesting_order(plan.module, plan.parameter))
+    layers, wrapped = {}, {}  # wrapped: a module's path -> the layer around it so far (a parameter's layers nest)
+    for plan in plans:
+        around = plan.path.rpartition(".")[0] if plan.parameter else plan.path
+        layers[plan.path] = wrapped[around] = _build_layer(plan, wrapped.get(around, plan.module))
+    return freeze_and_wrap(model, layers)
 
 
 def check_adapter(config, directory: Path) -> None:
@@ -167,11 +177,15 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     modules = dict(model.named_modules())
     variant = from_peft_config(config)
     table = model_targets(model)
+    parameters = _selected_parameters(model, config)
     plans = []
     for path, (kind, tensors) in weights.items():
+        if path in parameters:
+            plans.append(_parameter_plan(directory, config, variant.name, parameters[path], kind, tensors))
+            continue
         module = _fitting_module(model, modules, path, kind, tensors)
         check_table(path, tensors.pop(TABLE, None), module.weight)
-        check_parts(path, for_module(variant, embedding=is_embedding(module)), tensors, config)
+        check_parts(path, for_module(variant, "embedding" if is_embedding(module) else "linear"), tensors, config)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
         _check_finite(directory, path, kind, tensors, alpha)
         plan = ModulePlan(
@@ -188,6 +202,38 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
         check_selected(directory, config, path)
         plans.append(_sliced(getattr(model, "config", None), table, plan, facts.get(path)) or plan)
     return plans
+
+
+def _selected_parameters(model: nn.Module, config: dict) -> dict[str, Parameter]:
+    """The parameters target_parameters selects, by the module path peft names their tensors by."""
+    found = {}
+    for path, module in model.named_modules():
+        names = [name for name, _ in module.named_parameters(recurse=False) if selects_parameter(config, f"{path}.{name}")]
+        found.update({peft: Parameter(path, module, name) for name, peft in nested_paths(path, names).items()})
+    return found
+
+
+def _parameter_plan(directory: Path, config: dict, variant: str, parameter: Parameter, kind: str,
+                    tensors: dict[str, torch.Tensor]) -> ModulePlan:
+    """A weight parameter's plan: A [experts·r, d_in] and B [d_out, r·experts], checked against the parameter."""
+    check_parts(parameter.full, for_module(from_peft_config(config), "parameter"), tensors, config)
+    weight = getattr(parameter.module, parameter.name)
+    experts = weight.shape[0] if weight.ndim == 3 else 1
+    first, second = weight.shape[-2:]
+    d_out, d_in = (second, first) if experts_transposed(parameter.module) else (first, second)
+    a, b = tensors["A"], tensors["B"]
+    fits = (kind == "linear" and weight.ndim in (2, 3) and a.ndim == b.ndim == 2 and a.shape[0] % experts == 0
+            and a.shape[0] == b.shape[1] and (a.shape[1], b.shape[0]) == (d_in, d_out))
+    if not fits:
+        raise LorafitError(
+            f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} of {parameter.full} do not fit its "
+            f"{experts} experts of {d_out} x {d_in}; was the adapter trained for another model?"
+        )
+    rank, alpha = rank_and_alpha(config, parameter.full, a.shape[0] // experts)
+    _check_finite(directory, parameter.full, kind, tensors, alpha)
+    return ModulePlan(path=parameter.full, module=parameter.module, tensors=tensors, variant=variant, rank=rank,
+                      alpha=float(alpha), use_rslora=bool(config.get("use_rslora", False)), dropout=0.0, slices=None,
+                      parameter=parameter.name)
 
 
 def _check_finite(directory: Path, path: str, kind: str, tensors: dict[str, torch.Tensor], alpha) -> None:
@@ -257,24 +303,27 @@ def _sliced(config, table: dict[str, Target], plan: ModulePlan, facts: dict | No
     return replace(plan, rank=rank, alpha=alpha, slices=slices, unsliced=plan)
 
 
-def _build_layer(plan: ModulePlan) -> LoRALayer:
-    """The plan's layer with its weights; a sliced DoRA layer whose other rows' magnitudes moved is built whole."""
+def _build_layer(plan: ModulePlan, module: nn.Module) -> LoRALayer:
+    """The plan's layer around `module` (the plan's, or a layer around it) with its weights; a sliced DoRA layer
+    whose other rows' magnitudes moved is built whole."""
     try:
-        layer = _loaded_layer(plan)
+        layer = _loaded_layer(plan, module)
     except ValueError:
         if plan.unsliced is None:
             raise
-        layer = _loaded_layer(plan.unsliced)
+        layer = _loaded_layer(plan.unsliced, module)
     layer.train(plan.module.training)  # a new module starts in training mode; follow the module it wraps
     return layer
 
 
-def _loaded_layer(plan: ModulePlan) -> LoRALayer:
+def _loaded_layer(plan: ModulePlan, module: nn.Module) -> LoRALayer:
     # A new layer draws a random A that is overwritten at once; keep the global RNG as it was (exact resume).
-    device = plan.module.weight.device
+    device = next(plan.module.parameters()).device
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    options = {"slices": plan.slices} if plan.parameter is None else {
+        "parameter": plan.parameter, "transposed": experts_transposed(plan.module)}
     with torch.random.fork_rng(devices=cuda):
-        layer = lora_layer(plan.module, plan.rank, plan.alpha, plan.dropout, variant=plan.variant,
-                           slices=plan.slices, use_rslora=plan.use_rslora)
+        layer = lora_layer(module, plan.rank, plan.alpha, plan.dropout, variant=plan.variant,
+                           use_rslora=plan.use_rslora, **options)
     load_peft_tensors(layer, {part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
     return layer

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from lorafit import __version__
-from lorafit.adapter.convert import fan_in_fan_out, module_facts, peft_kind, peft_rank_and_alpha, peft_tensors
+from lorafit.adapter.convert import (
+    fan_in_fan_out,
+    is_parameter,
+    module_facts,
+    peft_kind,
+    peft_paths,
+    peft_rank_and_alpha,
+    peft_tensors,
+)
 from lorafit.adapter.format import CONFIG_FILE, WEIGHTS_FILE, adapter_config, selecting_suffixes, weight_key
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import LoRALayer, model_variant
@@ -56,26 +64,40 @@ def adapter_files(
 def adapter_tensors(layers: dict[str, LoRALayer]) -> dict[str, torch.Tensor]:
     """peft's state dict: every layer in peft's plain form (lorafit.adapter.convert), in fp32 on the CPU."""
     tensors = {}
-    for path, layer in layers.items():
+    paths = peft_paths(layers)
+    for key, layer in layers.items():
         for part, weight in peft_tensors(layer).items():
-            tensors[weight_key(path, part, peft_kind(layer))] = weight.to("cpu", torch.float32).contiguous().clone()
+            tensors[weight_key(paths[key], part, peft_kind(layer))] = weight.to("cpu", torch.float32).contiguous().clone()
     return tensors
 
 
 def peft_config(model: nn.Module, layers: dict[str, LoRALayer], base_model: str) -> dict:
-    """adapter_config.json: one rank and alpha for most modules, rank_pattern/alpha_pattern for the rest."""
+    """adapter_config.json: one rank and alpha for most modules, rank_pattern/alpha_pattern for the rest; adapted
+    weight parameters (experts) in target_parameters. peft refuses dropout where it adapts parameters, so an
+    adapter with any says lora_dropout = 0 (lorafit.json keeps the recipe's)."""
     use_rslora = all(layer.use_rslora for layer in layers.values())
-    values = {path: peft_rank_and_alpha(layer, use_rslora) for path, layer in layers.items()}
+    values = {key: peft_rank_and_alpha(layer, use_rslora) for key, layer in layers.items()}
+    modules = [key for key, layer in layers.items() if not is_parameter(layer)]
+    parameters = [key for key, layer in layers.items() if is_parameter(layer)]
     module_paths = (path for path, _ in model.named_modules())
     return adapter_config(
         values,
-        selecting_suffixes(module_paths, list(layers)),
+        selecting_suffixes(module_paths, modules) if modules else {},
+        parameters=selecting_suffixes(_parameter_paths(model, layers), parameters) if parameters else {},
         base_model=base_model,
         use_rslora=use_rslora,
         fan_in_fan_out=any(fan_in_fan_out(layer) for layer in layers.values()),
-        dropout=max(getattr(layer.dropout, "p", 0.0) for layer in layers.values()),
+        dropout=0.0 if parameters else max(getattr(layer.dropout, "p", 0.0) for layer in layers.values()),
         flags=model_variant(layers).peft_flags,
     )
+
+
+def _parameter_paths(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
+    """The base model's parameter paths, as peft matches target_parameters against them: those outside every LoRA
+    layer as named_parameters() gives them, and the adapted ones by their own paths."""
+    inside = tuple(f"{key.rpartition('.')[0] if is_parameter(layer) else key}." for key, layer in layers.items())
+    outside = [name for name, _ in model.named_parameters() if not name.startswith(inside)]
+    return outside + [key for key, layer in layers.items() if is_parameter(layer)]
 
 
 def lorafit_facts(model: nn.Module, layers: dict[str, LoRALayer], targets: list[str], extra: dict | None) -> dict:

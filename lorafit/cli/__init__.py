@@ -300,6 +300,8 @@ def info(
         console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)
         for table in info_tables(report):
             console.print(table)
+        for text in report["notes"]:
+            note(text)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from lorafit.errors import LorafitError
 from lorafit.lora.adalora import AdaLoRALinear, RankAllocator, rank_allocator
 from lorafit.lora.dora import DoRALinear
 from lorafit.lora.embedding import LoRAEmbedding
+from lorafit.lora.experts import ExpertLoRA
 from lorafit.lora.linear import LoRALinear
 
 FP32 = 4  # bytes of one saved value: adapters are saved in fp32
@@ -51,7 +52,8 @@ class LoRALayer(Protocol):
         """Trained values."""
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW as a dense `weight_shape` matrix, for merging."""
+        """ΔW as a dense `weight_shape` matrix, for merging (a parameter's layer: one per expert, stacked as the
+        parameter is)."""
 
     def merge(self) -> None: ...
 
@@ -84,6 +86,7 @@ class Variant:
     rank_key: str = "rank"  # the recipe key its layers' rank comes from, in [lora] or in its sub-table
     keys: str | None = None  # its sub-table of [lora] ([lora.adalora]) for keys no other variant reads
     embeddings: bool = False  # adapts embedding tables too (with EMBEDDING's layer)
+    parameters: bool = False  # adapts expert weights and other parameters too (with PARAMETER's layer)
     peft_flags: dict[str, object] = field(default_factory=dict)  # adapter_config.json entries that mark it
     peft_tensors: dict[str, str] = field(default_factory=dict)  # its tensors beside A and B: part -> peft's name;
     # each holds one value per output row of the module
@@ -143,7 +146,18 @@ def _embedding_layer(module: nn.Module, rank: int, alpha: float, dropout: float 
     return LoRAEmbedding(module, rank, alpha, use_rslora=use_rslora)
 
 
-LORA = Variant("lora", "LoRA", LoRALinear, _lora_bytes, embeddings=True)
+def _parameter_layer(module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *, parameter: str,
+                     transposed: bool = False, init: str = "kaiming", use_rslora: bool = False, **_projection_options
+                     ) -> ExpertLoRA:
+    """No dropout: the update is to the weight, which x cannot be factored out of (peft refuses it too). The SVD
+    starts are a projection's; a stack of experts starts kaiming or gaussian."""
+    if INITS[init].residual:
+        raise LorafitError(f"[lora] init = {init!r} starts from a linear layer's SVD and does not apply to expert "
+                           "parameters; use init = 'kaiming', or leave the experts out of the targets")
+    return ExpertLoRA(module, rank, alpha, parameter=parameter, transposed=transposed, init=init, use_rslora=use_rslora)
+
+
+LORA = Variant("lora", "LoRA", LoRALinear, _lora_bytes, embeddings=True, parameters=True)
 DORA = Variant("dora", "DoRA", DoRALinear, _dora_bytes, peft_flags={"use_dora": True},
                peft_tensors={"magnitude": "lora_magnitude_vector"})
 ADALORA = Variant(
@@ -157,6 +171,10 @@ ADALORA = Variant(
 EMBEDDING = Variant("embedding", "LoRA", LoRAEmbedding, lambda layer: _pairs_bytes(layer, layer.rank),
                     make=_embedding_layer)
 
+# A weight parameter's layer (a stack of experts, a router), under a variant that adapts parameters: peft's
+# `target_parameters`. Its adapter file holds A and B for every expert.
+PARAMETER = Variant("parameter", "LoRA", ExpertLoRA, lambda layer: layer.lora_params * FP32, make=_parameter_layer)
+
 VARIANTS = {variant.name: variant for variant in (LORA, DORA, ADALORA)}
 
 INITS = {init.name: init for init in (
@@ -166,7 +184,7 @@ INITS = {init.name: init for init in (
     Init("olora", ("lora",), residual=True),
 )}
 
-_BY_LAYER = {variant.layer: variant for variant in (*VARIANTS.values(), EMBEDDING)}
+_BY_LAYER = {variant.layer: variant for variant in (*VARIANTS.values(), EMBEDDING, PARAMETER)}
 
 
 def layer_variant(module: nn.Module) -> Variant | None:
@@ -177,16 +195,18 @@ def layer_variant(module: nn.Module) -> Variant | None:
 def model_variant(layers: dict[str, LoRALayer]) -> Variant:
     """The variant of a model's projection layers (plain LoRA when it adapts embedding tables only)."""
     found = (layer_variant(layer) for layer in layers.values())
-    return next((variant for variant in found if variant is not EMBEDDING), LORA)
+    return next((variant for variant in found if variant not in (EMBEDDING, PARAMETER)), LORA)
 
 
-def for_module(variant: Variant, embedding: bool) -> Variant:
-    """The entry whose layer wraps a module under `variant`: its own, or EMBEDDING's for a table it adapts."""
-    if not embedding:
+def for_module(variant: Variant, kind: str = "linear") -> Variant:
+    """The entry whose layer wraps a module of `kind` ("linear", "embedding" or "parameter") under `variant`: its
+    own, or EMBEDDING's for a table it adapts, or PARAMETER's for a weight parameter (experts) it adapts."""
+    if kind == "linear":
         return variant
-    if not variant.embeddings:
-        raise LorafitError(f"variant {variant.name!r} adapts linear layers only; leave the embedding out of the targets")
-    return EMBEDDING
+    if not (variant.embeddings if kind == "embedding" else variant.parameters):
+        what = "the embedding" if kind == "embedding" else "the expert parameters"
+        raise LorafitError(f"variant {variant.name!r} adapts linear layers only; leave {what} out of the targets")
+    return EMBEDDING if kind == "embedding" else PARAMETER
 
 
 def from_peft_config(config: dict) -> Variant:

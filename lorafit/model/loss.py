@@ -22,7 +22,8 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocab
 # tests/conftest.py, where tests/model/test_loss.py checks it against the model's own logits. Left out on purpose,
 # among others: Gemma-2/3 soft-cap the logits (tanh), Cohere multiplies them by logit_scale, Granite divides
 # them by logits_scaling, Falcon-H1 multiplies them by lm_head_multiplier.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "bloom", "opt"})
+PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "bloom", "opt",
+                                    "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"})
 
 
 # Config attributes by which transformers models scale, cap or cut their logits after the head. A model whose

@@ -33,6 +33,22 @@ def require_torchao() -> None:
         raise LorafitError(f"[model] quantize = 'nf4' needs torchao, which is not installed; {INSTALL}") from error
 
 
+def check_quantizable(model: nn.Module) -> None:
+    """Refuse a model whose experts are stacked 3-D parameters (MoE in transformers 5): NF4 here stores linear layers,
+    so most of such a model's weights would stay full precision, the opposite of what 4 bits were asked for."""
+    from lorafit.model.experts import expert_parameters
+
+    stacks = expert_parameters(model)
+    if stacks:
+        held = sum(getattr(stack.module, stack.name).numel() for stack in stacks)
+        share = held / sum(parameter.numel() for parameter in model.parameters())
+        raise LorafitError(
+            f"[model] quantize = 'nf4' stores linear layers in 4 bits, and this {model.config.model_type} model keeps "
+            f"{share:.0%} of its weights in stacked expert parameters ({stacks[0].full} ...) that it cannot store; "
+            "set quantize = 'none'"
+        )
+
+
 def scaler_block(numel: int) -> int | None:
     """The double quantization's block: the largest divisor of the block count up to 256; None if not 64-divisible."""
     if numel % BLOCK:

@@ -3,19 +3,31 @@
 One row of ARCHITECTURES per `config.model_type`. A target names a module by its path suffix inside a
 block; for a fused projection it also gives the output features that belong to it, so that "q and v" on
 GPT-2's c_attn adapts exactly the q and v features and leaves k alone.
+
+Mixture-of-experts layers in transformers 5 keep their experts as stacked 3-D parameters of one module
+(`mlp.experts.gate_up_proj` [experts, 2·ffn, hidden], `mlp.experts.down_proj` [experts, hidden, ffn]), named
+alike in every family: EXPERT_PARAMETERS says which semantic target each stack belongs to, whatever the row.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SEMANTIC_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+SEMANTIC_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "gate_up")
 
 
 ALL_LINEAR = "all-linear"  # peft's name: every linear projection except the output head
 
 
 EMBED = "embed"  # the input embedding table
+
+
+EXPERTS = "experts"  # every stacked expert weight of a mixture-of-experts model
+
+
+# Semantic target -> the name of a stacked [experts, ., .] weight it takes in every MoE layer (the same in every
+# transformers 5 family). The experts' gate and up are one stacked parameter, adapted together as "gate_up".
+EXPERT_PARAMETERS = {"gate_up": "gate_up_proj", "up": "up_proj", "down": "down_proj"}
 
 
 FeaturesFn = Callable[[object], list[int]]
@@ -71,6 +83,19 @@ def half(part: int) -> FeaturesFn:
     return features
 
 
+def latent_kv(part: int) -> FeaturesFn:
+    """Part `part` (0: k without rotary features, 1: v) of DeepSeek's kv_b_proj, laid out per head as
+    [head, (qk_nope_head_dim of k, v_head_dim of v)]. It up-projects the compressed latent; k's rotary features
+    come from kv_a_proj_with_mqa, shared by all heads, and are not part of it."""
+
+    def features(config) -> list[int]:
+        widths = (config.qk_nope_head_dim, config.v_head_dim)
+        start, head = sum(widths[:part]), sum(widths)
+        return [h * head + start + i for h in range(config.num_attention_heads) for i in range(widths[part])]
+
+    return features
+
+
 LLAMA = {
     "q": Target("self_attn.q_proj"),
     "k": Target("self_attn.k_proj"),
@@ -80,6 +105,9 @@ LLAMA = {
     "up": Target("mlp.up_proj"),
     "down": Target("mlp.down_proj"),
 }
+
+
+ATTENTION = {name: LLAMA[name] for name in ("q", "k", "v", "o")}
 
 
 ARCHITECTURES: dict[str, dict[str, Target]] = {
@@ -95,6 +123,25 @@ ARCHITECTURES: dict[str, dict[str, Target]] = {
     "mistral": LLAMA,
     "qwen2": LLAMA,
     "qwen3": LLAMA,
+    "gemma3_text": LLAMA,
+    # Mixture-of-experts families: attention as Llama's, and the experts' stacks through EXPERT_PARAMETERS; gate, up
+    # and down also name the dense MLPs of a family that has some (Qwen3-MoE's mlp_only_layers).
+    "qwen3_moe": LLAMA,
+    "mixtral": ATTENTION,
+    "olmoe": ATTENTION,
+    "gpt_oss": ATTENTION,
+    # Multi-head latent attention: q is the query's up-projection q_b_proj (after its low-rank q_a_proj), k and v
+    # are their features of the latent's up-projection kv_b_proj. The dense MLPs of the first layers and the
+    # shared experts are gate_proj, up_proj and down_proj.
+    "deepseek_v3": {
+        "q": Target("self_attn.q_b_proj"),
+        "k": Target("self_attn.kv_b_proj", latent_kv(0)),
+        "v": Target("self_attn.kv_b_proj", latent_kv(1)),
+        "o": Target("self_attn.o_proj"),
+        "gate": Target("gate_proj"),
+        "up": Target("up_proj"),
+        "down": Target("down_proj"),
+    },
     "gpt_neox": {
         "q": Target("attention.query_key_value", per_head(0)),
         "k": Target("attention.query_key_value", per_head(1)),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorafit.adapter.convert import is_parameter
+from lorafit.adapter.format import peft_notes
 from lorafit.lora.variants import VARIANTS, LoRALayer, layer_variant
-from lorafit.model.inject import count_parameters, wrap_targets
+from lorafit.model.inject import count_parameters, target_notes, wrap_targets
 from lorafit.model.load import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
-from lorafit.model.quantize import frozen_weight_bytes
+from lorafit.model.quantize import check_quantizable, frozen_weight_bytes
 from lorafit.recipe import Recipe
 
 ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
@@ -17,8 +19,10 @@ LORA_BYTES = 4  # A and B are always kept in fp32
 
 
 def module_rows(layers: dict[str, LoRALayer]) -> list[dict]:
+    """One row per adapted module (or weight parameter: a stack of experts also says how many it holds)."""
     return [
-        {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params}
+        {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params,
+         **({"experts": layer.experts} if hasattr(layer, "experts") else {})}
         for path, layer in layers.items()
     ]
 
@@ -68,6 +72,15 @@ def parameter_report(
     }
 
 
+def wrap_with_notes(model: nn.Module, lora) -> tuple[dict[str, LoRALayer], list[str]]:
+    """The recipe's LoRA layers on `model`, and one line for each thing its targets do that one might not expect:
+    what "all-linear" adapts or leaves out, dropout that expert LoRA has none of, modules peft would not load."""
+    notes = target_notes(model, lora.targets, lora.dropout)
+    layers = wrap_targets(model, lora)
+    modules = [key for key, layer in layers.items() if not is_parameter(layer)]
+    return layers, notes + peft_notes(model.config.model_type, modules)
+
+
 def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     """What the recipe's LoRA (its variant, start, quantization and targets) would train, computed on the meta device
     from the config of its model (or of `model_name`) alone. `info`, the dry run and their tables show it."""
@@ -75,7 +88,9 @@ def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
     model = meta_model(config)
     lora, dtype, quantize = recipe.lora, recipe.model.dtype, recipe.model.quantize
-    layers = wrap_targets(model, lora)
+    if quantize != "none":
+        check_quantizable(model)
+    layers, notes = wrap_with_notes(model, lora)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     itemsize = DTYPES[weights].itemsize
     frozen = None
@@ -91,4 +106,5 @@ def describe(recipe: Recipe, model_name: str | None = None) -> dict:
     report["lora"] = {"rank": variant.rank(lora), "alpha": lora.alpha, "targets": lora.targets, "variant": variant.name}
     if variant.exports:
         report["lora"]["exports"] = variant.exports
+    report["notes"] = notes  # what the targets do that one might not expect (lorafit.model.inject.target_notes)
     return report

@@ -35,7 +35,8 @@ def info_tables(report: dict) -> list:
         if row is None:
             modules.add_row(f"... {len(rows) - 9} more", "", "")
         else:
-            modules.add_row(row["name"], " x ".join(map(str, row["shape"])), f"{row['lora_params']:,}")
+            experts = f" ({row['experts']} experts)" if "experts" in row else ""
+            modules.add_row(row["name"], " x ".join(map(str, row["shape"])) + experts, f"{row['lora_params']:,}")
     modules.add_row(f"[bold]{len(rows)} modules", "", f"[bold]{report['trainable_params']:,}")
 
     totals = Table(title="Parameters and memory", show_header=False)

@@ -40,15 +40,15 @@ from lorafit.model.load import (
     resolve_precision,
     weights_fingerprint,
 )
-from lorafit.model.quantize import require_torchao
+from lorafit.model.quantize import check_quantizable, require_torchao
 from lorafit.recipe import Recipe
+from lorafit.report.counts import wrap_with_notes
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.optimizer import parameter_groups
 from lorafit.train.processes import all_gather_objects, make_accelerator
 from lorafit.train.resume import check_resume, finished_report
 from lorafit.train.run_folder import RunLock, check_output
-from lorafit.train.step import wrap_targets
 
 
 @dataclass
@@ -90,7 +90,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         check_packing(config)
     if recipe.model.quantize != "none":
         require_torchao()
-    trainable = check_lora(config, recipe)
+    trainable = check_lora(config, recipe, console)
     tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
     if recipe.data.task == "classification":
         label_token_ids(recipe.data, tokenizer)
@@ -144,15 +144,20 @@ def _has_evaluation(recipe: Recipe) -> bool | None:
         return split != DEFAULT_EVAL_SPLIT  # a split the recipe names itself: reading it says it is missing
 
 
-def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
+def check_lora(config, recipe: Recipe, console: Console | None = None) -> dict[str, tuple[int, ...]]:
     """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
 
-    Refuses targets the model lacks and a rank (the one the variant's layers start at) above a wrapped module's
-    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached).
+    Refuses targets the model lacks, a rank (the one the variant's layers start at) above a wrapped module's
+    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached), and
+    4-bit weights for a model whose experts NF4 cannot store. What the targets leave out is noted on `console`.
     """
     model = meta_model(config)
     lora = recipe.lora
-    layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
+    if recipe.model.quantize != "none":
+        check_quantizable(model)
+    layers, notes = wrap_with_notes(model, lora)  # on the meta device an SVD start draws nothing
+    for text in notes:
+        note(text, console or Console(stderr=True))
     for path, layer in layers.items():
         if layer.rank > layer.max_rank:
             raise LorafitError(

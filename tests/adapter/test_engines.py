@@ -59,12 +59,16 @@ QV_RANKS = {Q: (8, HIDDEN, HIDDEN, "linear"), V: (4, HIDDEN, 16, "linear")}
 EMBED = {"model.embed_tokens": (8, VOCAB, HIDDEN, "embedding")}
 HEAD = {"lm_head": (8, HIDDEN, VOCAB, "linear")}
 GPT2_QV = {"transformer.h.0.attn.c_attn": (16, HIDDEN, 3 * HIDDEN, "linear")}
+# peft's target_parameters on tiny Qwen3-MoE's first layer: down_proj's 4 experts of 32 x 24, rank 8 each, stacked
+# as lora_A [experts·r, d_in] and lora_B [d_out, r·experts]
+EXPERTS = {Q: (8, HIDDEN, HIDDEN, "linear"), "model.layers.0.mlp.experts": (4 * 8, 24, HIDDEN, "linear")}
+EXPERT_CONFIG = {"target_modules": ["q_proj"], "target_parameters": ["down_proj"]}
 
 # (engine, rule, level, the adapter that breaks the rule, the one that keeps it); an adapter is
 # (modules, config changes, base: (arch, config changes) or None, extra: "saved"/"added"/"nf4" or None).
 RULES = [
-    *[(engine, "experts", REFUSE, (QV, {"target_parameters": ["mlp.experts.gate_up_proj"]}, ("llama", {}), None),
-       (QV, {}, ("llama", {}), None)) for engine in ENGINES],
+    *[(engine, "experts", MERGE, (EXPERTS, EXPERT_CONFIG, ("qwen3_moe", {}), None), (QV, {}, ("qwen3_moe", {}), None))
+      for engine in ("vllm", "sglang", "llamacpp")],
     ("vllm", "architecture", MERGE, (GPT2_QV, {}, ("gpt2", {}), None), (QV, {}, ("llama", {}), None)),
     ("sglang", "architecture", MERGE, (GPT2_QV, {}, ("gpt2", {}), None), (QV, {}, ("qwen2", {}), None)),
     ("llamacpp", "architecture", MERGE, (QV, {}, ("opt", {}), None), (QV, {}, ("qwen3", {}), None)),
@@ -142,3 +146,8 @@ def test_a_plain_llama_adapter_needs_nothing_for_vllm_or_peft(tmp_path):
     adapter = read_adapter(folder, base)
     assert check(adapter, ENGINES["vllm"]) == []
     assert check(adapter, ENGINES["peft"]) == []
+
+
+def test_peft_takes_an_expert_adapter_as_written(tmp_path):
+    folder, base = build(tmp_path, "experts", (EXPERTS, EXPERT_CONFIG, ("qwen3_moe", {}), None))
+    assert check(read_adapter(folder, base), ENGINES["peft"]) == []

@@ -137,6 +137,25 @@ def test_gpt2_qv_adapter_for_vllm_is_refused_saying_why_and_merged_with_base(tmp
                                rtol=1e-4, atol=1e-4)
 
 
+def test_expert_adapter_is_written_as_is_for_peft_and_merged_for_the_engines_that_may_skip_experts(tmp_path, tokens):
+    saved_adapter("qwen3_moe", tmp_path / "adapter", ("q", "v", "experts"))
+    want = peft_logits("qwen3_moe", tmp_path / "adapter", tokens)
+    for engine in ("vllm", "sglang", "llamacpp"):
+        result = runner.invoke(app, ["export", str(tmp_path / "adapter"), "--for", engine, str(tmp_path / "out")])
+        assert result.exit_code == 2 and not (tmp_path / "out").exists()
+        assert "experts' stacks (down_proj, gate_up_proj)" in result.stderr and "--base" in result.stderr
+
+    base = saved_base("qwen3_moe", tmp_path / "base")
+    result = export_adapter(tmp_path / "adapter", "vllm", tmp_path / "merged", base=base)
+    assert result["written"] == "merged model"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, tokens), want, rtol=1e-4, atol=1e-4)
+
+    result = export_adapter(tmp_path / "adapter", "peft", tmp_path / "peft")
+    assert result["written"] == "PEFT adapter" and result["ready_as_written"]
+    assert_same(peft_logits("qwen3_moe", tmp_path / "peft", tokens), want)
+
+
 def test_check_only_writes_nothing_and_says_whether_it_is_ready(tmp_path):
     saved_adapter("llama", tmp_path / "adapter")
     before = snapshot(tmp_path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, randomize, supervised_rows, tiny_config, tiny_model, write_jsonl
+from conftest import MOE, TINY_MODEL, randomize, supervised_rows, tiny_config, tiny_model, write_jsonl
 from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -56,8 +56,9 @@ def alone(model: torch.nn.Module, row: dict) -> torch.Tensor:
 
 
 def lora_model(arch: str) -> torch.nn.Module:
+    """q and v, and the experts of a mixture-of-experts model (routed token by token, so packing must not matter)."""
     model = tiny_model(arch)
-    randomize(inject_lora(model, ["q", "v"], rank=2, alpha=4, dropout=0.0))
+    randomize(inject_lora(model, ["q", "v", "experts"] if arch in MOE else ["q", "v"], rank=2, alpha=4, dropout=0.0))
     return model
 
 

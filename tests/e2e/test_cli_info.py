@@ -108,3 +108,17 @@ def test_recipe_supplies_model_and_lora_settings(tiny_dir, tmp_path):
     report = json.loads(result.stdout)
     assert report["trainable_params"] == config.n_layer * 2 * 2 * (config.n_embd + config.n_embd)
     assert report["lora"]["rank"] == 2
+
+
+def test_info_on_a_mixture_of_experts_model_counts_the_experts_and_names_what_all_linear_leaves_out(tmp_path):
+    tiny_config("mixtral").save_pretrained(tmp_path)
+    result = info("--model", str(tmp_path), "--targets", "all-linear", "--rank", "2")
+    assert result.exit_code == 0, result.output
+    assert "model.layers.0.mlp.experts.gate_up_proj" in result.stdout and "48 x 32 (4 experts)" in result.stdout
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert any("all-linear adapts the experts' stacked weights too (4 in all" in line for line in notes), notes
+    assert any("mlp.gate (MixtralTopKRouter) ×2" in line for line in notes), notes
+    report = json.loads(info("--model", str(tmp_path), "--targets", "all-linear", "--rank", "2", "--json").stdout)
+    assert len(report["notes"]) == 3  # the experts, the routers left out, no dropout on the experts
+    stacks = [row for row in report["modules"] if row.get("experts") == 4]
+    assert len(stacks) == 4 and sum(row["lora_params"] for row in stacks) == 2 * 4 * 2 * ((48 + 32) + (32 + 24))

@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from lorafit.adapter.convert import FORMS
 from lorafit.adapter.save import peft_config
-from lorafit.lora.variants import EMBEDDING, INITS, VARIANTS, from_peft_config, layer_variant
+from lorafit.lora.variants import EMBEDDING, INITS, PARAMETER, VARIANTS, from_peft_config, layer_variant
 from lorafit.model.inject import inject_lora
 from lorafit.recipe import LoraSection, VariantName
 
@@ -21,7 +21,7 @@ def test_the_recipes_variants_and_starts_are_the_registrys():
 
 
 def test_every_entry_has_its_peft_conversion():
-    assert set(FORMS) == {*VARIANTS.values(), EMBEDDING}
+    assert set(FORMS) == {*VARIANTS.values(), EMBEDDING, PARAMETER}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -42,4 +42,16 @@ def test_every_layer_has_the_shared_protocol(name):
         assert layer.delta_weight().shape == (d_out, d_in)
         assert layer.max_rank == min(d_out, d_in)
         assert layer.lora_params == sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        assert (layer.rank, layer.alpha, layer.scaling) == (2, 4.0, 2.0)
+
+
+def test_a_parameters_layer_has_the_shared_protocol_per_expert():
+    """LoRA on a stack of experts: weight_shape is one expert's, ΔW the whole stack in the parameter's layout."""
+    for layer in inject_lora(tiny_model("mixtral"), ["experts", "mlp.gate"], 2, 4.0).values():
+        assert layer_variant(layer) is PARAMETER
+        d_out, d_in = layer.weight_shape
+        assert layer.delta_weight().shape == layer.weight.shape == ((layer.experts,) if layer.weight.ndim == 3 else ()
+                                                                   ) + (d_out, d_in)
+        assert layer.max_rank == min(d_out, d_in)
+        assert layer.lora_params == sum(p.numel() for p in layer.parameters(recurse=False))  # not the nested layer's
         assert (layer.rank, layer.alpha, layer.scaling) == (2, 4.0, 2.0)

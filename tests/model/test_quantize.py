@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same, logits, supervised_rows, tiny_model
+from conftest import assert_same, logits, supervised_rows, tiny_config, tiny_model
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -164,3 +164,15 @@ def test_nf4_with_fsdp_is_refused_in_one_line(tiny_recipe):
 
     with pytest.raises(LorafitError, match="quantize with \\[train\\] parallel = 'fsdp'"):
         load_recipe(tiny_recipe(model={"quantize": "nf4"}, train={"parallel": "fsdp"}))
+
+
+def test_nf4_on_a_model_with_stacked_experts_is_refused_in_one_line(tmp_path):
+    """NF4 stores linear layers; a MoE model's experts are 3-D parameters, which would stay full precision."""
+    from lorafit.recipe import validate
+    from lorafit.report.counts import describe
+
+    tiny_config("mixtral").save_pretrained(tmp_path)
+    recipe = validate({"model": {"name": str(tmp_path), "quantize": "nf4"}, "lora": {"targets": ["q", "v"]}})
+    with pytest.raises(LorafitError, match=r"mixtral model keeps \d+% of its weights in stacked expert parameters "
+                                           r"\(model.layers.0.mlp.experts.gate_up_proj ...\).*set quantize = 'none'"):
+        describe(recipe)

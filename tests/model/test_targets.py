@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, tiny_config, tiny_model
+from conftest import ARCHITECTURES, MOE, tiny_config, tiny_model
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -142,13 +142,17 @@ def test_every_table_architecture_has_a_tiny_model():
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_semantic_target_names_one_projection_per_layer(arch):
+    """In a mixture-of-experts model gate, up and down name the dense MLP of a layer that has one (a stack of
+    experts is a parameter, not a module): one per layer at most there, one per layer for the attention."""
     model = tiny_model(arch)
     table = targets.architecture(arch)
     assert table, f"no table entry for {arch}"
     assert set(table) <= set(targets.SEMANTIC_TARGETS)
+    layers = model.config.num_hidden_layers
     for name, target in table.items():
         found = [m for path, m in model.named_modules() if path.endswith("." + target.module)]
-        assert len(found) == model.config.num_hidden_layers, f"{arch} {name} -> {target.module}"
+        dense_mlp = arch in MOE and name in ("gate", "up", "down")
+        assert 1 <= len(found) <= layers if dense_mlp else len(found) == layers, f"{arch} {name} -> {target.module}"
         assert all(is_projection(m) for m in found)
 
 
@@ -175,3 +179,22 @@ def test_fused_slices_need_every_name_to_be_a_fused_target(names):
 )
 def test_a_suffix_names_whole_dotted_parts_only(path, suffix, selected):
     assert targets.matches_suffix(path, suffix) == selected
+
+
+def test_deepseek_latent_attention_q_k_v_are_the_features_its_attention_uses():
+    """Multi-head latent attention: q is all of q_b_proj; k (without its shared rotary part) and v are the per-head
+    features of kv_b_proj, the latent's up-projection, that the attention takes as keys and values."""
+    model = tiny_model("deepseek_v3")
+    attention = "model.layers.0.self_attn"
+    latent = output_of(model.get_submodule(f"{attention}.kv_b_proj"))
+    query = output_of(model.get_submodule(f"{attention}.q_b_proj"))
+    _captured.clear()
+    model.set_attn_implementation(CAPTURE)
+    model(sample_tokens())
+    q, k, v = _captured[0]
+    table = targets.ARCHITECTURES["deepseek_v3"]
+    assert (table["q"].module, table["k"].module, table["v"].module) == (
+        "self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.kv_b_proj")
+    assert features_feeding(q, query["out"]) == list(range(query["out"].shape[-1]))
+    assert sorted(table["k"].features(model.config)) == features_feeding(k, latent["out"])
+    assert sorted(table["v"].features(model.config)) == features_feeding(v, latent["out"])

@@ -106,6 +106,21 @@ def test_describe_reads_only_the_config(tmp_path):
     assert report["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["q", "v", "down"], "variant": "lora"}
 
 
+def test_describe_counts_one_pair_per_expert_of_each_stack(tmp_path):
+    """Qwen3-MoE's first layer: 4 experts of gate_up [48 x 32] and down [32 x 24]; rank r each, counted from the
+    config alone, with the note on what all-linear adds."""
+    tiny_config("qwen3_moe").save_pretrained(tmp_path)
+    report = describe(str(tmp_path), rank=2, alpha=4.0, targets=["experts"])
+    rows = {row["name"]: row for row in report["modules"]}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"] == {
+        "name": "model.layers.0.mlp.experts.gate_up_proj", "shape": [48, 32], "lora_params": 4 * 2 * (48 + 32),
+        "experts": 4}
+    assert rows["model.layers.0.mlp.experts.down_proj"]["lora_params"] == 4 * 2 * (32 + 24)
+    assert report["trainable_params"] == 4 * 2 * (48 + 32 + 32 + 24) and report["adapter_bytes"] == 4 * 1088
+    assert report["memory"]["lora_estimate"]["optimizer"] == report["trainable_params"] * ADAM_BYTES
+    assert any("leaves out" in text for text in describe(str(tmp_path), targets=["all-linear"])["notes"])
+
+
 def test_describe_missing_folder_is_a_lorafit_error(tmp_path):
     with pytest.raises(LorafitError, match="does not exist"):
         describe(str(tmp_path / "missing"), rank=8, alpha=16.0, targets=["q", "v"])
@@ -137,8 +152,9 @@ def _trained(layers: dict) -> dict:
         ("gpt2", ["q", "v"], {"init": "pissa"}),  # saved against the original base: rank 2r per slice
         ("llama", ["embed", "q"], {}),
         ("gpt2", ["q", "v"], {"variant": "adalora", "adalora": {"init_rank": 4, "target_rank": 2}}),
+        ("qwen3_moe", ["q", "experts", "mlp.gate"], {}),  # stacks of 4 experts, and a router's 2-D weight
     ],
-    ids=["dora-gpt2", "dora-llama", "pissa-gpt2", "embedding-llama", "adalora-gpt2"],
+    ids=["dora-gpt2", "dora-llama", "pissa-gpt2", "embedding-llama", "adalora-gpt2", "experts-qwen3_moe"],
 )
 def test_adapter_bytes_are_the_bytes_of_the_tensors_saved(arch, targets, lora):
     from lorafit.adapter.save import adapter_tensors

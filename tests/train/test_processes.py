@@ -254,3 +254,25 @@ def test_resume_with_another_global_batch_is_refused_and_changes_nothing(runs, t
     assert "global batch of 8 rows (2 processes)" in result.stderr and "gives 4" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- a mixture-of-experts model, sharded by FSDP2
+
+
+def test_fsdp2_on_two_processes_trains_the_expert_adapter_of_one_process(tmp_path):
+    """The shipped tiny Qwen3-MoE with LoRA on q, v (dropout keyed by row) and its experts' stacks: FSDP2 shards each
+    decoder block, its stacked experts and their LoRA with it, over 2 processes; 1 process runs the same global batch."""
+    moe = {"model": {"name": str(REPO / "data" / "tiny-moe")}, "lora": {**LORA, "targets": ["q", "v", "experts"]},
+           "data": DATA}
+    one = write_recipe(tmp_path, train={**TRAIN, "batch_size": 8}, output={"dir": str(tmp_path / "one")}, **moe)
+    train(load_recipe(one))
+    (tmp_path / "fsdp").mkdir()
+    fsdp = write_recipe(tmp_path / "fsdp", train={**TRAIN, "batch_size": 4, "parallel": "fsdp"}, **moe)
+    done = launch(torchrun("-m", "lorafit", "train", "-r", str(fsdp)), tmp_path / "fsdp.log")
+    assert done.returncode == 0, (tmp_path / "fsdp.log").read_text()[-3000:]
+    ours, theirs = adapter(tmp_path / "fsdp" / "run"), adapter(tmp_path / "one")
+    assert any(".experts.base_layer.lora_B" in key for key in ours)  # both stacks of each MoE layer trained
+    assert max_difference(ours, theirs) <= 1e-5
+    assert max(t.abs().max().item() for k, t in theirs.items() if "experts" in k and "lora_B" in k) > 1e-3
+    for mine, single in zip(metrics(tmp_path / "fsdp" / "run"), metrics(tmp_path / "one"), strict=True):
+        assert mine["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-5)
