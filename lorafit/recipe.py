@@ -43,6 +43,9 @@ class ModelSection(Section):
     quantize: Literal["none", "nf4"] = "none"  # nf4: the decoder blocks' frozen projections in 4 bits (QLoRA)
     trust_remote_code: bool = False
     allow_pickle: bool = False  # read pytorch_model.bin from a local folder you trust (pickles can run code)
+    # The base model's own dropout (GPT-2's attn_pdrop/resid_pdrop/embd_pdrop, OPT's dropout, ...): "off" sets it to
+    # 0, so the result does not depend on the process count; "config" keeps the config's, drawn from torch's RNG.
+    dropout: Literal["off", "config"] = "off"
 
 
 # LoRA layer variants; a new one is added here and in lorafit.model.inject.VARIANTS.
@@ -132,9 +135,14 @@ class TrainSection(Section):
         default_factory=list, json_schema_extra=RESUMABLE
     )
     eval_batch_size: int = Field(32, gt=0, json_schema_extra=RESUMABLE)
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards the frozen model over the processes
-    gradient_checkpointing: bool = False
+    # fsdp: FSDP2 shards the frozen model over the processes; hsdp: over the shard_size processes of a machine,
+    # replicated across machines. DDP, FSDP2 and HSDP write the same checkpoints, so a resume may switch.
+    parallel: Literal["ddp", "fsdp", "hsdp"] = Field("ddp", json_schema_extra=RESUMABLE)
+    shard_size: int = Field(0, ge=0, json_schema_extra=RESUMABLE)  # hsdp: processes per shard group (0: per machine)
+    # auto: on where the activation estimate would not fit the device's memory (said at the start)
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", json_schema_extra=RESUMABLE)
     compile: bool = False
+    peak_tflops: float = Field(0.0, ge=0, allow_inf_nan=False, json_schema_extra=RESUMABLE)  # for MFU; 0: the table's
 
 
 class OutputSection(Section):
@@ -202,8 +210,10 @@ def validate(raw: dict, where: str = "recipe") -> Recipe:
 def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
     """Keys that are valid one by one but together name something lorafit does not define: one line each."""
     lora = recipe.lora
-    if recipe.model.quantize != "none" and recipe.train.parallel == "fsdp":
-        raise LorafitError(f"{where}: [model] quantize with [train] parallel = 'fsdp' is not supported; use 'ddp'")
+    if recipe.model.quantize != "none" and recipe.train.parallel != "ddp":
+        raise LorafitError(
+            f"{where}: [model] quantize with [train] parallel = {recipe.train.parallel!r} is not supported; use 'ddp'"
+        )
     if lora.init in ("pissa", "olora") and lora.variant != "lora":
         raise LorafitError(f"{where}: [lora] init = {lora.init!r} is defined for variant = 'lora' only; use one or the other")
     if lora.variant == "adalora" and recipe.train.mixed_precision == "fp16":

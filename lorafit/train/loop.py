@@ -142,7 +142,8 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
         check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
-    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle)
+    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle,
+                       dropout=recipe.model.dropout)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize)
     ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
@@ -247,7 +248,8 @@ def finish(run: Run) -> dict:
     flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / rows),
                                      supervised_fraction=sum(run.supervised) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
-                        len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
+                        len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops,
+                        processes=run.accelerator.num_processes)
     report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)

@@ -19,6 +19,7 @@ from lorafit.data.packing import check_packing
 from lorafit.data.plan import global_batch_split
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.messages import note
 from lorafit.model.load import (
     check_context_length,
     check_safetensors,
@@ -26,6 +27,7 @@ from lorafit.model.load import (
     load_config,
     load_tokenizer,
     meta_model,
+    own_dropout,
     resolve_precision,
     weights_fingerprint,
 )
@@ -33,6 +35,7 @@ from lorafit.model.quantize import require_torchao
 from lorafit.recipe import Recipe
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
+from lorafit.train.launch import hsdp_shape
 from lorafit.train.optimizer import parameter_groups
 from lorafit.train.processes import all_gather_objects, make_accelerator
 from lorafit.train.resume import check_resume, finished_report
@@ -63,12 +66,19 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
+    if settings.parallel == "hsdp":
+        hsdp_shape(world, settings.shard_size)
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = check_output(recipe.output.dir, name)
     config = load_config(name, trust_remote_code=remote_code)
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     check_context_length(config, recipe.data.max_length)
+    kept = own_dropout(config) if recipe.model.dropout == "config" else {}
+    if kept:
+        note(f"[model] dropout = 'config' keeps the model's own dropout ({', '.join(f'{k} {v:g}' for k, v in kept.items())}), "
+             "drawn from torch's random numbers: this run's result depends on its number of processes and on "
+             "grad_accum; dropout = 'off' (the default) makes it independent of both", console)
     if recipe.data.packing:
         check_packing(config)
     if recipe.model.quantize != "none":
@@ -118,7 +128,7 @@ def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
                 f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
             )
     # compile, FSDP and 4-bit weights work block by block
-    if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":
+    if recipe.train.compile or recipe.train.parallel != "ddp" or recipe.model.quantize != "none":
         decoder_blocks(model)
 
     names = {id(p): name for name, p in model.named_parameters()}
