@@ -223,6 +223,7 @@ def info(
 
     def action():
         from lorafit.recipe import load_recipe, validate
+        from lorafit.report.activations import recipe_activations
         from lorafit.report.counts import describe
 
         if (recipe is None) == (model is None):
@@ -235,8 +236,10 @@ def info(
             raw["model"]["dtype"] = dtype
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
         lora = chosen.lora
-        return describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                        dtype=chosen.model.dtype, variant=lora.variant, quantize=chosen.model.quantize)
+        described = describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
+                             dtype=chosen.model.dtype, variant=lora.variant, quantize=chosen.model.quantize)
+        described["memory"]["activations"] = recipe_activations(chosen)
+        return described
 
     report = run_command(action, debug)
     if as_json:

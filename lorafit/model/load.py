@@ -95,8 +95,7 @@ def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = F
 
     config = load_config(name, trust_remote_code=trust_remote_code)
     if dropout == "off":
-        for key in own_dropout(config):
-            setattr(config, key, 0.0)
+        switch_off_dropout(config)
     local = Path(name).expanduser().is_dir()
     if local:
         check_safetensors(name, allow_pickle=allow_pickle)
@@ -114,6 +113,13 @@ def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = F
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
     return model
+
+
+def switch_off_dropout(config):
+    """`config` (changed in place) with the model's own dropout probabilities at 0."""
+    for key in own_dropout(config):
+        setattr(config, key, 0.0)
+    return config
 
 
 def own_dropout(config) -> dict[str, float]:

@@ -144,7 +144,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
     model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle,
                        dropout=recipe.model.dropout)
-    layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
+    layers = prepare_model(model, recipe.lora, gradient_checkpointing=checked.checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize)
     ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)

@@ -7,6 +7,7 @@ nothing at all because the run is finished.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Checked:
     state: RunState  # of this launch: model fingerprint, global batch, processes (the data's hash comes later)
     resume_from: Path | None
     finished: dict | None  # the report of a finished run that this recipe would not train further
+    checkpointing: bool = False  # [train] gradient_checkpointing, "auto" decided for this device
 
 
 def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -> Checked:
@@ -84,6 +86,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     if recipe.model.quantize != "none":
         require_torchao()
     trainable = check_lora(config, recipe)
+    checkpointing = choose_checkpointing(recipe, config, device_memory(accelerator.device), world)
     tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
     if recipe.data.task == "classification":
         label_token_ids(recipe.data, tokenizer)
@@ -109,7 +112,42 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
             f"lorafit train --resume --set train.max_steps=<more than {steps}>", highlight=False, soft_wrap=True
         )
     return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
-                   Path(resume_from) if resume_from else None, finished)
+                   Path(resume_from) if resume_from else None, finished, checkpointing)
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory on a CUDA device; None elsewhere (a CPU's memory is not what a step runs out of first)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def choose_checkpointing(recipe: Recipe, config, device_bytes: int | None, world: int = 1) -> bool:
+    """[train] gradient_checkpointing as set; "auto" turns it on (and says so) when a micro-batch's estimated
+    activations would not fit beside the weights in 90% of the device's memory. Off where that is unknown."""
+    settings = recipe.train
+    if settings.gradient_checkpointing != "auto":
+        return settings.gradient_checkpointing
+    if device_bytes is None:
+        return False
+    from lorafit.model.load import DTYPES, switch_off_dropout
+    from lorafit.report.activations import activation_estimate
+    from lorafit.report.tables import human_bytes
+
+    dtype, mixed_precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
+    shards = world if settings.parallel != "ddp" else 1  # FSDP2 and HSDP hold a share of the weights (HSDP more)
+    weights = sum(p.numel() for p in meta_model(config).parameters()) * DTYPES[dtype].itemsize // shards
+    if recipe.model.dropout == "off":
+        config = switch_off_dropout(copy.deepcopy(config))
+    activations = activation_estimate(config, recipe.lora, rows=settings.batch_size, length=recipe.data.max_length,
+                                      dtype=dtype, mixed_precision=mixed_precision)["total"]
+    if weights + activations <= 0.9 * device_bytes:
+        return False
+    note(f"gradient checkpointing on: a micro-batch's activations (about {human_bytes(activations)} for "
+         f"{settings.batch_size} rows of up to {recipe.data.max_length} tokens) would not fit beside "
+         f"{human_bytes(weights)} of weights in the device's {human_bytes(device_bytes)}; "
+         "[train] gradient_checkpointing = false keeps it off")
+    return True
 
 
 def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
