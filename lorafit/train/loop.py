@@ -145,7 +145,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle,
                        dropout=recipe.model.dropout)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=checked.checkpointing,
-                           compile=settings.compile, quantize=recipe.model.quantize)
+                           compile=settings.compile, quantize=recipe.model.quantize, device=accelerator.device)
     ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}

@@ -26,12 +26,15 @@ from lorafit.train.processes import shard_model
 
 def prepare_model(
     model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False,
-    quantize: str = "none",
+    quantize: str = "none", device: torch.device | None = None,
 ) -> dict[str, LoRALinear]:
-    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
+    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step.
+
+    `device` is where training runs: 4-bit weights are quantized there, each moved there first.
+    """
     layers = wrap_targets(model, lora)
     if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
-        quantize_blocks(model, decoder_blocks(model), stores_transposed)
+        quantize_blocks(model, decoder_blocks(model), stores_transposed, device)
     fuse_activations(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
