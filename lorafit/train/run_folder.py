@@ -26,6 +26,10 @@ LOCK = "lorafit.lock"
 OWN = (MARKER, LOCK)
 
 
+# flock's answers on a file system that keeps no locks (NFS without lockd, some FUSE and object-store mounts)
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
 def is_run(folder: Path) -> bool:
     """Marked as a run, or a run written before the marker existed (its recipe beside checkpoints or an adapter)."""
     folder = Path(folder)
@@ -81,6 +85,13 @@ class RunLock:
             except OSError as error:
                 holder = _holder(self.fd)
                 os.close(self.fd)
+                if error.errno in NO_LOCKS:
+                    self._forget()
+                    raise LorafitError(
+                        f"cannot lock {path}: its file system does not support file locks "
+                        f"({errno.errorcode.get(error.errno, error.errno)}); put [output] dir on a local disk, or on "
+                        "a network file system mounted with locking (NFS with lockd, not -o nolock)"
+                    ) from None
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 raise LorafitError(
@@ -93,12 +104,15 @@ class RunLock:
 
     def release(self) -> None:
         """Unlock; a folder in which no run began (no marker) loses the lock file, and the folder if we made it."""
+        self._forget()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+    def _forget(self) -> None:
         if not (self.run_dir / MARKER).exists():
             (self.run_dir / LOCK).unlink(missing_ok=True)
             if self.created and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 def _holder(fd: int) -> str:

@@ -350,6 +350,22 @@ def test_a_locked_folder_is_refused_naming_the_holders_pid(tmp_path):
     RunLock(tmp_path / "run").release()  # released: free again
 
 
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_is_one_line_naming_the_fix(tmp_path, monkeypatch, code):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), "not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LorafitError, match="does not support file locks") as refused:
+        RunLock(tmp_path / "run")
+    assert "\n" not in str(refused.value) and "local disk" in str(refused.value)
+    assert refused.value.exit_code == 2
+    assert not (tmp_path / "run").exists()  # the folder it made for the lock is gone again
+
+
 def test_a_lock_on_a_folder_where_no_run_began_leaves_nothing(tmp_path):
     RunLock(tmp_path / "new").release()
     assert not (tmp_path / "new").exists()
