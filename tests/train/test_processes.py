@@ -312,3 +312,35 @@ def test_a_run_sharded_by_fsdp2_resumes_on_one_process_with_ddp(runs, tmp_path):
                                       "--set", "train.parallel=ddp"])
     assert result.exit_code == 0, result.output
     assert max_difference(adapter(run), adapter(runs["fsdp"]["run"])) <= 1e-5
+
+
+# ---------------------------------------------------------------- processes that cannot reach each other
+
+
+def test_processes_that_cannot_connect_stop_at_once_with_one_line(tmp_path):
+    """A wrong network interface fails while the processes connect, before any data or weight is read."""
+    path = recipe(tmp_path, batch_size=4)
+    done = launch(torchrun("-m", "lorafit", "train", "-r", str(path)), tmp_path / "log", GLOO_SOCKET_IFNAME="lorafit0")
+    output = (tmp_path / "log").read_text()
+    assert done.returncode != 0
+    assert output.count("error: the processes could not connect to each other") == 1, output[-3000:]
+    assert "GLOO_SOCKET_IFNAME" in output and re.search(r"exitcode\s*:\s*2", output), output[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vote_group_that_cannot_connect_is_one_line(monkeypatch):
+    import torch.distributed as dist
+
+    from lorafit.errors import LorafitError
+    from lorafit.train import processes
+
+    def unreachable(**options):
+        raise RuntimeError("Connection closed by peer\n[gloo] Timed out waiting 60000ms for connection")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *group: 2)
+    monkeypatch.setattr(dist, "new_group", unreachable)
+    monkeypatch.setattr(processes, "_votes", None)
+    with pytest.raises(LorafitError, match=r"could not connect to each other \(\[gloo\] Timed out") as refused:
+        processes.connect_votes()
+    assert "\n" not in str(refused.value)
