@@ -140,3 +140,19 @@ def keyed_dropout(layers: Iterable[nn.Module], seed: int, step: int, rows: Seque
 def keys_for(layer: nn.Module) -> torch.Tensor | None:
     """`layer`'s keys inside a keyed_dropout block that names it, else None (then its dropout is torch's own)."""
     return _keyed.get(layer)
+
+
+@contextmanager
+def keys_selected(layer: nn.Module, positions: torch.Tensor):
+    """Inside, `layer`'s keys are its keys at `positions` (flat indices into its [batch, length] keys) as one row
+    [1, len(positions)]: for a layer run on some positions only (the output head on the supervised ones), so they
+    get the masks the whole batch would have given them. Nothing happens outside a keyed_dropout block."""
+    keys = _keyed.get(layer)
+    if keys is None:
+        yield
+        return
+    _keyed[layer] = keys.reshape(-1).index_select(0, positions)[None]
+    try:
+        yield
+    finally:
+        _keyed[layer] = keys

@@ -194,3 +194,63 @@ def test_sequence_logprobs_sums_each_rows_token_logprobs():
     model = tiny_model("gpt_neox")
     batch = _batch()
     torch.testing.assert_close(sequence_logprobs(model, batch), _expected_logprobs(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def tiny_softcapped(config_class: str):
+    """Gemma-2 or Gemma-3 with a soft-cap of 30 on the logits, drawn wide so that logits reach it; LoRA on q, v."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        **LLAMA_SHAPE, head_dim=8, final_logit_softcapping=30.0, initializer_range=0.5, **SMALL
+    )
+    return _with_nonzero_lora(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+
+def head_rows(model) -> list[int]:
+    """Rows of every output the head computes from here on (a forward hook on it)."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.reshape(-1, VOCAB).shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("config_class", ["Gemma2Config", "Gemma3TextConfig"])
+def test_softcapped_models_are_scored_in_chunks_with_their_own_loss_and_gradients(config_class, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)  # chunks of 4 rows
+    model = tiny_softcapped(config_class)
+    batch = _batch()
+    count = supervised_count(batch["labels"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rows = head_rows(model)
+    ours, found = loss_sum(model, batch)
+    grads = torch.autograd.grad(ours, trainable)
+    assert found == count and rows and max(rows) <= 4  # never [batch, length, vocab] logits
+    theirs = model(**batch).loss * count  # transformers' own loss over the model's own full, capped logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(grads, torch.autograd.grad(theirs, trainable)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    del rows[:]
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(model, batch), _expected_logprobs(model, batch), rtol=1e-5,
+                                   atol=1e-5)
+    assert max(rows[:-1]) <= 4  # evaluation in chunks too (the last call is the reference's full forward)
+
+
+def test_a_lora_head_with_keyed_dropout_gets_the_masks_the_whole_batch_would_give_it(monkeypatch):
+    from lorafit.lora.dropout import keyed_dropout
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)
+    model = tiny_model("llama").train()
+    layers = inject_lora(model, ["q_proj", "v_proj", "lm_head"], rank=4, alpha=8, dropout=0.3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(1))
+    assert plain_head(model) is None  # the head is a LoRA layer: chunked through the model's own forward
+    batch = _batch()
+    with keyed_dropout(layers.values(), seed=3, step=1, rows=[5, 9], shape=batch["input_ids"].shape):
+        ours, _ = loss_sum(model, batch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(ours, trainable)
+        theirs = _reference_sum(model, batch)  # every position through the head, its keys of shape [batch, length]
+        references = torch.autograd.grad(theirs, trainable)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(grads, references):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
