@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.lora.dropout import apply_keyed, keys_for
+from lorafit.lora.fused import fused_applies, lora_projection
 from lorafit.lora.inits import SVD_INITS, against_original, start_from_principal
 
 INITS = ("kaiming", "gaussian", *SVD_INITS)
@@ -166,6 +167,8 @@ class LoRALinear(nn.Module):
         return self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_applies(self, x):  # the same result, keeping less for backward (lorafit.lora.fused)
+            return lora_projection(self, x)
         out = self.base(x)
         if self.merged:
             return out
