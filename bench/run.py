@@ -37,6 +37,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
+from kernels_job import fused_switch, kernels_markdown, kernels_table, run_dropout, run_fused, run_graphs
 from packing_job import packing_markdown, packing_table, run_packing
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
@@ -47,6 +48,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lorafit.data.batches import collate
 from lorafit.data.plan import StepRows
+from lorafit.model.load import switch_off_dropout_modules
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report.throughput import peak_for_name, training_flops_per_token
@@ -81,6 +83,10 @@ NOTES = [
         "groups among 50 batches), so its padding saving here is if anything understated."
     ),
     "tokens/s counts non-padding input tokens; step times include collating the batch.",
+    (
+        "Each method runs as its users get it: lorafit with the model's own dropout off (its default [model] "
+        "dropout = \"off\"), peft and full fine-tuning with GPT-2's own dropout (0.1) on."
+    ),
     (
         "Model FLOPs per token are lorafit.report.throughput.training_flops_per_token's (as in report.json: 4·N for the frozen "
         "projections, the attention term, the head on supervised positions only, 6·the LoRA parameters) for both "
@@ -217,9 +223,11 @@ def build_method(key: str, base: nn.Module, device: torch.device, accelerator_fa
     return build_plain(key, base, device)
 
 
-def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool) -> Method:
-    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained by lorafit.train's own functions."""
-    layers = prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]),
+def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool, dropout: float = DROPOUT) -> Method:
+    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained by lorafit.train's own functions; the
+    model's own dropout off, as lorafit's default [model] dropout = "off" loads it."""
+    switch_off_dropout_modules(model)
+    layers = prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=dropout, targets=["q", "v"]),
                            compile=compile)
     settings = TrainSection(lr=LR_LORA, schedule="constant", max_grad_norm=MAX_GRAD_NORM, seed=SEED)
     optimizer, scheduler = build_optimizer(model, settings, total_steps=1)
@@ -686,8 +694,8 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] in ("p", "k"):
-            lines += processes_markdown(result) if job["key"] == "p" else packing_markdown(result)
+        if job["key"] in ("p", "k", "d", "f", "g"):
+            lines += {"p": processes_markdown, "k": packing_markdown}.get(job["key"], kernels_markdown)(result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -760,10 +768,11 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p,k",
+    parser.add_argument("--jobs", default="a,b,p,k,d,f,g",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
-                        "k (packed vs padded); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
-                        "classification)")
+                        "k (packed vs padded), d (keyed vs torch dropout), f (fused LoRA projection and chunked head "
+                        "vs plain autograd), g (compiled graphs per block shape); for a GPU: l (1B-class Llama at "
+                        "2,048 tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
@@ -806,16 +815,23 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "d", "f", "g"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p, k")
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, "
+                      "p, k, d, f, g")
         return 2
     results = []
+    gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
     for key in args.jobs.split(","):
         if key == "k":
-            gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
             results.append(run_packing(args, console, model_config=gpt2_small, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
+        elif key == "g":
+            results.append(run_graphs(args, console, machine, model_config=gpt2_small, base_model=base_model,
+                                      build_lorafit=build_lorafit, make_accelerator=make_accelerator))
+        elif key in ("d", "f"):
+            results.append(run_dropout(args, console, machine) if key == "d" else
+                           run_fused(args, console, machine, fused_switch))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
@@ -824,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        tables = {"p": processes_table, "k": packing_table}
+        tables = {"p": processes_table, "k": packing_table, "d": kernels_table, "f": kernels_table, "g": kernels_table}
         console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):

@@ -101,7 +101,13 @@ def apply_keyed(x: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
         from torch.utils._triton import has_triton
 
         _fused = torch.compile(dropped, dynamic=True) if has_triton() else dropped
-    return _fused(x, keys, p)
+    try:
+        return _fused(x, keys, p)
+    except Exception:  # noqa: BLE001 - a compiler that fails here: the same masks from torch's own ops
+        if _fused is dropped:
+            raise
+        _fused = dropped
+        return dropped(x, keys, p)
 
 
 _keyed: dict[nn.Module, torch.Tensor] = {}  # layer -> its keys [batch, length], while a keyed_dropout block is open

@@ -108,11 +108,16 @@ def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = F
         if local:
             raise LorafitError(f"could not load the weights in {name}: {error}") from error
         raise _hub_error(name) from error
-    if dropout == "off":  # a dropout module whose probability is written in the model's code, not its config
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+    if dropout == "off":
+        switch_off_dropout_modules(model)
     return model
+
+
+def switch_off_dropout_modules(model: nn.Module) -> None:
+    """Every nn.Dropout of a built model at p = 0: also one whose probability is written in the model's code."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def switch_off_dropout(config):
