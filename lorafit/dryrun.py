@@ -45,15 +45,20 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
             checked = check_run(recipe, resume, console, held)
     name = str(model_dir) if model_dir is not None else recipe.model.name
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
-    model = model_table(recipe, name, weights, adapter)
+    model = model_table(recipe, name, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    splits = {recipe.data.train_split: tokenize_split(recipe.data, tokenizer, recipe.data.train_split)} if training else {}
+    train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split) if training else None
+    splits = {recipe.data.train_split: train_split} if training else {}
     held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None)
-    if held_out is not None:
-        splits[held_out.name] = held_out
+    if held_out is not None:  # evaluating on the training split: that split twice, as training and as evaluation
+        splits[f"{held_out.name} (evaluation)" if held_out.name in splits else held_out.name] = held_out
     elif not training:
         raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
                            "pass --split NAME, or set [data] eval_split or eval_fraction")
+    if training:
+        from lorafit.train.preflight import check_keep_best
+
+        check_keep_best(recipe, resume, evaluation=held_out is not None)
     names = list(splits)
     result = {
         "recipe": recipe.model_dump(exclude_none=True),
@@ -69,23 +74,22 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
         from lorafit.report.activations import recipe_activations
 
         result["model"]["memory"]["activations"] = recipe_activations(recipe)
-        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], checked)
+        result["plan"] = training_plan(recipe, train_split, checked)
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
 
 
-def model_table(recipe: Recipe, name: str, weights: str, adapter: Path | None) -> dict:
-    """The parameter and memory report of the model with the recipe's LoRA, from the config on the meta device;
-    an adapter to evaluate is checked against the same meta model (its weights are not read either)."""
+def model_table(recipe: Recipe, name: str, adapter: Path | None) -> dict:
+    """The parameter and memory report of model `name` with the recipe's LoRA, from the config on the meta device;
+    an adapter to evaluate is checked against the same model (its weights are not read either)."""
     from lorafit.report.counts import describe
 
     if adapter is not None:
         from lorafit.adapter.load import check_adapter
-        from lorafit.model.load import load_config, meta_model
+        from lorafit.model.load import load_config
 
-        check_adapter(meta_model(load_config(name, trust_remote_code=recipe.model.trust_remote_code)), Path(adapter))
-    lora = recipe.lora
-    return describe(name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dtype=weights)
+        check_adapter(load_config(name, trust_remote_code=recipe.model.trust_remote_code), Path(adapter))
+    return describe(recipe, name)
 
 
 def split_summary(split: TokenizedSplit, max_length: int) -> dict:

@@ -101,14 +101,14 @@ def checked_source(recipe: Recipe, adapter: Path | None, model_dir: Path | None)
     """The model to load (a full model folder, else the recipe's), checked before anything is tokenized or any
     weight is read: safetensors weights, a context that holds max_length, an adapter that fits it."""
     from lorafit.adapter.load import check_adapter
-    from lorafit.model.load import check_context_length, check_safetensors, load_config, meta_model
+    from lorafit.model.load import check_context_length, check_safetensors, load_config
 
     name = str(model_dir) if model_dir is not None else recipe.model.name
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
     check_context_length(config, recipe.data.max_length)
     if adapter is not None:
-        check_adapter(meta_model(config), Path(adapter))
+        check_adapter(config, Path(adapter))
     return name
 
 

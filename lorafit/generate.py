@@ -8,6 +8,7 @@ prompt, as `lorafit eval` does, and give the most likely label and its probabili
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
+from lorafit.storage import input_file
 
 CHAT_TEMPLATE = "chat_template.jinja"
 # Called with (prompt index, text, done): pieces of a completion as they are decoded; done on its last call.
@@ -45,6 +47,8 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
 
     if not prompts:
         raise LorafitError('no prompt given; pass one or more PROMPT arguments or --prompts FILE')
+    if not math.isfinite(sampling.temperature):
+        raise LorafitError(f"--temperature {sampling.temperature} is not a finite number; give e.g. 0.7 (0 is greedy)")
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     saved = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
@@ -136,9 +140,13 @@ def context_length(config) -> int:
 
 def read_prompts(path: Path) -> list[str | dict]:
     """Prompts from a file: a .jsonl of rows holding the recipe's input field, else one prompt per non-blank line."""
-    if not path.is_file():
-        raise LorafitError(f"prompts file {path} does not exist; fix --prompts")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    input_file(path, "prompts file", "fix --prompts")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM that some editors write first is not part of a prompt
+    except UnicodeDecodeError as error:
+        raise LorafitError(f"prompts file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                           "give a text file of prompts") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     rows = []

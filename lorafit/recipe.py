@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafit.errors import LorafitError
+from lorafit.storage import input_file
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Names users bring from peft and transformers, pointed at ours in error messages.
@@ -48,8 +49,23 @@ class ModelSection(Section):
     dropout: Literal["off", "config"] = "off"
 
 
-# LoRA layer variants; a new one is added here and in lorafit.model.inject.VARIANTS.
-Variant = Literal["lora", "dora", "adalora"]
+# LoRA layer variants; each has an entry in lorafit.lora.variants.VARIANTS.
+VariantName = Literal["lora", "dora", "adalora"]
+
+
+class AdaLoraSection(Section):
+    """[lora.adalora]: AdaLoRA's own keys. Ranks start at init_rank and are pruned to target_rank on average; the
+    budget holds for tinit steps, falls on a cubic to the target tfinal steps before the end, pruning every delta_t
+    steps; importance EMAs with beta1/beta2; orth_reg_weight weighs the orthogonality penalty."""
+
+    init_rank: int = Field(12, gt=0)
+    target_rank: int = Field(8, gt=0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    delta_t: int = Field(1, gt=0)
+    beta1: float = Field(0.85, ge=0, lt=1)
+    beta2: float = Field(0.85, ge=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
 
 
 class LoraSection(Section):
@@ -59,18 +75,24 @@ class LoraSection(Section):
     targets: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     use_rslora: bool = False
-    variant: Variant = "lora"  # dora: a trained magnitude per output row (peft's use_dora)
-    # AdaLoRA (variant = "adalora"): ranks start at init_rank and are pruned to target_rank on average; the
-    # budget holds for tinit steps, falls on a cubic to the target tfinal steps before the end, pruning every
-    # delta_t steps; importance EMAs with beta1/beta2; orth_reg_weight weighs the orthogonality penalty.
-    init_rank: int = Field(12, gt=0)
-    target_rank: int = Field(8, gt=0)
-    tinit: int = Field(0, ge=0)
-    tfinal: int = Field(0, ge=0)
-    delta_t: int = Field(1, gt=0)
-    beta1: float = Field(0.85, ge=0, lt=1)
-    beta2: float = Field(0.85, ge=0, lt=1)
-    orth_reg_weight: float = Field(0.5, ge=0)
+    variant: VariantName = "lora"  # dora: a trained magnitude per output row (peft's use_dora)
+    adalora: AdaLoraSection | None = None  # variant = "adalora" only; None for the other variants
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adalora_keys(cls, values):
+        """[lora.adalora] for an AdaLoRA recipe, defaults included; recipes written before the sub-table have its
+        keys in [lora] itself, which are read into it (and win over it, as `--set lora.init_rank=4` should).
+        Other variants read none of these keys and carry no sub-table."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        flat = {key: values.pop(key) for key in AdaLoraSection.model_fields if key in values}
+        sub = values.pop("adalora", None)
+        if values.get("variant") == "adalora":
+            sub = sub.model_dump() if isinstance(sub, AdaLoraSection) else sub or {}
+            values["adalora"] = {**sub, **flat} if isinstance(sub, dict) else sub  # not a table: the schema says so
+        return values
 
 
 class DataSection(Section):
@@ -179,9 +201,7 @@ def is_local_data(source: str | dict[str, str]) -> bool:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override (`section.key=value`), validate, and resolve relative paths against the recipe's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise LorafitError(f"recipe {path} does not exist; pass --recipe with a TOML file such as recipes/tiny-sst2.toml")
+    path = input_file(Path(path), "recipe", "pass --recipe with a TOML file such as recipes/tiny-sst2.toml")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
@@ -195,34 +215,35 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         _apply_override(override_paths, item)
     _resolve_paths(override_paths, Path.cwd())
     _merge(raw, override_paths)
-    return validate(raw, where=str(path))
+    given = {f"{section}.{key}" for section, keys in override_paths.items() for key in keys}
+    return validate(raw, where=str(path), overridden=given)
 
 
-def validate(raw: dict, where: str = "recipe") -> Recipe:
+def validate(raw: dict, where: str = "recipe", overridden: set[str] = frozenset()) -> Recipe:
+    """The Recipe, or one line naming the key; a key given on the command line (`overridden`) is blamed there."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        raise LorafitError(f"{where}: {_describe(error.errors()[0])}") from error
+        problem = error.errors()[0]
+        key = ".".join(str(part) for part in problem["loc"][:2])
+        if key in overridden:
+            where = "--output" if key == "output.dir" else f"--set {key}"
+        raise LorafitError(f"{where}: {_describe(problem)}") from error
     refuse_undefined(recipe, where)
     return recipe
 
 
 def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
     """Keys that are valid one by one but together name something lorafit does not define: one line each."""
-    lora = recipe.lora
+    from lorafit.lora.variants import refusal  # each variant's and each start's own rules
+
     if recipe.model.quantize != "none" and recipe.train.parallel != "ddp":
         raise LorafitError(
             f"{where}: [model] quantize with [train] parallel = {recipe.train.parallel!r} is not supported; use 'ddp'"
         )
-    if lora.init in ("pissa", "olora") and lora.variant != "lora":
-        raise LorafitError(f"{where}: [lora] init = {lora.init!r} is defined for variant = 'lora' only; use one or the other")
-    if lora.variant == "adalora" and recipe.train.mixed_precision == "fp16":
-        raise LorafitError(f"{where}: [lora] variant = 'adalora' with fp16 loss scaling is not supported; use bf16 or 'no'")
-    if lora.variant == "adalora" and lora.target_rank > lora.init_rank:
-        raise LorafitError(
-            f"{where}: [lora] target_rank = {lora.target_rank} is above init_rank = {lora.init_rank}; "
-            "AdaLoRA only prunes ranks, so set target_rank <= init_rank"
-        )
+    problem = refusal(recipe.lora, recipe.train)
+    if problem:
+        raise LorafitError(f"{where}: {problem}")
 
 
 def _describe(problem: dict) -> str:
@@ -242,37 +263,61 @@ def _key_name(location: list[str]) -> str:
 
 def _suggestion(location: list[str]) -> str:
     """Name the closest valid key, so a typo such as 'learning_rate' points to 'lr'."""
-    if len(location) == 1:
-        choices = list(Recipe.model_fields)
-    else:
-        section = Recipe.model_fields.get(location[0])
-        if section is None:
-            return ""
-        choices = list(section.annotation.model_fields)
-    alias = ALIASES.get(location[-1])
-    close = [alias] if alias in choices else difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
+    choices = _keys_at(location[:-1])
+    if choices is None:
+        return ""
+    alias = ALIASES.get(location[-1], location[-1])
+    if alias in choices:
+        return f" (did you mean {alias!r}?)"
+    home = [name for name, field in Recipe.model_fields.items() if alias in field.annotation.model_fields]
+    if len(location) > 1 and home:  # a key of another section, such as [lora] learning_rate
+        return f" (did you mean [{home[0]}] {alias}?)"
+    close = difflib.get_close_matches(location[-1], choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
 
 
+def _keys_at(location: list[str]) -> list[str] | None:
+    """The keys the schema allows in a section or sub-table ([] is the top level), or None if it has none."""
+    table: type[BaseModel] | None = Recipe
+    for name in location:
+        field = table.model_fields.get(name)
+        kinds = (field.annotation, *get_args(field.annotation)) if field else ()
+        table = next((kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)), None)
+        if table is None:
+            return None
+    return list(table.model_fields)
+
+
 def _apply_override(raw: dict, item: str) -> None:
-    """`train.lr=1e-3`: the value is read as TOML (numbers, booleans, lists), else taken as a plain string."""
+    """`train.lr=1e-3`, or `lora.adalora.init_rank=4` for a sub-table's key: the value is read as TOML (numbers,
+    booleans, lists), else taken as a plain string."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    sub_table_key = len(parts) == 3 and _keys_at(parts[:2]) is not None  # e.g. lora.adalora.init_rank
+    if not sep or not all(parts) or not (len(parts) == 2 or sub_table_key):
         raise LorafitError(f"--set {item!r} is not section.key=value; write e.g. --set train.lr=1e-3")
     try:
         value = tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         value = text
-    section = raw.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise LorafitError(f"--set {item!r}: [{parts[0]}] is not a section")
-    section[parts[1]] = value
+    section = raw
+    for depth, name in enumerate(parts[:-1], start=1):
+        section = section.setdefault(name, {})
+        if not isinstance(section, dict):
+            raise LorafitError(f"--set {item!r}: [{'.'.join(parts[:depth])}] is not a section")
+    section[parts[-1]] = value
 
 
 def _merge(raw: dict, updates: dict) -> None:
+    """Overrides with their paths resolved over `raw`, which holds them already: a sub-table's keys are set one by
+    one, so `--set lora.adalora.init_rank=4` keeps the recipe's other [lora.adalora] keys."""
     for section, values in updates.items():
-        raw.setdefault(section, {}).update(values)
+        target = raw.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key].update(value)
+            else:
+                target[key] = value
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:

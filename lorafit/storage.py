@@ -1,4 +1,8 @@
-"""Crash-safe writes: every file and folder appears under its final name complete, or not at all."""
+"""Crash-safe writes: every file and folder appears under its final name complete, or not at all.
+
+An OS error raised while writing names the path the user knows (not a temporary name, and a failed write to an
+open file names its file), so that lorafit.errors.os_failure can say what failed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lorafit.errors import LorafitError
 
 
 def _umask() -> int:
@@ -23,18 +29,36 @@ FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()
 
 
+@contextlib.contextmanager
+def named(path: Path, temp: Path | None = None) -> Iterator[None]:
+    """OS errors raised inside name `path`: when they name nothing (a failed write) or the temporary `temp`
+    (a file in it becomes the same file under `path`)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:  # not the OS's (OSError("text")): its text says what it means
+            raise
+        if error.filename is None:
+            error.filename = str(path)
+        elif temp is not None and Path(error.filename).is_relative_to(temp):
+            error.filename = str(path / Path(error.filename).relative_to(temp))
+        raise
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with named(path):
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, FILE_MODE)
-        os.replace(temp, path)
+        with named(path, Path(temp)):
+            with os.fdopen(handle, "wb") as file:
+                file.write(data.encode("utf-8") if isinstance(data, str) else data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temp, FILE_MODE)
+            os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -43,10 +67,22 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def append_line(path: Path, line: str) -> None:
     """Append one line and fsync it: a crash loses at most the line being written, never the lines before."""
-    with open(path, "a", encoding="utf-8") as file:
+    with named(path), open(path, "a", encoding="utf-8") as file:
         file.write(line.rstrip("\n") + "\n")
         file.flush()
         os.fsync(file.fileno())
+
+
+def input_file(path: Path, what: str, fix: str) -> Path:
+    """`path` when it is a regular file to read; else one line naming what it is (missing, a folder, a pipe)."""
+    path = Path(path)
+    if not path.exists():
+        raise LorafitError(f"{what} {path} does not exist; {fix}")
+    if path.is_dir():
+        raise LorafitError(f"{what} {path} is a folder, not a file; {fix}")
+    if not path.is_file():
+        raise LorafitError(f"{what} {path} is not a regular file (a pipe or a device); {fix}")
+    return path
 
 
 def json_text(data: object) -> str:
@@ -77,10 +113,12 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    with named(final):
+        temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        yield temp
-        os.chmod(temp, DIR_MODE)
+        with named(final, temp):
+            yield temp
+        _plain_modes(temp)
         if not (final.exists() or final.is_symlink()):
             os.replace(temp, final)
             return
@@ -98,15 +136,25 @@ def staged_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def _plain_modes(folder: Path) -> None:
+    """The modes a plain write gives, on `folder` and all in it: tempfile's folder is private, and so are the
+    files some writers make (safetensors' save_file)."""
+    os.chmod(folder, DIR_MODE)
+    for parent, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(parent, name), DIR_MODE)
+        for name in files:
+            os.chmod(os.path.join(parent, name), FILE_MODE)
+
+
 def write_folder(final: Path, files: dict[str, bytes]) -> None:
     """Write `files` (relative path -> bytes) as the folder `final`, whole: old folder or new, never a mix."""
     final = Path(final)
     if final.exists() and not final.is_dir():
-        from lorafit.errors import LorafitError
-
         raise LorafitError(f"{final} exists and is not a folder; choose another folder")
     with staged_dir(final) as staging:
         for name, data in files.items():
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            with named(final / name):
+                path.write_bytes(data)

@@ -2,13 +2,15 @@
 
 Each run is an ordinary run folder inside the sweep folder, trained by its own `lorafit train` process, so
 its peak memory is its own and an interrupted sweep resumes like a run: finished runs (report.json written)
-are kept, an interrupted one continues from its newest checkpoint, the rest start fresh.
+are kept, an interrupted one continues from its newest checkpoint, the rest start fresh. The sweep folder
+follows the run folder's rules (lorafit.train.run_folder): new, empty or a marked sweep, locked while it runs.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,8 @@ from lorafit.report.curves import MISSING, pyplot, save_figure
 from lorafit.storage import write_json
 from lorafit.train.checkpoint import latest_checkpoint
 from lorafit.train.metrics import eval_metric
+from lorafit.train.resume import not_resumable
+from lorafit.train.run_folder import RunLock, check_output, mark
 
 
 def run_folder_name(key: str, value: str) -> str:
@@ -42,7 +46,17 @@ def plan_sweep(recipe_path: Path, key: str, values: list[str], overrides: list[s
     names = [run_dir.name for _, run_dir, _, _ in runs]
     if len(set(names)) != len(names):
         raise LorafitError(f"the values of {key} repeat ({', '.join(values)}); give each value once")
+    check_output(str(folder), base.model.name, kind="sweep")
+    for value, run_dir, _, recipe in runs:  # each run's own folder rules, and one that cannot go on, before any run
+        check_output(str(run_dir), recipe.model.name)
+        if not (run_dir / "report.json").is_file() and latest_checkpoint(run_dir) and not_resumable(recipe):
+            raise LorafitError(dead_end(key, value, run_dir, recipe))
     return folder, runs
+
+
+def dead_end(key: str, value: str, run_dir: Path, recipe: Recipe) -> str:
+    return (f"the {key} = {value} run in {run_dir} was interrupted, and {not_resumable(recipe)}; delete that folder "
+            "and run the same command again: finished runs are kept")
 
 
 def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str] = (), output: Path | None = None,
@@ -50,19 +64,32 @@ def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str
     """Train (or keep, or resume) one run per value; write sweep.json and sweep.png; return the table's rows."""
     console = console or Console(stderr=True)
     folder, runs = plan_sweep(recipe_path, key, values, list(overrides), output)
-    for value, run_dir, settings, recipe in runs:
-        if (run_dir / "report.json").is_file():
-            check_unchanged(run_dir, recipe)
-            console.print(f"[bold]{key} = {value}[/]: finished in {run_dir}, kept", highlight=False)
-            continue
-        resume = latest_checkpoint(run_dir) is not None
-        console.print(f"[bold]{key} = {value}[/]: {'resuming' if resume else 'training'} in {run_dir}", highlight=False)
-        train_one(recipe_path, settings, resume, key, value, stdout=train_output)
-    rows = [table_row(value, run_dir) for value, run_dir, _, _ in runs]
-    result = {"key": key, "folder": str(folder), "metric": rows[0]["metric"], "runs": rows}
-    write_json(folder / "sweep.json", result)
-    if not save_sweep_plot(result, folder / "sweep.png"):
-        console.print(f"[yellow]note:[/] {MISSING.format(what='sweep.png')}", highlight=False)
+    lock = RunLock(folder, kind="sweep")
+    try:
+        mark(folder, "sweep")
+        for value, run_dir, settings, recipe in runs:
+            if (run_dir / "report.json").is_file():
+                check_unchanged(run_dir, recipe)
+                console.print(f"[bold]{key} = {value}[/]: finished in {run_dir}, kept", highlight=False)
+                continue
+            resume = latest_checkpoint(run_dir) is not None
+            console.print(f"[bold]{key} = {value}[/]: {'resuming' if resume else 'training'} in {run_dir}",
+                          highlight=False)
+            code = train_one(recipe_path, settings, resume, stdout=train_output)
+            if code == 130:
+                how = dead_end(key, value, run_dir, recipe) if not_resumable(recipe) else (
+                    f"the sweep stopped during {key} = {value}; run the same command again to continue it")
+                raise LorafitError(how, exit_code=130)
+            if code:
+                raise LorafitError(f"the {key} = {value} run failed (exit {code}, see above); fix it and run the "
+                                   "sweep again: finished runs are kept", exit_code=code if code == 2 else 1)
+        rows = [table_row(value, run_dir) for value, run_dir, _, _ in runs]
+        result = {"key": key, "folder": str(folder), "metric": rows[0]["metric"], "runs": rows}
+        write_json(folder / "sweep.json", result)
+        if not save_sweep_plot(result, folder / "sweep.png"):
+            console.print(f"[yellow]note:[/] {MISSING.format(what='sweep.png')}", highlight=False)
+    finally:
+        lock.release()
     return result
 
 
@@ -75,20 +102,21 @@ def check_unchanged(run_dir: Path, recipe: Recipe) -> None:
                            "--output, or restore the recipe")
 
 
-def train_one(recipe_path: Path, settings: list[str], resume: bool, key: str, value: str, stdout=None) -> None:
-    """`lorafit train` in a process of its own; its one-line errors and progress reach the terminal as they are."""
+def train_one(recipe_path: Path, settings: list[str], resume: bool, stdout=None) -> int:
+    """`lorafit train` in a process of its own, its exit code; its one-line errors and progress reach the terminal
+    as they are. It runs in a session of its own, so a Ctrl-C or SIGTERM reaches it once, through the sweep: it
+    then stops after its step and saves a checkpoint, as a run does."""
     command = [sys.executable, "-m", "lorafit", "train", "--recipe", str(recipe_path)]
     for setting in settings:
         command += ["--set", setting]
     if resume:
         command.append("--resume")
-    code = subprocess.run(command, stdout=stdout, check=False).returncode
-    if code == 130:
-        raise LorafitError(f"the sweep stopped during {key} = {value}; run the same command again to continue it",
-                           exit_code=130)
-    if code:
-        raise LorafitError(f"the {key} = {value} run failed (exit {code}, see above); fix it and run the sweep "
-                           "again: finished runs are kept", exit_code=code if code == 2 else 1)
+    child = subprocess.Popen(command, stdout=stdout, start_new_session=True)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
 
 
 def table_row(value: str, run_dir: Path) -> dict:
@@ -96,7 +124,8 @@ def table_row(value: str, run_dir: Path) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     evaluation = report["eval"]
     metric, after, higher = eval_metric(evaluation)
-    before = eval_metric(evaluation["before"])[1] if evaluation.get("before") else None
+    earlier = evaluation.get("before")  # the base model's scores, unless they were on other rows (a resume's note)
+    before = eval_metric(earlier)[1] if earlier and not earlier.get("rows_changed") else None
     gained = None if before is None else (after - before if higher else before - after)
     return {
         "value": value,

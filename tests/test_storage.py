@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lorafit import storage
-from lorafit.storage import staged_dir, write_atomic, write_json
+from lorafit.errors import LorafitError
+from lorafit.storage import input_file, staged_dir, write_atomic, write_folder, write_json
 
 
 class ExplodingText(str):
@@ -167,3 +169,49 @@ def test_staged_dir_folder_mode_matches_a_plain_mkdir(tmp_path):
     mode = stat.S_IMODE((tmp_path / "staged").stat().st_mode)
     assert mode == stat.S_IMODE(plain.stat().st_mode)
     assert mode != 0o700
+
+
+# ---------------------------------------------------------------- OS errors name the path the user knows
+
+
+def test_a_failed_write_names_the_final_file_not_the_temporary_one(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write past a full disk: no file named
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        write_atomic(tmp_path / "report.json", "{}")
+    assert raised.value.filename == str(tmp_path / "report.json")
+    monkeypatch.setattr(Path, "write_bytes", lambda path, data: full(None))
+    with pytest.raises(OSError) as raised:
+        write_folder(tmp_path / "adapter", {"weights.bin": b"x"})
+    assert raised.value.filename == str(tmp_path / "adapter" / "weights.bin")
+    assert entries(tmp_path) == []
+
+
+def test_a_failed_write_in_a_staged_folder_names_the_file_under_its_final_folder(tmp_path):
+    with pytest.raises(OSError) as raised, staged_dir(tmp_path / "merged") as staging:
+        (staging / "model.safetensors").mkdir()
+        (staging / "model.safetensors").write_bytes(b"x")  # EISDIR, naming the staging path
+    assert raised.value.errno == errno.EISDIR
+    assert raised.value.filename == str(tmp_path / "merged" / "model.safetensors")
+
+
+def test_files_a_writer_made_private_in_a_staged_folder_get_the_umask_mode(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with staged_dir(tmp_path / "merged") as staging:
+        (staging / "model.safetensors").write_bytes(b"x")
+        os.chmod(staging / "model.safetensors", 0o600)  # what safetensors' save_file does
+    assert stat.S_IMODE((tmp_path / "merged" / "model.safetensors").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda path: None, "does not exist"),
+    (lambda path: path.mkdir(), "is a folder, not a file"),
+    (lambda path: os.mkfifo(path), r"is not a regular file \(a pipe or a device\)"),
+])
+def test_an_input_file_that_is_not_a_file_is_named_for_what_it_is(tmp_path, make, said):
+    make(tmp_path / "rows.jsonl")
+    with pytest.raises(LorafitError, match=f"data file {tmp_path / 'rows.jsonl'} {said}; fix it"):
+        input_file(tmp_path / "rows.jsonl", "data file", "fix it")

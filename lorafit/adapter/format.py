@@ -15,6 +15,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.lora.linear import lora_scaling
+from lorafit.lora.variants import VARIANTS, Variant
 from lorafit.model.targets import matches_suffix
 
 CONFIG_FILE = "adapter_config.json"
@@ -30,13 +31,14 @@ KEY_PREFIX = "base_model.model."
 
 
 # The tensors a layer saves, by lorafit's name for them and the layer's kind, and peft's name after the module
-# path: base_model.model.<module path>.<peft name>. A new variant's tensors get a row here.
+# path: base_model.model.<module path>.<peft name>. A variant's own tensors (DoRA's magnitude) come from its
+# registry entry.
 TENSOR_NAMES = {
     ("linear", "A"): "lora_A.weight",
     ("linear", "B"): "lora_B.weight",
-    ("linear", "magnitude"): "lora_magnitude_vector",  # DoRA
     ("embedding", "A"): "lora_embedding_A",
     ("embedding", "B"): "lora_embedding_B",
+    **{("linear", part): name for variant in VARIANTS.values() for part, name in variant.peft_tensors.items()},
 }
 
 
@@ -133,9 +135,10 @@ def adapter_config(
     use_rslora: bool,
     fan_in_fan_out: bool,
     dropout: float,
-    use_dora: bool = False,
+    flags: dict | None = None,
 ) -> dict:
-    """adapter_config.json for modules with peft's (rank, alpha) `values`, selected by `suffixes`."""
+    """adapter_config.json for modules with peft's (rank, alpha) `values`, selected by `suffixes`; `flags` are the
+    variant's own (DoRA's use_dora)."""
     (rank, alpha), rank_pattern, alpha_pattern = rank_patterns(values, suffixes)
     return {
         "peft_type": "LORA",
@@ -150,11 +153,11 @@ def adapter_config(
         "lora_dropout": dropout,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": use_dora,
+        "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-    }
+    } | (flags or {})
 
 
 def selecting_suffixes(module_paths: Iterable[str], wrapped: list[str]) -> dict[str, str]:
@@ -219,10 +222,11 @@ def check_config(directory: Path, config: dict) -> None:
             f"{directory} was initialised with {config['init_lora_weights']!r}, which changes the base weights; "
             "convert it to a plain LoRA adapter with peft first"
         )
-    _check_values(Path(directory) / CONFIG_FILE, config)
+    check_values(Path(directory) / CONFIG_FILE, config)
 
 
-def _check_values(file: Path, config: dict) -> None:
+def check_values(file: Path, config: dict) -> None:
+    """LorafitError unless r, lora_alpha, target_modules and the patterns have the types peft writes."""
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LorafitError(f"{file} has r={rank!r}; it must be a positive integer")
@@ -257,19 +261,20 @@ def pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def check_parts(path: str, variant: str, embedding: bool, tensors: dict[str, torch.Tensor]) -> None:
-    """A DoRA adapter has a magnitude [d_out] for every linear layer and a plain one has none; embeddings stay plain."""
-    wanted = variant == "dora" and not embedding
-    if wanted != ("magnitude" in tensors):
-        fix = "lorafit reads DoRA on linear layers only" if embedding else "re-save the adapter"
-        raise LorafitError(
-            f"{path} {'lacks' if wanted else 'has'} a lora_magnitude_vector but the adapter config says "
-            f"use_dora={variant == 'dora'}; {fix}"
-        )
+def check_parts(path: str, variant: Variant, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """A module has exactly its variant's own tensors beside A and B (a DoRA adapter a magnitude for every linear
+    layer, one value per output row), as the adapter config's flags say."""
     d_out = tensors["B"].shape[0]
-    if wanted and tuple(tensors["magnitude"].shape) != (d_out,):
-        raise LorafitError(f"lora_magnitude_vector of {path} has shape {tuple(tensors['magnitude'].shape)}, "
-                           f"expected ({d_out},); re-save the adapter")
+    for owner in VARIANTS.values():
+        for part, name in owner.peft_tensors.items():
+            wanted = part in variant.peft_tensors
+            if wanted != (part in tensors):
+                says = ", ".join(f"{key}={config.get(key, False)}" for key in owner.peft_flags)
+                raise LorafitError(f"{path} {'lacks' if wanted else 'has'} a {name} but the adapter config says "
+                                   f"{says}; re-save the adapter")
+            if wanted and tuple(tensors[part].shape) != (d_out,):
+                raise LorafitError(f"{name} of {path} has shape {tuple(tensors[part].shape)}, expected ({d_out},); "
+                                   "re-save the adapter")
 
 
 def check_table(path: str, table: torch.Tensor | None, weight: torch.Tensor) -> None:

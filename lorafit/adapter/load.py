@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.adapter.convert import load_peft_tensors
 from lorafit.adapter.format import (
     CONFIG_FILE,
     PICKLE_FILE,
@@ -31,8 +32,8 @@ from lorafit.adapter.format import (
 from lorafit.adapter.save import LORAFIT_FILE
 from lorafit.errors import LorafitError
 from lorafit.lora.linear import is_block_structured, projection_shape
+from lorafit.lora.variants import LoRALayer, for_module, from_peft_config
 from lorafit.model.inject import (
-    LoRALayer,
     freeze_and_wrap,
     is_embedding,
     is_projection,
@@ -41,11 +42,20 @@ from lorafit.model.inject import (
     model_targets,
     stores_transposed,
 )
+from lorafit.model.load import meta_model
 from lorafit.model.targets import Target, fused_slices, matches_suffix
 
 
 def read_adapter_config(directory: Path) -> dict:
     """adapter_config.json of a PEFT LoRA adapter folder whose weights lorafit can load; clear errors otherwise."""
+    config = read_config_file(directory)
+    check_config(directory, config)
+    _check_weights_file(directory)
+    return config
+
+
+def read_config_file(directory: Path) -> dict:
+    """adapter_config.json as it is, whatever adapter it describes; clear errors when there is none to read."""
     directory = Path(directory)
     if not directory.exists():
         raise LorafitError(f"adapter folder {directory} does not exist; pass the adapter/ folder of a run")
@@ -59,8 +69,6 @@ def read_adapter_config(directory: Path) -> dict:
         raise LorafitError(f"{directory / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter") from error
     if not isinstance(config, dict):
         raise LorafitError(f"{directory / CONFIG_FILE} is not a JSON object; re-save the adapter")
-    check_config(directory, config)
-    _check_weights_file(directory)
     return config
 
 
@@ -77,18 +85,29 @@ def _check_weights_file(directory: Path) -> None:
 
 def read_adapter_weights(directory: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
     """{module path: (kind, {"A": [R, d_in], "B": [d_out, R], ...})} from adapter_model.safetensors, in fp32."""
+    return lora_tensors(read_weights_file(directory), Path(directory) / WEIGHTS_FILE)
+
+
+def read_weights_file(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter_model.safetensors under its own key (a pickle is never read)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / WEIGHTS_FILE
+    directory = Path(directory)
+    _check_weights_file(directory)
+    path = directory / WEIGHTS_FILE
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LorafitError(f"{path} is not a readable safetensors file ({error}); re-save the adapter") from error
-    return lora_tensors(tensors, path)
+    for key, tensor in tensors.items():  # an integer or bool tensor would be cast to fp32 and load as other weights
+        if not tensor.is_floating_point():
+            raise LorafitError(f"{path} stores {key} as {str(tensor.dtype).removeprefix('torch.')}, not as floating "
+                               "point numbers; re-save the adapter from its training run")
+    return tensors
 
 
-def _read_facts(directory: Path) -> dict:
+def read_facts(directory: Path) -> dict:
     """lorafit.json if present (adapters written by peft have none)."""
     path = Path(directory) / LORAFIT_FILE
     if not path.is_file():
@@ -130,9 +149,10 @@ def load_adapter(model: nn.Module, directory: Path) -> dict[str, LoRALayer]:
     return freeze_and_wrap(model, {plan.path: _build_layer(plan) for plan in plans})
 
 
-def check_adapter(model: nn.Module, directory: Path) -> None:
-    """Raise LorafitError if the adapter does not fit `model` (which may live on the meta device)."""
-    plan_adapter(model, directory)
+def check_adapter(config, directory: Path) -> None:
+    """Raise LorafitError if the adapter does not fit the model of `config`, built on the meta device: no weight
+    is read, so a misfit is refused before the expensive work."""
+    plan_adapter(meta_model(config), directory)
 
 
 def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
@@ -140,25 +160,25 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
-    facts = _read_facts(directory).get("modules")
+    facts = read_facts(directory).get("modules")
     facts = facts if isinstance(facts, dict) else {}
     if lora_layers(model):
         raise LorafitError("the model already has LoRA layers; load an adapter into a plain base model")
     modules = dict(model.named_modules())
-    variant = "dora" if config.get("use_dora") else "lora"
+    variant = from_peft_config(config)
     table = model_targets(model)
     plans = []
     for path, (kind, tensors) in weights.items():
         module = _fitting_module(model, modules, path, kind, tensors)
         check_table(path, tensors.pop(TABLE, None), module.weight)
-        check_parts(path, variant, is_embedding(module), tensors)
+        check_parts(path, for_module(variant, embedding=is_embedding(module)), tensors, config)
         rank, alpha = rank_and_alpha(config, path, tensors["A"].shape[0])
         _check_finite(directory, path, kind, tensors, alpha)
         plan = ModulePlan(
             path=path,
             module=module,
             tensors=tensors,
-            variant=variant,
+            variant=variant.name,
             rank=rank,
             alpha=float(alpha),
             use_rslora=bool(config.get("use_rslora", False)),
@@ -256,5 +276,5 @@ def _loaded_layer(plan: ModulePlan) -> LoRALayer:
     with torch.random.fork_rng(devices=cuda):
         layer = lora_layer(plan.module, plan.rank, plan.alpha, plan.dropout, variant=plan.variant,
                            slices=plan.slices, use_rslora=plan.use_rslora)
-    layer.load_saved_tensors({part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
+    load_peft_tensors(layer, {part: tensor.to(layer.lora_A.device) for part, tensor in plan.tensors.items()})
     return layer

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lorafit.adapter.load import check_adapter, load_adapter, read_adapter_config
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, os_failure
 from lorafit.model.inject import merge_lora
-from lorafit.model.load import context_length, knows_only_special_tokens, load_config, load_model, meta_model
+from lorafit.model.load import context_length, knows_only_special_tokens, load_config, load_model
 from lorafit.storage import staged_dir
 
 PROBE_SEQUENCES = 4
@@ -34,7 +34,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     read_adapter_config(adapter)
     check_out(out, base, adapter, force=force)
     config = load_config(base)
-    check_adapter(meta_model(config), adapter)  # refuse a misfit before reading the base weights
+    check_adapter(config, adapter)  # refuse a misfit before reading the base weights
 
     # Merge in fp32 and round once when casting back, rather than rounding ΔW to bf16 and then the sum.
     model = load_model(base, "float32").eval()
@@ -46,7 +46,10 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     after = logits(model, probe)
     dtype = saved_dtype(config)
     model.to(dtype)
-    notes = write_merged(model, base, out)
+    try:
+        notes = write_merged(model, base, out)
+    except OSError as error:  # staged beside OUT: nothing of the merge is left, and OUT is as it was
+        raise os_failure(error, f"{out} is as it was") from error
     return {
         "base": base,
         "adapter": str(adapter),
@@ -58,14 +61,21 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     }
 
 
-def check_out(out: Path, base: str, adapter: Path, *, force: bool) -> None:
+def check_out(out: Path, base: str | None, adapter: Path, *, force: bool) -> None:
     """An existing OUT is replaced only with --force, and never when it holds the base or the adapter."""
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
         raise LorafitError(f"{out} exists; pass --force to replace it")
+    from lorafit.train.run_folder import kind_of
+
+    kind = kind_of(out) if out.is_dir() else None
+    if kind is not None:
+        raise LorafitError(f"{out} holds a lorafit {kind}, which --force does not replace; choose another folder "
+                           "for the merged model")
     resolved = out.resolve()
-    for name, source in (("adapter", adapter), ("base model", Path(base).expanduser())):
+    sources = [("adapter", adapter)] + ([("base model", Path(base).expanduser())] if base else [])
+    for name, source in sources:
         if source.exists() and (source.resolve() == resolved or resolved in source.resolve().parents):
             raise LorafitError(f"{out} holds the {name} {source}; choose another folder for the merged model")
 

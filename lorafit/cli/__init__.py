@@ -25,7 +25,7 @@ from lorafit.cli.options import (
     start_missing_processes,
 )
 from lorafit.errors import LorafitError
-from lorafit.messages import note, print_json, run_command, stderr
+from lorafit.messages import error, note, print_json, run_command, stderr
 from lorafit.train.launch import rank
 
 app = typer.Typer(
@@ -200,6 +200,42 @@ def merge(
 
 
 @app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (PEFT LoRA format).")],
+    engine: Annotated[str, typer.Option("--for", help="Serving engine: vllm, sglang, llamacpp or peft.")],
+    out: Annotated[Optional[Path], typer.Argument(help="Folder to write what the engine loads to.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model folder: its config (llamacpp), "
+                                                "tokenizer (end of turn) and weights (a merged model).")] = None,
+    check_only: Annotated[bool, typer.Option("--check-only", help="Check the adapter; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """Check an adapter against a serving engine's rules and write what it loads (GGUF for llama.cpp)."""
+
+    def action():
+        from lorafit.adapter.export import export_adapter
+
+        return export_adapter(adapter, engine, out, base=base, check_only=check_only, force=force)
+
+    result = run_command(action, debug)
+    if as_json:
+        print_json("export", result)
+    else:
+        for problem in result["problems"]:
+            blocking = problem["level"] == "refuse" or (result["refused"] and problem["level"] == "merge")
+            (error if blocking else note)(f"{result['engine']}: {problem['text']}")
+        if result["written"]:
+            Console().print(f"wrote {result['written']} for {result['engine']} -> [bold]{result['out']}[/]\n"
+                            f"serve: {result['serve']}", highlight=False, soft_wrap=True)
+        elif not result["refused"]:
+            Console().print(f"{result['engine']}: "
+                            f"{'ready as written' if result['ready_as_written'] else 'export writes what it loads'}")
+    if result["refused"]:
+        raise typer.Exit(2)
+
+
+@app.command()
 def info(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take model and LoRA settings from a recipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local model folder.")] = None,
@@ -209,7 +245,7 @@ def info(
         Optional[str], typer.Option("--targets", help="Comma-separated targets, e.g. q,v or all-linear.")
     ] = None,
     variant: Annotated[
-        Optional[str], typer.Option("--variant", help="lora or dora (default: [lora] variant, else lora).")
+        Optional[str], typer.Option("--variant", help="lora, dora or adalora (default: [lora] variant, else lora).")
     ] = None,
     dtype: Annotated[
         Optional[str],
@@ -235,9 +271,7 @@ def info(
         if dtype is not None:
             raw["model"]["dtype"] = dtype
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
-        lora = chosen.lora
-        described = describe(chosen.model.name, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
-                             dtype=chosen.model.dtype, variant=lora.variant, quantize=chosen.model.quantize)
+        described = describe(chosen)
         described["memory"]["activations"] = recipe_activations(chosen)
         return described
 

@@ -48,24 +48,30 @@ def messages_of(value, where: str, index: int, field: str) -> list[dict]:
     return messages
 
 
-def render(messages: list[dict], tokenizer, template: str, *, generation_prompt: bool = False) -> str:
+def render(messages: list[dict], tokenizer, template: str, *, generation_prompt: bool = False,
+           row: str = "a conversation") -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as error:  # jinja2 errors, and raise_exception() calls inside templates
-        raise LorafitError(f"the chat template failed on a conversation: {type(error).__name__}: {error}; "
-                           "fix [data] chat_template or the rows") from error
+        raise LorafitError(f"the chat template failed on {row}: {type(error).__name__}: {error}; "
+                           "fix [data] chat_template or the row") from error
 
 
-def assistant_spans(messages: list[dict], tokenizer, template: str, last_only: bool) -> tuple[str, list[tuple]]:
+def assistant_spans(messages: list[dict], tokenizer, template: str, last_only: bool,
+                    row: str = "a conversation") -> tuple[str, list[tuple]]:
     """(the rendered conversation, the character span of each supervised assistant turn: from its content to the
-    end of the turn's rendering)."""
-    text = render(messages, tokenizer, template)
+    end of the turn's rendering). `row` names the conversation in errors ("train.jsonl row 3")."""
+    text = render(messages, tokenizer, template, row=row)
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    turns = turns[-1:] if last_only else turns
+    if turns and turns[0] == 0:  # no earlier turn to render as this turn's prompt
+        raise LorafitError(f"{row}: the conversation starts with the assistant, so its first turn answers nothing; "
+                           "start it with a user (or system) message, or drop the row")
     spans = []
-    for turn in turns[-1:] if last_only else turns:
-        start = len(render(messages[:turn], tokenizer, template, generation_prompt=True))
-        through = render(messages[: turn + 1], tokenizer, template)
+    for turn in turns:
+        start = len(render(messages[:turn], tokenizer, template, generation_prompt=True, row=row))
+        through = render(messages[: turn + 1], tokenizer, template, row=row)
         if not text.startswith(through) or len(through) < start:
             raise LorafitError("the chat template does not render a conversation as its earlier turns followed by "
                                "the new one, so assistant turns cannot be located; give [data] chat_template")
@@ -95,3 +101,15 @@ def special_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's special tokens, the added ones marked special included."""
     added = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
     return set(tokenizer.all_special_ids) | added
+
+
+def end_of_turn_token(tokenizer, template: str) -> int | None:
+    """The special token `template` closes an assistant turn with, at which generation must stop; None if none."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    try:
+        text, spans = assistant_spans(messages, tokenizer, template, last_only=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = turn_mask(encoded["input_ids"], encoded["offset_mapping"], spans, special_ids(tokenizer))
+    except LorafitError:
+        return None
+    return encoded["input_ids"][max(i for i, supervised in enumerate(mask) if supervised)]

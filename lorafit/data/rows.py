@@ -17,6 +17,7 @@ from datasets.table import InMemoryTable
 from lorafit.data.prompts import template_fields
 from lorafit.errors import LorafitError
 from lorafit.recipe import DATA_SUFFIXES, DataSection
+from lorafit.storage import input_file
 
 BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -123,8 +124,7 @@ def task_fields(data: DataSection) -> dict[str, str]:
 
 
 def _checked_file(path: Path) -> Path:
-    if not path.is_file():
-        raise LorafitError(f"data file {path} does not exist; fix [data] source")
+    input_file(path, "data file", "fix [data] source")
     if path.suffix not in DATA_SUFFIXES:
         raise LorafitError(f"data file {path} is not one of {', '.join(DATA_SUFFIXES)}; convert it or rename it")
     return path
@@ -154,7 +154,7 @@ def _read_jsonl(path: Path, needed: dict[str, str]) -> datasets.Dataset:
 
 def _parse_line(path: Path, number: int, raw: bytes) -> dict:
     try:
-        row = json.loads(raw.decode("utf-8"))
+        row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))  # a BOM some editors write first
     except UnicodeDecodeError as error:
         raise LorafitError(
             f"{path} line {number} is not UTF-8 text ({error.reason}); save the file as UTF-8"
@@ -195,6 +195,13 @@ def _rows_to_dataset(path: Path, rows: list[dict], lines: list[int], needed: dic
 def _mixed_column(path: Path, name: str, key: str, values: list, lines: list[int], error: Exception) -> str:
     """Name the first line that breaks the column: a non-text value in a text field, else a change of type."""
     present = [(value, line) for value, line in zip(values, lines) if value is not None]
+    if key == "messages_field":  # a tool call (content null) or content parts (a list) beside plain text
+        for value, line in present:
+            for number, message in enumerate(value if isinstance(value, list) else [], start=1):
+                content = message.get("content", message.get("value")) if isinstance(message, dict) else message
+                if not isinstance(content, str):
+                    return (f"{path} line {line}: message {number} of field {name!r} has {short_repr(content)} as "
+                            "its content, not text (tool calls and content parts are not read); fix the row")
     if key not in ("label_field", "messages_field"):
         odd = next(((value, line) for value, line in present if not isinstance(value, str)), None)
         if odd:

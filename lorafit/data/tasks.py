@@ -94,7 +94,8 @@ def encoder(data: DataSection, tokenizer):
         template, last_only, special = chat_template(data, tokenizer), data.assistant_turns == "last", special_ids(tokenizer)
 
         def encode(rows, indices, where):
-            rendered = [assistant_spans(row[data.messages_field], tokenizer, template, last_only) for row in rows]
+            rendered = [assistant_spans(row[data.messages_field], tokenizer, template, last_only,
+                                        row=f"{where} row {index + 1}") for row, index in zip(rows, indices)]
             encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
             out = []
             for index, (_, spans), ids, offsets in zip(indices, rendered, encoded["input_ids"],

@@ -6,8 +6,8 @@ of each entry is smoothed (EMA, beta1) and its uncertainty |I − Ī| too (EMA, 
 n·r_target on the paper's cubic schedule, and every `delta_t` steps the least important triplets get λ = 0.
 The orthogonality penalty ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F keeps P and Q close to singular vectors.
 
-The saved adapter is plain LoRA: A = (Λ·Q) and B = P restricted to the kept triplets, one rank per module
-(peft's rank_pattern), with alpha chosen so peft's alpha/rank equals s = alpha/r_init.
+A module's update is that of the kept triplets alone (`kept`), so it is saved as a plain LoRA of that rank
+(lorafit.adapter.convert).
 """
 from __future__ import annotations
 
@@ -45,22 +45,6 @@ class AdaLoRALinear(LoRALinear):
 
     def slice_ranks(self) -> list[int]:
         return [int(k.sum()) for k in self.kept().split(self.rank)]
-
-    @torch.no_grad()
-    def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the plain LoRA with the kept triplets only: A = (Λ·Q)[kept], B = P[:, kept] (whole module).
-
-        A module with every triplet pruned keeps one zero pair, so every consumer still sees a valid rank.
-        """
-        keep = self.kept()
-        if not keep.any():
-            keep = torch.zeros_like(keep).index_fill_(0, torch.tensor([0], device=keep.device), True)
-            return torch.zeros_like(self.lora_A[keep]), torch.zeros_like(self.full_B()[:, keep])
-        return self.effective_A()[keep], self.full_B()[:, keep]
-
-    @property
-    def plain_rank(self) -> int:
-        return max(int(self.kept().sum()), 1)
 
 
 @dataclass(frozen=True)
@@ -172,28 +156,18 @@ class RankAllocator:
         return {path: layer.slice_ranks() for path, layer in self.layers.items()}
 
 
-def inject_adalora(model: nn.Module, lora) -> dict[str, AdaLoRALinear]:
-    """Wrap `lora.targets` (a recipe's [lora] section) in AdaLoRA layers of rank init_rank; freeze the rest."""
-    from lorafit.model.inject import find_sites, freeze_and_wrap, stores_transposed
-
-    layers = {
-        site.path: AdaLoRALinear(site.module, lora.init_rank, lora.alpha, lora.dropout, slices=site.slices,
-                                 fan_in_fan_out=stores_transposed(site.module), use_rslora=lora.use_rslora)
-        for site in find_sites(model, lora.targets)
-    }
-    return freeze_and_wrap(model, layers)
-
-
 def rank_allocator(layers: dict[str, AdaLoRALinear], lora, total_steps: int) -> RankAllocator:
-    """The allocator for a run of `total_steps`; refuses a schedule that leaves no steps to prune in."""
+    """The allocator for a run of `total_steps` from a recipe's [lora] section (its [lora.adalora] keys); refuses a
+    schedule that leaves no steps to prune in."""
     from lorafit.errors import LorafitError
 
-    if lora.tinit + lora.tfinal >= total_steps:
+    keys = lora.adalora
+    if keys.tinit + keys.tfinal >= total_steps:
         raise LorafitError(
-            f"[lora] tinit + tfinal = {lora.tinit + lora.tfinal} leaves none of the {total_steps} steps for AdaLoRA "
-            "to prune in; lower them below the run's steps"
+            f"[lora.adalora] tinit + tfinal = {keys.tinit + keys.tfinal} leaves none of the {total_steps} steps for "
+            "AdaLoRA to prune in; lower them below the run's steps"
         )
     slices = sum(len(layer.slice_sizes) for layer in layers.values())
-    budget = Budget(slices * lora.init_rank, slices * lora.target_rank, lora.tinit, lora.tfinal, lora.delta_t,
+    budget = Budget(slices * keys.init_rank, slices * keys.target_rank, keys.tinit, keys.tfinal, keys.delta_t,
                     total_steps)
-    return RankAllocator(layers, budget, beta1=lora.beta1, beta2=lora.beta2, orth_reg_weight=lora.orth_reg_weight)
+    return RankAllocator(layers, budget, beta1=keys.beta1, beta2=keys.beta2, orth_reg_weight=keys.orth_reg_weight)

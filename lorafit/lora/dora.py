@@ -18,8 +18,7 @@ class DoRALinear(LoRALinear):
     """A LoRALinear with a magnitude per adapted output row, `lora_magnitude` [n_adapted].
 
     On a fused projection with `slices` only the adapted rows (q and v) get a magnitude; the others (k) keep
-    exactly W0, as their LoRA update is zero. Written to peft as one `lora_magnitude_vector` over all rows,
-    with the other rows' entries equal to ||W0_row||, which is what peft's DoRA computes for them at init.
+    exactly W0, as their LoRA update is zero: their magnitude is in effect ||W0_row||.
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, **options):
@@ -48,7 +47,7 @@ class DoRALinear(LoRALinear):
         """The adapted rows of a [d_out, ...] matrix."""
         return matrix if self.out_index is None else matrix.index_select(0, self._index(matrix.device))
 
-    def _dense_weight(self) -> torch.Tensor:
+    def base_weight(self) -> torch.Tensor:
         """W0 as [d_out, d_in] in fp32 (whole, where FSDP holds a shard outside the forward)."""
         weight = whole(self.base.weight).float()
         return weight.t() if self.fan_in_fan_out else weight
@@ -57,7 +56,7 @@ class DoRALinear(LoRALinear):
     def weight_norm(self) -> torch.Tensor:
         """||W0 + ΔW|| of each adapted row, fp32 and detached (§4.3); never in autocast's lower precision."""
         with torch.autocast(self.lora_A.device.type, enabled=False):
-            return torch.linalg.vector_norm(self._rows(self._dense_weight() + self.delta_weight()), dim=1)
+            return torch.linalg.vector_norm(self._rows(self.base_weight() + self.delta_weight()), dim=1)
 
     def _full(self, per_row: torch.Tensor, fill: float) -> torch.Tensor:
         """A [d_out] vector: `per_row` at the adapted rows, `fill` elsewhere."""
@@ -87,7 +86,7 @@ class DoRALinear(LoRALinear):
             return
         norm = self.weight_norm()
         scale = self._full(self.lora_magnitude.float() / norm, 1.0)
-        self._set_base((self._dense_weight() + self.delta_weight()) * scale[:, None])
+        self._set_base((self.base_weight() + self.delta_weight()) * scale[:, None])
         self._merged_norm = norm
         self.merged = True
 
@@ -96,49 +95,13 @@ class DoRALinear(LoRALinear):
         if not self.merged:
             return
         scale = self._full(self._merged_norm / self.lora_magnitude.float(), 1.0)
-        self._set_base(self._dense_weight() * scale[:, None] - self.delta_weight())
+        self._set_base(self.base_weight() * scale[:, None] - self.delta_weight())
         self._merged_norm = None
         self.merged = False
 
     def _set_base(self, dense: torch.Tensor) -> None:
         weight = self.base.weight
         weight.copy_((dense.t() if self.fan_in_fan_out else dense).to(weight.dtype))
-
-    @torch.no_grad()
-    def full_magnitude(self) -> torch.Tensor:
-        """peft's lora_magnitude_vector [d_out]: ours at the adapted rows, ||W0_row|| at the others (whole tensors)."""
-        magnitude = whole(self.lora_magnitude).float()
-        if self.out_index is None:
-            return magnitude
-        return self._full(magnitude, 0.0).where(self._adapted_mask(magnitude.device), self._base_norm())
-
-    def _adapted_mask(self, device: torch.device) -> torch.Tensor:
-        d_out, _ = self.weight_shape
-        return torch.zeros(d_out, dtype=torch.bool, device=device).index_fill(0, self._index(device), True)
-
-    def _base_norm(self) -> torch.Tensor:
-        return torch.linalg.vector_norm(self._dense_weight(), dim=1)
-
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().saved_tensors(), "magnitude": self.full_magnitude()}
-
-    def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "magnitude" not in tensors:
-            raise ValueError("a DoRA layer needs its lora_magnitude_vector")
-        self.load_magnitude(tensors["magnitude"].to(self.lora_magnitude.device))  # checked first: a refusal changes nothing
-        super().load_saved_tensors(tensors)
-
-    @torch.no_grad()
-    def load_magnitude(self, magnitude: torch.Tensor) -> None:
-        """Inverse of `full_magnitude`; refuses other rows whose entry is not ||W0_row|| (they would not stay W0)."""
-        d_out, _ = self.weight_shape
-        if tuple(magnitude.shape) != (d_out,):
-            raise ValueError(f"lora_magnitude_vector has shape {tuple(magnitude.shape)}, expected ({d_out},)")
-        if self.out_index is not None:
-            others = ~self._adapted_mask(magnitude.device)
-            if not torch.allclose(magnitude[others], self._base_norm().to(magnitude.device)[others], rtol=1e-6, atol=0):
-                raise ValueError("lora_magnitude_vector moves output rows outside the adapted features")
-        self.lora_magnitude.copy_(self._rows(magnitude[:, None])[:, 0])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora"

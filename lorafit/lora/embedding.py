@@ -10,17 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora.linear import lora_scaling, whole
+from lorafit.lora.linear import lora_scaling
 
 
 class LoRAEmbedding(nn.Module):
     """base(ids) + scaling · B·A[:, ids], times the base's own `embed_scale` where it multiplies its output."""
 
-    slices = None
-    out_index = None
-    fan_in_fan_out = False
-
-    def __init__(self, base: nn.Embedding, rank: int, alpha: float, *, use_rslora: bool = False, **_options):
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, *, use_rslora: bool = False):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be positive, got {rank}")
@@ -32,16 +28,10 @@ class LoRAEmbedding(nn.Module):
         self.dropout = nn.Identity()  # as peft: no dropout on token ids
         self.merged = False
         vocab, d = base.weight.shape
-        self.slice_sizes = [d]
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.zeros(rank, vocab, **factory))
         self.lora_B = nn.Parameter(torch.empty(d, rank, **factory))
         self.reset_parameters()
-
-    @property
-    def plain_pairs(self) -> int:
-        """Rank-r pairs in the saved adapter: one (an embedding takes no SVD start)."""
-        return 1
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -65,6 +55,10 @@ class LoRAEmbedding(nn.Module):
     def lora_params(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
 
+    @property
+    def max_rank(self) -> int:
+        return min(self.base.weight.shape)
+
     def reset_parameters(self, init: str | None = None) -> None:
         if self.lora_A.is_meta:
             return
@@ -77,8 +71,8 @@ class LoRAEmbedding(nn.Module):
         return 1.0 if scale is None else scale.to(like.dtype) if torch.is_tensor(scale) else scale
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔE [vocab, d] (for merging only)."""
-        return self.scaling * (self.lora_B @ self.lora_A).t()
+        """ΔEᵀ [d, vocab], of `weight_shape` as every layer's ΔW (for merging only)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
@@ -92,33 +86,14 @@ class LoRAEmbedding(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight += self.delta_weight().t().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight -= self.delta_weight().t().to(self.base.weight.dtype)
             self.merged = False
-
-    @torch.no_grad()
-    def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, vocab], B [d, r]): peft's lora_embedding_A and lora_embedding_B."""
-        return whole(self.lora_A), whole(self.lora_B)
-
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(zip("AB", self.plain_lora_weights()))
-
-    def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.load_plain_lora_weights(tensors["A"], tensors["B"])
-
-    @torch.no_grad()
-    def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        for name, found, expected in (("A", a, self.lora_A), ("B", b, self.lora_B)):
-            if found.shape != expected.shape:
-                raise ValueError(f"lora_embedding_{name} has shape {tuple(found.shape)}, expected {tuple(expected.shape)}")
-        self.lora_A.copy_(a)
-        self.lora_B.copy_(b)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, embedding"

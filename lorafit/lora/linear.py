@@ -15,7 +15,7 @@ from torch import nn
 
 from lorafit.lora.dropout import apply_keyed, keys_for
 from lorafit.lora.fused import fused_applies, lora_projection
-from lorafit.lora.inits import SVD_INITS, against_original, start_from_principal
+from lorafit.lora.inits import SVD_INITS, start_from_principal
 
 INITS = ("kaiming", "gaussian", *SVD_INITS)
 
@@ -126,13 +126,14 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     @property
-    def plain_pairs(self) -> int:
-        """Rank-r pairs in the saved plain LoRA: one per slice, two after a PiSSA/OLoRA start (see svd_init)."""
-        return len(self.slice_sizes) * (2 if self.init in SVD_INITS else 1)
-
-    @property
     def lora_params(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
+
+    @property
+    def max_rank(self) -> int:
+        """The smaller side of the input and of every slice: a rank above it is no longer low-rank (and a slice's
+        rows could not all be reached)."""
+        return min(self.lora_A.shape[1], *self.slice_sizes)
 
     def full_B(self, stacked: torch.Tensor | None = None) -> torch.Tensor:
         """B (or `stacked`, a B laid out as lora_B) as one [d_out, n_slices·r] matrix: block-structured, zero in
@@ -213,44 +214,6 @@ class LoRALinear(nn.Module):
             raise ValueError("cannot merge LoRA into a quantized weight; merge into the full-precision base model")
         weight = self.base.weight
         weight += (delta.t() if self.fan_in_fan_out else delta).to(weight.dtype)
-
-    @torch.no_grad()
-    def plain_lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the equivalent plain LoRA of rank n_slices·r on the whole projection.
-
-        Whole tensors even when FSDP holds only a shard here (then every process must call this). After a
-        PiSSA/OLoRA start, the LoRA of ΔW against the original base (rank 2r per slice).
-        """
-        a, b = whole(self.lora_A), whole(self.lora_B)
-        if self.init in SVD_INITS:
-            a, b = against_original(self, a, b)
-        return a, self.full_B(b)
-
-    @torch.no_grad()
-    def load_plain_lora_weights(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Inverse of `plain_lora_weights`; refuses a B with non-zero entries outside this layer's slice blocks."""
-        if a.shape != self.lora_A.shape:
-            raise ValueError(f"lora_A has shape {tuple(a.shape)}, expected {tuple(self.lora_A.shape)}")
-        expected = (self.weight_shape[0], self.lora_A.shape[0])
-        if b.shape != expected:
-            raise ValueError(f"lora_B has shape {tuple(b.shape)}, expected {expected}")
-        stacked = b
-        if self.slices is not None:
-            # Check before copying, so a refused B leaves the layer as it was.
-            if not is_block_structured(b, self.slices, self.rank):
-                raise ValueError("lora_B has non-zero entries outside the adapted output features")
-            per_slice = self._index(b.device).split(self.slice_sizes)
-            stacked = torch.cat([b[index, i * self.rank : (i + 1) * self.rank] for i, index in enumerate(per_slice)])
-        self.lora_A.copy_(a)
-        self.lora_B.copy_(stacked)
-
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """What an adapter file holds for this layer, by part ("A", "B"); a variant adds its own parts."""
-        return dict(zip("AB", self.plain_lora_weights()))
-
-    def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of `saved_tensors`; ValueError (nothing changed) if a part does not fit."""
-        self.load_plain_lora_weights(tensors["A"], tensors["B"])
 
     def extra_repr(self) -> str:
         parts = f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -2,29 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import get_args
 
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.lora.dora import DoRALinear
-from lorafit.lora.embedding import LoRAEmbedding
-from lorafit.lora.linear import LoRALinear
+from lorafit.lora.variants import VARIANTS, LoRALayer, for_module, layer_variant
 from lorafit.model.targets import ALL_LINEAR, EMBED, Target, fused_slices, matches_suffix, semantic_targets
-from lorafit.recipe import Variant
-
-# The class that wraps a projection, for each variant the recipe allows but AdaLoRA, whose layers start at
-# init_rank and are made by lorafit.lora.adalora.inject_adalora.
-VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
-
-
-assert set(VARIANTS) | {"adalora"} == set(get_args(Variant))
-
-
-LoRALayer = LoRALinear | LoRAEmbedding
-
-
-LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 
 
 @dataclass
@@ -145,7 +128,7 @@ def inject_lora(
     *,
     init: str = "kaiming",
     use_rslora: bool = False,
-    variant: Variant = "lora",
+    variant: str = "lora",
 ) -> dict[str, LoRALayer]:
     """Replace each targeted module by a LoRA layer of `variant` around it and freeze all base parameters."""
     sites = find_sites(model, targets)
@@ -154,14 +137,17 @@ def inject_lora(
     return freeze_and_wrap(model, layers)
 
 
-def lora_layer(module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *, variant: Variant = "lora",
+def wrap_targets(model: nn.Module, lora) -> dict[str, LoRALayer]:
+    """A recipe's [lora]: its variant's layers, at the rank they start from, in place of its targets."""
+    return inject_lora(model, lora.targets, VARIANTS[lora.variant].rank(lora), lora.alpha, lora.dropout,
+                       init=lora.init, use_rslora=lora.use_rslora, variant=lora.variant)
+
+
+def lora_layer(module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *, variant: str = "lora",
                **options) -> LoRALayer:
-    """The LoRA layer that wraps `module`: an embedding's, or the variant's projection layer."""
-    if is_embedding(module):
-        if variant != "lora":
-            raise LorafitError(f"variant {variant!r} adapts linear layers only; drop the embedding from [lora] targets")
-        return LoRAEmbedding(module, rank, alpha, use_rslora=options.get("use_rslora", False))
-    return VARIANTS[variant](module, rank, alpha, dropout, fan_in_fan_out=stores_transposed(module), **options)
+    """The layer that wraps `module` under `variant`: the variant's own, or the embedding tables' one."""
+    entry = for_module(VARIANTS[variant], embedding=is_embedding(module))
+    return entry.build(module, rank, alpha, dropout, fan_in_fan_out=stores_transposed(module), **options)
 
 
 def freeze_and_wrap(model: nn.Module, layers: dict[str, LoRALayer]) -> dict[str, LoRALayer]:
@@ -180,13 +166,7 @@ def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    return {path: module for path, module in model.named_modules() if isinstance(module, LORA_LAYERS)}
-
-
-def variant_of(layers: dict[str, LoRALayer]) -> str:
-    """The variant of the projection layers ("lora" when there are only embeddings)."""
-    names = {kind: name for name, kind in VARIANTS.items()}
-    return next((names[type(layer)] for layer in layers.values() if type(layer) in names), "lora")
+    return {path: module for path, module in model.named_modules() if layer_variant(module) is not None}
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -74,6 +74,9 @@ def load_config(name: str, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):  # transformers' several-line request to run the model's own code
+            raise LorafitError(f"{name} needs its own Python code to load; if you trust that code, set [model] "
+                               "trust_remote_code = true in the recipe") from error
         if Path(name).expanduser().is_dir():
             raise LorafitError(f"{name}/config.json is not a model config ({error}); re-save the model") from error
         raise _hub_error(name) from error

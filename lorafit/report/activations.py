@@ -24,9 +24,9 @@ def _saved_bytes(config, blocks: int, lora, rows: int, length: int, dtype: torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
+    from lorafit.model.inject import wrap_targets
     from lorafit.model.load import fuse_activations
     from lorafit.model.masks import masks_without_host_reads
-    from lorafit.train.step import wrap_targets
 
     config = copy.deepcopy(config)
     config.num_hidden_layers = blocks

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorafit.lora.linear import LoRALinear
-from lorafit.model.inject import count_parameters, inject_lora
+from lorafit.lora.variants import VARIANTS, LoRALayer, layer_variant
+from lorafit.model.inject import count_parameters, wrap_targets
 from lorafit.model.load import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
 from lorafit.model.quantize import frozen_weight_bytes
+from lorafit.recipe import Recipe
 
 ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
 
@@ -15,23 +16,16 @@ ADAM_STATE_BYTES = 8  # AdamW keeps two fp32 moments per trained parameter
 LORA_BYTES = 4  # A and B are always kept in fp32
 
 
-def module_rows(layers: dict[str, LoRALinear]) -> list[dict]:
+def module_rows(layers: dict[str, LoRALayer]) -> list[dict]:
     return [
         {"name": path, "shape": list(layer.weight_shape), "lora_params": layer.lora_params}
         for path, layer in layers.items()
     ]
 
 
-def adapter_tensor_bytes(layers: dict[str, LoRALinear]) -> int:
-    """Bytes of the tensors in adapter_model.safetensors, where a sliced layer's B is stored full-width."""
-    total = 0
-    for layer in layers.values():
-        stacked_rank, d_in = layer.lora_A.shape
-        d_out, _ = layer.weight_shape
-        total += stacked_rank * (d_in + d_out) * LORA_BYTES
-        if hasattr(layer, "lora_magnitude"):
-            total += d_out * LORA_BYTES  # DoRA's magnitude vector, stored over every output row
-    return total
+def adapter_tensor_bytes(layers: dict[str, LoRALayer]) -> int:
+    """Bytes of the tensors in adapter_model.safetensors: each variant's registry entry counts its layers' own."""
+    return sum(layer_variant(layer).adapter_bytes(layer) for layer in layers.values())
 
 
 def memory_estimate(total: int, trainable: int, weight_bytes: int, frozen_bytes: int | None = None) -> dict:
@@ -61,7 +55,7 @@ def memory_estimate(total: int, trainable: int, weight_bytes: int, frozen_bytes:
 
 
 def parameter_report(
-    model: nn.Module, layers: dict[str, LoRALinear], weight_bytes: int, frozen_bytes: int | None = None
+    model: nn.Module, layers: dict[str, LoRALayer], weight_bytes: int, frozen_bytes: int | None = None
 ) -> dict:
     counts = count_parameters(model)
     return {
@@ -74,15 +68,14 @@ def parameter_report(
     }
 
 
-def describe(
-    model_name: str, rank: int, alpha: float, targets: list[str], dtype: str = "auto", variant: str = "lora",
-    quantize: str = "none",
-) -> dict:
-    """What LoRA on `targets` would train, computed on the meta device: only config.json is read."""
-    config = load_config(model_name)
+def describe(recipe: Recipe, model_name: str | None = None) -> dict:
+    """What the recipe's LoRA (its variant, start, quantization and targets) would train, computed on the meta device
+    from the config of its model (or of `model_name`) alone. `info`, the dry run and their tables show it."""
+    name = model_name or recipe.model.name
+    config = load_config(name, trust_remote_code=recipe.model.trust_remote_code)
     model = meta_model(config)
-    # AdaLoRA is counted as the plain LoRA it exports at this rank (its Λ and init_rank pairs are not counted)
-    layers = inject_lora(model, targets, rank, alpha, variant="lora" if variant == "adalora" else variant)
+    lora, dtype, quantize = recipe.lora, recipe.model.dtype, recipe.model.quantize
+    layers = wrap_targets(model, lora)
     weights = resolve_precision("auto", "auto")[0] if dtype == "auto" else dtype  # as training here would load it
     itemsize = DTYPES[weights].itemsize
     frozen = None
@@ -91,8 +84,11 @@ def describe(
     report = parameter_report(model, layers, itemsize, frozen)
     if quantize != "none":
         report["quantize"] = quantize
-    report["model"] = model_name
+    report["model"] = name
     report["model_type"] = config.model_type
     report["dtype"] = weights
-    report["lora"] = {"rank": rank, "alpha": alpha, "targets": targets, "variant": variant}
+    variant = VARIANTS[lora.variant]
+    report["lora"] = {"rank": variant.rank(lora), "alpha": lora.alpha, "targets": lora.targets, "variant": variant.name}
+    if variant.exports:
+        report["lora"]["exports"] = variant.exports
     return report

@@ -18,8 +18,11 @@ def info_tables(report: dict) -> list:
     """Rich renderables for `lorafit info` and the end-of-training summary."""
     from rich.table import Table
 
-    variant = {"lora": "LoRA", "dora": "DoRA"}.get(report["lora"].get("variant", "lora"), "LoRA")
-    modules = Table(title=f"{variant} targets (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g})")
+    from lorafit.lora.variants import VARIANTS
+
+    lora = report["lora"]
+    modules = Table(title=f"{VARIANTS[lora['variant']].title} targets (rank {lora['rank']}, alpha {lora['alpha']:g})",
+                    caption=lora.get("exports"))
     for column in ("module", "shape (d_out x d_in)", "LoRA params"):
         modules.add_column(column, justify="right" if column != "module" else "left")
     rows = report["modules"]
@@ -89,9 +92,10 @@ def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
     )
     evaluation = report["eval"]
     before = evaluation.get("before") or {}
+    other_rows = " (on other rows)" if before.get("rows_changed") else ""  # the eval data changed on a resume
     for key in ("loss", "perplexity", "accuracy"):
         if key in evaluation:
-            was = f"{before[key]:.4f} -> " if key in before else ""
+            was = f"{before[key]:.4f}{other_rows} -> " if key in before else ""
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
     if "skipped" in evaluation:
         table.add_row("eval", f"none: {evaluation['skipped']}")

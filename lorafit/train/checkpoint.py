@@ -47,10 +47,27 @@ class RunState:
     total_steps: int = 0  # the schedule's length when the checkpoint was saved (0 in older checkpoints)
     best: dict | None = None  # [train] keep_best: the best evaluation so far, with its step
     log_window: dict | None = None  # the log window open at the checkpoint (metrics.LogWindow.saved)
+    eval_fingerprint: str = ""  # data_fingerprint of the evaluation rows the run started with ("" in older ones)
+
+
+# The dtypes a checkpoint's trainable tensors and optimizer moments are written in (an optimizer's step count is
+# any float); anything else was not written by lorafit, and loading it would round the run silently.
+WRITTEN_DTYPE = "F32"
+
+
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 
 
 def unreadable(folder: Path, error: object) -> LorafitError:
     return LorafitError(f"checkpoint {folder.name} is unreadable ({error}); remove it to resume from the one before")
+
+
+def diverged(run_dir: Path, what: str) -> LorafitError:
+    """A run whose loss or weights stopped being finite (exit 1). No checkpoint is saved after that (and none
+    that is not finite is resumed from), so the newest one is good."""
+    last = latest_checkpoint(run_dir)
+    kept = f"; the last good checkpoint is {last.name}" if last else ""
+    return LorafitError(f"{what}; lower [train] lr or use float32{kept}", exit_code=1)
 
 
 def data_fingerprint(rows: list[dict]) -> str:
@@ -126,6 +143,9 @@ def save_checkpoint(
     for index, values in optimizer_state["state"].items():
         for key, value in values.items():
             tensors[f"optimizer.{index}.{key}"] = whole(torch.as_tensor(value))
+    broken = next((key for key, value in tensors.items() if not torch.isfinite(value).all()), None)
+    if broken is not None:  # every rank holds the same whole tensors, so every rank stops here
+        raise diverged(run_dir, f"{broken} became NaN or inf at step {step}")
     rng_plain = []
     for rank, (plain, rng_tensors) in enumerate(all_gather_objects(capture_rng())):
         rng_plain.append(plain)
@@ -170,37 +190,59 @@ def read_progress(folder: Path) -> RunState:
 
 
 def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint recorded, which must be the one its folder is named after."""
     step = _read_state(folder).get("step")
     if not isinstance(step, int) or step < 1:
         raise unreadable(folder, f"training_state.json has no valid step ({step!r})")
+    named = STEP_DIR.match(folder.name)
+    if named and int(named.group(1)) != step:
+        raise unreadable(folder, f"training_state.json says step {step}, its folder's name step {int(named.group(1))}")
     return step
 
 
 def verify(folder: Path, trainable: dict[str, tuple[int, ...]]) -> None:
-    """Check, from the files' headers alone, that a checkpoint holds every trainable tensor with its shape and
-    the state of the optimizer, schedule and RNG, before any weight is loaded."""
+    """Check that a checkpoint holds every trainable tensor with its shape, as float32 and finite, the optimizer's
+    moments likewise, a step that fits its name and schedule, and the schedule and RNG states, before any weight
+    of the model is loaded. The tensors are read one at a time (LoRA's are small)."""
     from safetensors import safe_open
 
     plain = _read_state(folder)
-    read_progress(folder)
-    checkpoint_step(folder)
+    progress = read_progress(folder)
+    step = checkpoint_step(folder)
+    if progress.total_steps and step > progress.total_steps:
+        raise unreadable(folder, f"its step {step} is past the end of its {progress.total_steps}-step schedule")
     try:
         with safe_open(str(folder / STATE_TENSORS), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            headers = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: tuple(header.get_shape()) for key, header in headers.items()}
+            for index, (name, shape) in enumerate(trainable.items()):
+                for key in (f"model.{name}", f"optimizer.{index}.exp_avg", f"optimizer.{index}.exp_avg_sq"):
+                    if key not in shapes:
+                        raise unreadable(folder, f"tensor {key} is missing")
+                    if shapes[key] != shape:
+                        raise LorafitError(
+                            f"checkpoint {folder.name} does not fit this model ({name} is {list(shapes[key])}, the "
+                            f"model's {list(shape)}); start a new run"
+                        )
+            for key, header in headers.items():
+                if key.startswith(("model.", "optimizer.")):
+                    _check_tensor(folder, key, header.get_dtype(), handle.get_tensor(key))
     except (OSError, SafetensorError) as error:
         raise unreadable(folder, error) from error
-    for index, (name, shape) in enumerate(trainable.items()):
-        for key in (f"model.{name}", f"optimizer.{index}.exp_avg", f"optimizer.{index}.exp_avg_sq"):
-            if key not in shapes:
-                raise unreadable(folder, f"tensor {key} is missing")
-            if shapes[key] != shape:
-                raise LorafitError(
-                    f"checkpoint {folder.name} does not fit this model ({name} is {list(shapes[key])}, the model's "
-                    f"{list(shape)}); start a new run"
-                )
     problems = [key for key in ("param_groups", "scheduler", "rng") if not plain.get(key)]
     if problems or "rng.0.torch" not in shapes:
         raise unreadable(folder, f"no {(problems or ['rng.0.torch'])[0]} state")
+
+
+def _check_tensor(folder: Path, key: str, dtype: str, tensor: torch.Tensor) -> None:
+    """A trainable tensor or optimizer moment as lorafit writes it: float32 and finite (second moments >= 0)."""
+    step_count = key.endswith(".step")
+    if dtype not in (FLOAT_DTYPES if step_count else (WRITTEN_DTYPE,)):
+        raise unreadable(folder, f"tensor {key} is {dtype}, where lorafit writes {'a float' if step_count else 'F32'}")
+    if not torch.isfinite(tensor).all():
+        raise unreadable(folder, f"tensor {key} holds NaN or inf")
+    if key.endswith("exp_avg_sq") and (tensor < 0).any():
+        raise unreadable(folder, f"tensor {key} holds negative second moments")
 
 
 def load_checkpoint(

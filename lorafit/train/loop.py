@@ -19,6 +19,7 @@ from rich.console import Console
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.adapter.export import readiness
 from lorafit.adapter.format import WEIGHTS_FILE
 from lorafit.adapter.save import adapter_files
 from lorafit.data.batches import collate, supervised_counts
@@ -27,10 +28,11 @@ from lorafit.data.packing import Packed, pack_rows
 from lorafit.data.plan import StepRows, rank_share
 from lorafit.data.rows import no_evaluation_reason
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, os_failure
 from lorafit.evaluate import evaluate_split
-from lorafit.lora.adalora import RankAllocator, rank_allocator
+from lorafit.lora.adalora import RankAllocator
 from lorafit.lora.linear import LoRALinear
+from lorafit.lora.variants import allocator_for
 from lorafit.messages import note
 from lorafit.model.load import load_model
 from lorafit.model.loss import SupervisedLoss
@@ -42,9 +44,9 @@ from lorafit.storage import write_atomic, write_folder, write_json
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState, data_fingerprint
 from lorafit.train.metrics import LogWindow, eval_record, improves
-from lorafit.train.preflight import Checked, check_run
+from lorafit.train.preflight import Checked, check_keep_best, check_run
 from lorafit.train.processes import StopRequest, any_rank, stop_on_signals
-from lorafit.train.resume import check_continuation
+from lorafit.train.resume import check_continuation, eval_rows_changed, how_to_continue, saved_state
 from lorafit.train.run_folder import mark
 from lorafit.train.step import distribute, prepare_model, train_step
 
@@ -112,9 +114,10 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
             stop.deferred = False
             return finish(run)
         except KeyboardInterrupt:
-            latest = checkpoint.latest_checkpoint(Path(recipe.output.dir))
-            saved = f"the newest checkpoint is {latest.name}, continue with --resume" if latest else "nothing to resume"
-            raise LorafitError(f"stopped by a signal; {saved}", exit_code=130) from None
+            raise LorafitError(f"stopped by a signal; {saved_state(Path(recipe.output.dir), recipe)}",
+                               exit_code=130) from None
+        except OSError as error:  # the path and cause in words, and what the run keeps
+            raise os_failure(error, saved_state(Path(recipe.output.dir), recipe)) from error
 
 
 def set_up(recipe: Recipe, checked: Checked) -> Run:
@@ -129,6 +132,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
             print_fitting(console, split)
     if eval_split is None:
         note(f"no evaluation: {no_evaluation_reason(recipe.data)}", console)
+    check_keep_best(recipe, checked.resume_from is not None, evaluation=eval_split is not None)
     rows = train_split.examples.to_list()
     supervised = supervised_counts(train_split.examples)
     packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
@@ -137,7 +141,8 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
         rows, supervised = packed.sequences, packed.supervised
     steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
-    state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps)
+    state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps,
+                    eval_fingerprint=data_fingerprint(eval_split.examples.to_list()) if eval_split else "")
     if checked.resume_from is not None:
         check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
@@ -146,7 +151,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
                        dropout=recipe.model.dropout)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=checked.checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize, device=accelerator.device)
-    ranks = rank_allocator(layers, recipe.lora, total_steps) if recipe.lora.variant == "adalora" else None
+    ranks = allocator_for(recipe.lora, layers, total_steps)
     scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
@@ -177,6 +182,10 @@ def start_or_resume(run: Run) -> None:
         scaler=run.accelerator.scaler,
     )
     extended = saved.total_steps and saved.total_steps != run.total_steps
+    if eval_rows_changed(saved, run.state):  # scores from before this launch are on other rows: said everywhere
+        note(f"the evaluation rows differ from those {run.run_dir} started with (data file or tokenizer changed); "
+             "scores from before now (the base model's, keep_best's best) were on the old rows", run.console)
+        saved.eval_before = saved.eval_before and {**saved.eval_before, "rows_changed": True}
     # what is done so far, on this launch's processes and schedule
     run.state = replace(saved, world_size=run.state.world_size, total_steps=run.total_steps,
                         model_fingerprint=run.state.model_fingerprint or saved.model_fingerprint)
@@ -231,7 +240,8 @@ def run_steps(run: Run, stop: StopRequest) -> None:
                 state.log_window = window.saved()
                 _save(run, done)
             if stops:
-                raise LorafitError(f"stopped at step {done}; checkpoint saved, continue with --resume", exit_code=130)
+                raise LorafitError(f"stopped at step {done}; checkpoint saved, {how_to_continue(run.recipe)}",
+                                   exit_code=130)
 
 
 def finish(run: Run) -> dict:
@@ -263,9 +273,14 @@ def finish(run: Run) -> dict:
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "report.json", report)
         history = metrics.read_metrics(run.run_dir)
-        save_curves(history, run.run_dir / "curves.png", run.console)
+        try:
+            save_curves(history, run.run_dir / "curves.png", run.console)
+        except OSError as error:  # the run itself is complete: a missing picture does not fail it
+            note(str(os_failure(error, "the run is complete without curves.png")), run.console)
     for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
+    if run.accelerator.is_main_process:
+        run.console.print(readiness(run.run_dir / "adapter", run.model.config), highlight=False, soft_wrap=True)
     run.accelerator.wait_for_everyone()
     return report
 
@@ -288,9 +303,7 @@ def _micro_batches(run: Run, step: int) -> tuple[list[int], list[dict]]:
 def _check_finite(run: Run, loss: float, step: int) -> None:
     """A non-finite loss ends the run (exit 1) before it can be logged or saved; every rank sees the same loss."""
     if not math.isfinite(loss):
-        last = checkpoint.latest_checkpoint(run.run_dir)
-        kept = f"; the last good checkpoint is {last}" if last else ""
-        raise LorafitError(f"loss became {loss} at step {step}; lower [train] lr or use float32{kept}", exit_code=1)
+        raise checkpoint.diverged(run.run_dir, f"loss became {loss} at step {step}")
 
 
 def _save(run: Run, step: int) -> None:
@@ -306,7 +319,7 @@ def _evaluate_at(run: Run, step: int, result: dict | None = None, files: dict | 
         result = _evaluate(run)
         print_eval(run.console, f"at step {step}", result)
     metrics.log(run.accelerator, run.run_dir, eval_record(step, result))
-    if run.recipe.train.keep_best and improves(result, run.state.best):
+    if run.recipe.train.keep_best and run.eval_split is not None and improves(result, run.state.best):
         files = files or run.adapter_files()  # a collective under FSDP2: every rank is here
         if run.accelerator.is_main_process:
             write_folder(run.run_dir / "adapter-best", files)

@@ -18,8 +18,17 @@ from rich.console import Console
 
 from lorafit.data.packing import check_packing
 from lorafit.data.plan import global_batch_split
+from lorafit.data.rows import (
+    DEFAULT_EVAL_SPLIT,
+    HELD_OUT,
+    MissingSplit,
+    evaluation_split,
+    no_evaluation_reason,
+    split_file,
+)
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
 from lorafit.model.load import (
     check_context_length,
@@ -73,6 +82,11 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = check_output(recipe.output.dir, name)
+    if not resume:  # a resumed run is told in set_up, where its evaluation rows are known
+        check_keep_best(recipe, resume=False)
+    if evaluation_split(recipe.data) == recipe.data.train_split:
+        note(f"evaluation reads the training split {recipe.data.train_split!r}, so its scores are on rows the model "
+             "trains on; set [data] eval_split or eval_fraction for held-out scores", console)
     config = load_config(name, trust_remote_code=remote_code)
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     check_context_length(config, recipe.data.max_length)
@@ -98,8 +112,6 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         held.callback(lock.release)
         finished = finished_report(run_dir, recipe) if resume else None
         resume_from = None if finished else check_resume(run_dir, recipe, resume, state)
-        if resume_from is not None and recipe.lora.variant == "adalora":
-            raise LorafitError("--resume does not restore AdaLoRA's importance scores yet; start a new run")
         if resume_from is not None:
             checkpoint.verify(resume_from, trainable)
         return finished, str(resume_from) if resume_from else None
@@ -150,20 +162,49 @@ def choose_checkpointing(recipe: Recipe, config, device_bytes: int | None, world
     return True
 
 
+def check_keep_best(recipe: Recipe, resume: bool, evaluation: bool | None = None) -> None:
+    """[train] keep_best needs evaluation rows to choose from. `evaluation`: whether the data has them, when
+    known; else found from the recipe's files (a hub dataset's splits are known once it is read: None).
+
+    A new run without them is refused; a resumed one (started before this rule) finishes without adapter-best/.
+    """
+    if not recipe.train.keep_best:
+        return
+    if evaluation is None:
+        evaluation = _has_evaluation(recipe)
+    if evaluation is False:
+        reason = no_evaluation_reason(recipe.data)
+        if resume:
+            note(f"[train] keep_best has no evaluation to choose from ({reason}); the run ends without adapter-best/")
+            return
+        raise LorafitError(f"[train] keep_best needs evaluation rows, and there are none ({reason}); set [data] "
+                           "eval_split or eval_fraction, or drop keep_best")
+
+
+def _has_evaluation(recipe: Recipe) -> bool | None:
+    split = evaluation_split(recipe.data)
+    if split is None or split == HELD_OUT:
+        return split is not None
+    try:
+        return True if split_file(recipe.data, split) else None
+    except MissingSplit:
+        return split != DEFAULT_EVAL_SPLIT  # a split the recipe names itself: reading it says it is missing
+
+
 def check_lora(config, recipe: Recipe) -> dict[str, tuple[int, ...]]:
     """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
 
-    Refuses targets the model lacks and a rank above a wrapped projection's smaller side, where the
-    update would no longer be low-rank (and a slice's rows could not all be reached).
+    Refuses targets the model lacks and a rank (the one the variant's layers start at) above a wrapped module's
+    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached).
     """
     model = meta_model(config)
     lora = recipe.lora
     layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))  # SVD starts need real weights
     for path, layer in layers.items():
-        smaller = min(layer.lora_A.shape[1], *layer.slice_sizes)
-        if lora.rank > smaller:
+        if layer.rank > layer.max_rank:
             raise LorafitError(
-                f"[lora] rank = {lora.rank} is more than {path}'s smaller side ({smaller}); use a rank of at most {smaller}"
+                f"{VARIANTS[lora.variant].rank_name} = {layer.rank} is more than {path}'s smaller side "
+                f"({layer.max_rank}); use a rank of at most {layer.max_rank}"
             )
     # compile, FSDP and 4-bit weights work block by block
     if recipe.train.compile or recipe.train.parallel != "ddp" or recipe.model.quantize != "none":

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import VARIANTS
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
 
@@ -28,23 +29,29 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
     """
     latest = latest_checkpoint(run_dir)
     report = _finished_report(run_dir)
-    if not resume:
-        if report is not None:
-            raise LorafitError(
-                f"{run_dir} already holds a run, finished at step {report['throughput']['steps']}; to train it longer "
-                "pass --resume --set train.max_steps=<more>, or give --output for a new run"
-            )
-        if latest is not None or (run_dir / "adapter").exists():
-            where = f" (stopped after {latest.name})" if latest else ""
-            raise LorafitError(f"{run_dir} already holds a run{where}; pass --resume to continue it or --output for a new one")
-        return None
+    if not resume and report is not None:
+        raise LorafitError(
+            f"{run_dir} already holds a run, finished at step {report['throughput']['steps']}; to train it longer "
+            "pass --resume --set train.max_steps=<more>, or give --output for a new run"
+        )
     if latest is None:
         if report is not None:
             raise LorafitError(
                 f"{run_dir} finished without keeping its last step's training state (an older lorafit), so it cannot be "
                 "extended exactly; start a new run with more steps"
             )
-        raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
+        if (run_dir / "adapter").exists():  # the same words with or without --resume: neither can continue it
+            raise LorafitError(f"{run_dir} holds an adapter but no checkpoint to continue from; give --output for a "
+                               "new run")
+        if resume:
+            raise LorafitError(f"{run_dir} has no complete checkpoint to resume from; drop --resume to start fresh")
+        return None
+    reason = not_resumable(recipe)
+    if reason:
+        raise LorafitError(f"{run_dir} holds a run stopped after {latest.name}, and {reason}; give --output for a new run")
+    if not resume:
+        raise LorafitError(f"{run_dir} already holds a run (stopped after {latest.name}); pass --resume to continue "
+                           "it or --output for a new one")
     _check_recipe(checkpoint_recipe(latest, run_dir), recipe, LENGTH_KEYS)
     saved = read_progress(latest)
     if saved.model_fingerprint and now.model_fingerprint and saved.model_fingerprint != now.model_fingerprint:
@@ -61,6 +68,24 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
     return latest
 
 
+def not_resumable(recipe: Recipe) -> str | None:
+    """Why a run of `recipe` cannot be continued from its checkpoints, or None when it can."""
+    return VARIANTS[recipe.lora.variant].resume_refusal or None
+
+
+def saved_state(run_dir: Path, recipe: Recipe) -> str:
+    """What a run that stopped or failed leaves to continue from, and how, in words for its last line."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "nothing to resume"
+    return f"the newest checkpoint is {latest.name}, {how_to_continue(recipe)}"
+
+
+def how_to_continue(recipe: Recipe) -> str:
+    reason = not_resumable(recipe)
+    return f"but {reason}; start a new run with another --output" if reason else "continue with --resume"
+
+
 def finished_report(run_dir: Path, recipe: Recipe) -> dict | None:
     """The report of a finished run that `recipe` would not train any further (same length keys), else None."""
     report = _finished_report(run_dir)
@@ -71,6 +96,11 @@ def finished_report(run_dir: Path, recipe: Recipe) -> dict | None:
         return None
     _check_recipe(saved, recipe)
     return report
+
+
+def eval_rows_changed(saved: RunState, now: RunState) -> bool:
+    """Whether the evaluation rows differ from those the run started with (unknown in older checkpoints: no)."""
+    return bool(saved.eval_fingerprint and now.eval_fingerprint and saved.eval_fingerprint != now.eval_fingerprint)
 
 
 def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps: int) -> None:
@@ -106,7 +136,8 @@ def check_length(step: int, before: int, after: int, schedule: str, warmup_steps
 
 
 def checkpoint_recipe(folder: Path, run_dir: Path) -> Recipe:
-    """The recipe `folder`'s adapter was trained with (its lorafit.json), else the run's recipe.toml."""
+    """The recipe `folder`'s adapter was trained with (its lorafit.json), else the run's recipe.toml. `folder` is
+    a checkpoint, or the run folder itself for its final adapter."""
     facts = Path(folder) / "adapter" / "lorafit.json"
     try:
         raw = json.loads(facts.read_text())["extra"]["recipe"] if facts.is_file() else None
@@ -116,7 +147,11 @@ def checkpoint_recipe(folder: Path, run_dir: Path) -> Recipe:
             raise ValueError("it records no recipe")
         return validate(raw, where=str(facts))
     except (OSError, ValueError, KeyError, TypeError, LorafitError) as error:
-        raise unreadable(Path(folder), error) from error
+        if Path(folder) != Path(run_dir):
+            raise unreadable(Path(folder), error) from error
+        latest = latest_checkpoint(run_dir)
+        copy = f"copy it back from {latest / 'adapter'}" if latest else "restore it"
+        raise LorafitError(f"the final adapter's {facts} is unreadable ({error}); {copy} to go on with the run") from error
 
 
 def _check_recipe(saved: Recipe, recipe: Recipe, allowed: set[str] = frozenset()) -> None:

@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from lorafit.data.batches import supervised_count
-from lorafit.lora.adalora import RankAllocator, inject_adalora
+from lorafit.lora.adalora import RankAllocator
 from lorafit.lora.dropout import keyed_dropout
 from lorafit.lora.linear import LoRALinear
-from lorafit.model.inject import inject_lora, stores_transposed
+from lorafit.model.inject import stores_transposed, wrap_targets
 from lorafit.model.load import decoder_blocks, enable_checkpointing, fuse_activations
 from lorafit.model.loss import SupervisedLoss
 from lorafit.model.masks import is_padded, masks_without_host_reads
@@ -61,14 +61,6 @@ def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: Train
     optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     return scorer, optimizer, scheduler
-
-
-def wrap_targets(model: nn.Module, lora: LoraSection) -> dict:
-    """The recipe's LoRA layers (of its variant) in place of the targets; {module path: layer}."""
-    if lora.variant == "adalora":
-        return inject_adalora(model, lora)
-    return inject_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, init=lora.init,
-                       use_rslora=lora.use_rslora, variant=lora.variant)
 
 
 def train_step(

@@ -7,15 +7,16 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same, logits, supervised_rows, tiny_model
+from conftest import assert_one_line_error, assert_same, logits, supervised_rows, tiny_model
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.adapter.convert import peft_tensors
 from lorafit.adapter.load import load_adapter
 from lorafit.adapter.save import save_adapter
 from lorafit.data.batches import collate
 from lorafit.errors import LorafitError
 from lorafit.lora.adalora import AdaLoRALinear, rank_allocator
-from lorafit.recipe import LoraSection, load_recipe
+from lorafit.recipe import LoraSection, load_recipe, recipe_toml, validate
 from lorafit.train.step import prepare_model, train_step
 
 peft = pytest.importorskip("peft")
@@ -87,7 +88,7 @@ def test_adalora_layer_is_base_plus_scaled_p_lambda_q(tokens):
     x = torch.randn(3, 16)
     dense = layer.base.weight + (8.0 / 4) * layer.lora_B @ torch.diag(layer.lora_E) @ layer.lora_A
     torch.testing.assert_close(layer(x), x @ dense.t() + layer.base.bias)
-    a, b = layer.plain_lora_weights()
+    a, b = peft_tensors(layer)["A"], peft_tensors(layer)["B"]
     assert a.shape == (3, 16) and b.shape == (8, 3)  # the pruned triplet is not exported
 
 
@@ -107,3 +108,55 @@ def test_schedule_without_steps_to_prune_is_refused():
     layers = prepare_model(tiny_model("gpt2"), LORA)
     with pytest.raises(LorafitError, match="tinit \\+ tfinal"):
         rank_allocator(layers, LORA, TINIT + TFINAL)
+
+
+def test_adalora_with_fp16_loss_scaling_is_refused():
+    with pytest.raises(LorafitError, match="variant = 'adalora' with fp16 loss scaling is not supported"):
+        validate({"lora": {"variant": "adalora"}, "train": {"mixed_precision": "fp16"}})
+
+
+# ---------------------------------------------------------------- [lora.adalora]: AdaLoRA's own keys
+
+
+def test_flat_adalora_keys_of_older_recipes_are_read_into_the_sub_table(tmp_path):
+    flat = tmp_path / "flat.toml"
+    flat.write_text('[lora]\nvariant = "adalora"\ninit_rank = 16\ntinit = 3\n')
+    nested = tmp_path / "nested.toml"
+    nested.write_text('[lora]\nvariant = "adalora"\n\n[lora.adalora]\ninit_rank = 16\ntinit = 3\n')
+    assert load_recipe(flat) == load_recipe(nested)
+    keys = load_recipe(flat).lora.adalora
+    assert (keys.init_rank, keys.tinit, keys.target_rank) == (16, 3, 8)
+    assert "[lora.adalora]\ninit_rank = 16\n" in recipe_toml(load_recipe(flat))
+
+
+def test_a_plain_lora_recipe_carries_no_adalora_sub_table():
+    """Not in its resolved recipe; and the AdaLoRA keys an older plain run's recipe.toml holds change nothing,
+    so such a run still resumes with its own recipe."""
+    plain = validate({"lora": {"variant": "lora"}})
+    assert plain.lora.adalora is None and "adalora" not in recipe_toml(plain)
+    older = validate({"lora": {"variant": "lora", "init_rank": 12, "target_rank": 8, "tinit": 0, "orth_reg_weight": 0.5}})
+    assert older == plain
+
+
+def test_set_reaches_a_sub_table_key_and_a_flat_key_overrides_it(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[lora]\nvariant = "adalora"\n\n[lora.adalora]\ninit_rank = 6\ntarget_rank = 3\n')
+    nested = load_recipe(path, ["lora.adalora.init_rank=10"]).lora.adalora
+    assert (nested.init_rank, nested.target_rank) == (10, 3)
+    flat = load_recipe(path, ["lora.init_rank=4"]).lora.adalora
+    assert (flat.init_rank, flat.target_rank) == (4, 3)
+
+
+def test_resume_of_an_adalora_run_is_refused_in_one_line(tiny_recipe):
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    adalora = {"variant": "adalora", "adalora": {"init_rank": 2, "target_rank": 1}}
+    recipe = tiny_recipe(lora=adalora, train={"max_steps": 2, "save_every": 1, "log_every": 1},
+                         data={"max_eval_examples": 2})
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", "-r", str(recipe)]).exit_code == 0
+    (recipe.parent / "run" / "report.json").unlink()  # as if stopped during the final evaluation
+    line = assert_one_line_error(runner.invoke(app, ["train", "-r", str(recipe), "--resume"]))
+    assert "AdaLoRA runs cannot be resumed yet" in line and line.endswith("give --output for a new run"), line

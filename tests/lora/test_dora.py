@@ -10,6 +10,7 @@ from lora_reference import D_IN, D_OUT, dense_weight
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.adapter.convert import peft_tensors
 from lorafit.adapter.load import load_adapter
 from lorafit.adapter.save import save_adapter
 from lorafit.lora.dora import DoRALinear
@@ -78,7 +79,7 @@ def test_dora_on_fused_rows_gives_magnitudes_to_adapted_rows_only_and_leaves_the
     x = torch.randn(4, D_IN)
     others = [f for f in range(D_OUT) if f not in {f for s in SLICES for f in s}]
     assert torch.equal(layer(x)[:, others], layer.base(x)[:, others])
-    full = layer.full_magnitude()
+    full = peft_tensors(layer)["magnitude"]
     assert torch.equal(full[others], dense_weight(layer.base, True)[others].norm(dim=1))
 
 

@@ -9,12 +9,12 @@ import torch
 import transformers
 from conftest import tiny_config
 
+from lorafit.model.inject import wrap_targets
 from lorafit.model.load import fuse_activations
 from lorafit.model.masks import masks_without_host_reads
 from lorafit.recipe import LoraSection, Recipe
 from lorafit.report.activations import CHUNK_BYTES, activation_estimate
 from lorafit.train.preflight import choose_checkpointing
-from lorafit.train.step import wrap_targets
 
 LORA = LoraSection(rank=4, alpha=8, dropout=0.1, targets=["q", "v"])
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import GPT2_MEDIUM_SHAPE, GPT3_SHAPE, gpt2_closed_form, tiny_config
+from conftest import GPT2_MEDIUM_SHAPE, GPT3_SHAPE, gpt2_closed_form, tiny_config, tiny_model
 
 from lorafit.errors import LorafitError
-from lorafit.report.counts import describe
+from lorafit.recipe import validate
+from lorafit.report.counts import describe as describe_recipe
+
+
+def describe(model: str, *, dtype: str = "auto", **lora) -> dict:
+    """describe() of a recipe with this model, dtype and [lora] keys."""
+    return describe_recipe(validate({"model": {"name": model, "dtype": dtype}, "lora": lora}))
 
 FP32, LORA_BYTES, ADAM_BYTES = 4, 4, 8
 
@@ -103,3 +109,71 @@ def test_describe_reads_only_the_config(tmp_path):
 def test_describe_missing_folder_is_a_lorafit_error(tmp_path):
     with pytest.raises(LorafitError, match="does not exist"):
         describe(str(tmp_path / "missing"), rank=8, alpha=16.0, targets=["q", "v"])
+
+
+# ---------------------------------------------------------------- every variant, counted as the registry says
+
+RANK_SAVED = 3
+
+
+def _trained(layers: dict) -> dict:
+    """Non-zero updates everywhere, and some AdaLoRA triplets pruned, as after training."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in layers.values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            if hasattr(layer, "lora_E"):
+                layer.lora_E[::3] = 0
+    return layers
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets", "lora"),
+    [
+        ("gpt2", ["q", "v", "down"], {"variant": "dora"}),  # fused c_attn: the magnitude covers k's rows too
+        ("llama", ["q", "v", "down"], {"variant": "dora"}),
+        ("gpt2", ["q", "v"], {"init": "pissa"}),  # saved against the original base: rank 2r per slice
+        ("llama", ["embed", "q"], {}),
+        ("gpt2", ["q", "v"], {"variant": "adalora", "adalora": {"init_rank": 4, "target_rank": 2}}),
+    ],
+    ids=["dora-gpt2", "dora-llama", "pissa-gpt2", "embedding-llama", "adalora-gpt2"],
+)
+def test_adapter_bytes_are_the_bytes_of_the_tensors_saved(arch, targets, lora):
+    from lorafit.adapter.save import adapter_tensors
+    from lorafit.model.inject import wrap_targets
+    from lorafit.report.counts import adapter_tensor_bytes
+
+    settings = validate({"lora": {"rank": RANK_SAVED, "targets": targets, **lora}}).lora
+    layers = _trained(wrap_targets(tiny_model(arch), settings))
+    saved = adapter_tensors(layers)
+    assert adapter_tensor_bytes(layers) == sum(tensor.numel() * tensor.element_size() for tensor in saved.values())
+
+
+def test_dry_run_and_info_count_a_dora_recipe_alike(tmp_path):
+    """The shipped tiny model and recipe with DoRA: both count A, B and one magnitude per adapted row."""
+    import json
+
+    from conftest import REPO, TINY_MODEL
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    recipe = str(REPO / "recipes" / "tiny-sst2.toml")
+    options = ["--set", "lora.variant=dora", "--set", f"output.dir={tmp_path / 'run'}"]
+    runner = CliRunner()
+    dry = runner.invoke(app, ["train", "--recipe", recipe, *options, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.stdout)["model"]
+    info = runner.invoke(app, ["info", "--recipe", recipe, "--variant", "dora", "--json"])
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.stdout)
+
+    config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
+    d, rank = config.n_embd, 8
+    # per block, c_attn's q and v slices: A [2r, d], B [2d, r] stacked, and a magnitude for each of the 2d rows
+    expected = config.n_layer * (2 * rank * d + 2 * d * rank + 2 * d)
+    assert planned["trainable_params"] == described["trainable_params"] == expected
+    assert planned["lora"]["variant"] == described["lora"]["variant"] == "dora"
+    assert planned["adapter_bytes"] == described["adapter_bytes"]

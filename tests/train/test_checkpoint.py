@@ -173,3 +173,15 @@ def test_latest_checkpoint_of_a_fresh_run_is_none(tmp_path):
     assert latest_checkpoint(tmp_path / "never-created") is None
     (tmp_path / "checkpoints").mkdir()
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_of_weights_that_are_no_longer_finite_is_never_written(tmp_path):
+    """So that "the last good checkpoint" a diverged run names is one that resumes."""
+    model, optimizer, scheduler = training_setup(seed=0)
+    one_step(model, optimizer, scheduler)
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, PROGRESS, MARKER)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    with pytest.raises(LorafitError, match=r"became NaN or inf at step 2; .*the last good checkpoint is step-000001"):
+        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, PROGRESS, MARKER)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]

@@ -172,6 +172,10 @@ CASES: dict[str, tuple[Callable, str]] = {
     # the recipe against the model and tokenizer
     "wrong target": (train(lora={"targets": ["q", "qq"]}), r"target 'qq' does not exist in this gpt2 model"),
     "rank above the layer": (train(lora={"rank": 200}), r"rank = 200 is more than .*c_attn's smaller side \(128\)"),
+    "AdaLoRA init_rank above the layer": (
+        train(lora={"variant": "adalora", "adalora": {"init_rank": 200}}),
+        r"\[lora.adalora\] init_rank = 200 is more than .*c_attn's smaller side \(128\)",
+    ),
     "max_length above the context": (train(data={"max_length": 300}), r"max_length = 300 .* context of 256"),
     "lr inf": (train(train={"lr": math.inf}), r"\[train\] lr: input should be a finite number"),
     "lr nan": (train(train={"lr": math.nan}), r"\[train\] lr: input should be a finite number"),
@@ -276,6 +280,19 @@ def test_refusal_is_one_line_exit_2_found_early_and_changes_nothing(
     assert expensive_work == []
     assert snapshot(work) == before
     assert not Path("/recipe.toml").exists()
+
+
+def test_adalora_is_checked_at_the_rank_it_starts_from_not_at_lora_rank():
+    """AdaLoRA's layers start at [lora.adalora] init_rank; [lora] rank is not used, so it is not checked either."""
+    import transformers
+
+    from lorafit.recipe import validate
+    from lorafit.train.preflight import check_lora
+
+    config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
+    recipe = validate({"model": {"name": str(TINY_MODEL)}, "lora": {"variant": "adalora", "rank": 1000}})
+    shapes = check_lora(config, recipe)
+    assert shapes["transformer.h.0.attn.c_attn.lora_A"] == (2 * recipe.lora.adalora.init_rank, config.n_embd)
 
 
 # ---------------------------------------------------------------- a lifecycle with one next step

@@ -17,7 +17,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import lorafit.train.step as step_module
+import lorafit.model.inject as inject_module
 from lorafit.adapter.load import load_adapter
 from lorafit.cli import app
 from lorafit.model.inject import inject_lora, lora_layers
@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
         return layers
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(step_module, "inject_lora", recording_inject)
+        patch.setattr(inject_module, "inject_lora", recording_inject)  # what wrap_targets calls
         report = train(recipe, console=quiet())
     return {"recipe": recipe, "run": Path(recipe.output.dir), "report": report, "recipe_path": path, **captured}
 
