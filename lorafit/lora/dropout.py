@@ -78,11 +78,15 @@ def keep_mask(keys: torch.Tensor, features: int, p: float) -> torch.Tensor:
     return h >= round(p * 2**32) - 2**31
 
 
-def dropped(x: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of `x` [..., features] with the keyed mask of `keys` [...]: kept values scaled by 1/(1-p)."""
-    keep = keep_mask(keys, x.shape[-1], p)
+def masked(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of `x` with the mask `keep`: kept values scaled by 1/(1-p), the others 0."""
     # where() saves only the boolean mask for backward, as nn.Dropout does.
     return torch.where(keep, x * (1.0 / (1.0 - p)), x.new_zeros(()))
+
+
+def dropped(x: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of `x` [..., features] with the keyed mask of `keys` [...]."""
+    return masked(x, keep_mask(keys, x.shape[-1], p), p)
 
 
 _fused = None  # `dropped` compiled into one kernel, for CUDA devices with Triton; built on first use

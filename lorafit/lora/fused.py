@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora.dropout import apply_keyed, keys_for
+from lorafit.lora.dropout import apply_keyed, keep_mask, keys_for, masked
 
 
 def _dense_base(base: nn.Module) -> bool:
@@ -73,15 +73,25 @@ class LoRAProjection(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         g_lora = g.to(b_c.dtype)
         grad_z = (g_lora @ b_c) * ctx.scaling  # addmm's alpha scales both of its matmul's gradients
+        drop = _dropout(keys, ctx.p, x_lora)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
             grad_b = ((g_lora.t() @ z.reshape(-1, z.shape[-1])) * ctx.scaling).to(b_dtype)
         if ctx.needs_input_grad[2]:
-            dropped = apply_keyed(x_lora, keys, ctx.p) if keys is not None else x_lora  # recomputed, not kept
+            dropped = drop(x_lora)  # recomputed, not kept
             grad_a = (grad_z.t() @ dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
         if ctx.needs_input_grad[0]:
-            grad_dropped = (grad_z @ a_c).view(*grad.shape[:-1], -1)
-            if keys is not None:
-                grad_dropped = apply_keyed(grad_dropped, keys, ctx.p)  # the dropout's own backward: mask and scale
+            grad_dropped = drop((grad_z @ a_c).view(*grad.shape[:-1], -1))  # the dropout's backward: mask and scale
             grad_x = grad @ (weight.t() if ctx.fan_in_fan_out else weight) + grad_dropped.to(x_dtype)
         return grad_x, None, grad_a, grad_b, None, None, None, None, None
+
+
+def _dropout(keys: torch.Tensor | None, p: float, like: torch.Tensor):
+    """The keyed dropout of the forward, for tensors shaped like `like`: on a CPU with the mask hashed once for
+    both of backward's uses, on a GPU as the fused kernel (which hashes as it goes)."""
+    if keys is None:
+        return lambda tensor: tensor
+    if like.device.type == "cuda":
+        return lambda tensor: apply_keyed(tensor, keys, p)
+    keep = keep_mask(keys, like.shape[-1], p)
+    return lambda tensor: masked(tensor, keep, p)

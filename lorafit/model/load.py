@@ -137,7 +137,7 @@ def own_dropout(config) -> dict[str, float]:
     They draw from torch's random numbers, so a run that keeps them gets a result that depends on how its rows
     are split over processes and micro-batches.
     """
-    return {key: value for key, value in config.to_dict().items()
+    return {key: value for key, value in sorted(config.to_dict().items())
             if key.endswith(("dropout", "pdrop", "dropout_prob", "dropout_rate")) and key not in HEAD_ONLY_DROPOUT
             and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
 
