@@ -24,6 +24,7 @@ def _saved_bytes(config, blocks: int, lora, rows: int, length: int, dtype: torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
+    from lorafit.lora.dropout import keyed_dropout
     from lorafit.model.inject import wrap_targets
     from lorafit.model.load import fuse_activations
     from lorafit.model.masks import masks_without_host_reads
@@ -32,7 +33,7 @@ def _saved_bytes(config, blocks: int, lora, rows: int, length: int, dtype: torch
     config.num_hidden_layers = blocks
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))
+        layers = wrap_targets(model, lora.model_copy(update={"init": "kaiming"}))
         fuse_activations(model)
         model.train()
         weights = {id(p) for p in model.parameters()}
@@ -46,7 +47,7 @@ def _saved_bytes(config, blocks: int, lora, rows: int, length: int, dtype: torch
         ids = torch.zeros(rows, length, dtype=torch.long)
         precision = torch.autocast("cpu", dtype=dtype, enabled=autocast)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), masks_without_host_reads(False), \
-                precision:
+                keyed_dropout(layers.values(), 0, 0, range(rows), (rows, length)), precision:
             model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return sum(saved.values())
 

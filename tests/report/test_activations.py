@@ -9,6 +9,7 @@ import torch
 import transformers
 from conftest import tiny_config
 
+from lorafit.lora.dropout import keyed_dropout
 from lorafit.model.inject import wrap_targets
 from lorafit.model.load import fuse_activations
 from lorafit.model.masks import masks_without_host_reads
@@ -35,7 +36,9 @@ def saved_by_a_real_forward(config, rows: int, length: int) -> int:
         return tensor
 
     ids = torch.randint(2, config.vocab_size, (rows, length))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), masks_without_host_reads(False):
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), masks_without_host_reads(False), \
+            keyed_dropout(layers.values(), seed=5, step=3, rows=range(rows), shape=(rows, length)):
         model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return sum(saved.values())
 
