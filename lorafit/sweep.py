@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lorafit.errors import LorafitError
+from lorafit.messages import note
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
 from lorafit.report.curves import MISSING, pyplot, save_figure
 from lorafit.storage import write_json
@@ -87,7 +88,7 @@ def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str
         result = {"key": key, "folder": str(folder), "metric": rows[0]["metric"], "runs": rows}
         write_json(folder / "sweep.json", result)
         if not save_sweep_plot(result, folder / "sweep.png"):
-            console.print(f"[yellow]note:[/] {MISSING.format(what='sweep.png')}", highlight=False)
+            note(MISSING.format(what="sweep.png"), console)
     finally:
         lock.release()
     return result

@@ -86,12 +86,16 @@ def evaluate(
     adapter: AdapterDir = None,
     model: ModelDir = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(
+        "--predictions", help="With [eval] metrics: write each prompt's prediction and references to this .jsonl.")
+    ] = None,
     overrides: Overrides = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
-    """Loss, perplexity and (for classification) label accuracy of the base, an adapter, or a merged model."""
+    """Loss, perplexity, label accuracy (classification) or generation metrics ([eval] metrics) of the base, an
+    adapter, or a merged model."""
 
     def action():
         from lorafit.evaluate import evaluate_recipe
@@ -104,7 +108,7 @@ def evaluate(
 
             return show_plan(chosen, stderr if as_json else Console(), eval_split=split or chosen.data.eval_split,
                              adapter=adapter, model_dir=model)
-        scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split)
+        scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split, predictions=predictions)
         return {"model": str(model) if model is not None else chosen.model.name,
                 "adapter": str(adapter) if adapter is not None else None,
                 "split": split or chosen.data.eval_split, "eval": scores}
@@ -127,10 +131,22 @@ def generate(
     prompts_file: Annotated[
         Optional[Path], typer.Option("--prompts", help="File of prompts: one per line, or .jsonl rows with the input field.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to add per prompt.")] = 128,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", min=1, help="Most tokens to add per prompt (default: [eval] max_new_tokens if set, else 128).")
+    ] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from this probability mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (each prompt starts from it).")] = 0,
+    num_beams: Annotated[Optional[int], typer.Option(
+        "--num-beams", min=1, help="Beam search with this many beams (default: [eval] num_beams).")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(
+        "--length-penalty", help="Beams ranked by log-probability / length ** this (default: [eval] length_penalty).")
+    ] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(
+        "--no-repeat-ngram-size", min=0, help="Never repeat an n-gram of this size (default: [eval] no_repeat_ngram_size).")
+    ] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="End a completion before this text (repeatable; default: [eval] stop).")] = None,
     overrides: Overrides = None,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -150,15 +166,17 @@ def generate(
         out.print(escape(text), end="\n" if done else "")
 
     def action():
-        from lorafit.generate import Sampling, read_prompts
         from lorafit.generate import generate as run_generation
+        from lorafit.generate import read_prompts, recipe_decoding
         from lorafit.recipe import load_recipe
 
         one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
         given.extend(read_prompts(prompts_file) if prompts_file is not None else [])
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        return run_generation(chosen, given, adapter=adapter, model_dir=model, sampling=sampling, stream=show)
+        decoding = recipe_decoding(chosen, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed, num_beams=num_beams, length_penalty=length_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, stop=tuple(stop) if stop else None)
+        return run_generation(chosen, given, adapter=adapter, model_dir=model, decoding=decoding, stream=show)
 
     results = run_command(action, debug)
     if as_json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit.data.plan import FINGERPRINT_PREFIX
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS
 from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
@@ -106,10 +107,14 @@ def eval_rows_changed(saved: RunState, now: RunState) -> bool:
 def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps: int) -> None:
     """The rules that need the tokenized rows: the same training rows, and a schedule length that may change."""
     saved = read_progress(folder)
+    if not saved.data_fingerprint.startswith(FINGERPRINT_PREFIX):
+        raise LorafitError(f"{folder.parent.parent} was saved by an older lorafit, whose hash of the training rows "
+                           "this one cannot check; finish it with that version, or start a new run")
     if saved.data_fingerprint != now.data_fingerprint:
         raise LorafitError(
             f"the training rows differ from those {folder.parent.parent} started with (data file or tokenizer "
-            "changed); restore them to resume, or start a new run"
+            "changed, or under [data] streaming the max_steps that sets the rows drawn); restore them to resume, "
+            "or start a new run"
         )
     check_length(checkpoint_step(folder), saved.total_steps, now.total_steps, schedule, warmup_steps)
 

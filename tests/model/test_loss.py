@@ -254,3 +254,49 @@ def test_a_lora_head_with_keyed_dropout_gets_the_masks_the_whole_batch_would_giv
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for mine, reference in zip(grads, references):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_head_cross_entropy_with_label_smoothing_matches_f_cross_entropy(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 50)  # several chunks of 3 rows
+    torch.manual_seed(1)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight, bias = torch.randn(50, 8), torch.randn(50)
+    targets = torch.randint(0, 50, (10,))
+    ours = HeadCrossEntropy.apply(hidden, weight, bias, targets, 0.1)
+    (ours * 3.0).backward()
+    grad_ours = hidden.grad.clone()
+    hidden.grad = None
+    reference = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum", label_smoothing=0.1)
+    (reference * 3.0).backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, hidden.grad)
+    assert not torch.allclose(ours, F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum"))
+
+
+# every path of loss_sum: the frozen plain head (HeadCrossEntropy), a model's own head after its trunk in chunks
+# (Gemma-2's soft-cap), a LoRA head in chunks, and the full logits of a model whose trunk is not told apart
+@pytest.mark.parametrize("path", ["gpt2", "gemma2", "lora_head", "full_logits"])
+def test_label_smoothed_loss_and_lora_gradients_match_f_cross_entropy_on_the_full_logits(path, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)  # several chunks where the head is chunked
+    if path == "gemma2":
+        model = tiny_softcapped_gemma2()
+    else:
+        model = tiny_model("gpt2")
+        inject_lora(model, ["q", "v", "lm_head"] if path == "lora_head" else ["q", "v"], rank=2, alpha=4)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param)
+    assert (plain_head(model) is None) == (path in ("gemma2", "lora_head"))
+    if path == "full_logits":  # as for a model whose trunk is not a part of its own
+        monkeypatch.setattr(loss_module, "plain_head", lambda model: None)
+        monkeypatch.setattr(loss_module, "head_logits", lambda model: None)
+    batch = _batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ours, count = loss_sum(model, batch, label_smoothing=0.1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    theirs = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum",
+                             label_smoothing=0.1)
+    assert count == supervised_count(batch["labels"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, trainable), torch.autograd.grad(theirs, trainable)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
