@@ -46,7 +46,7 @@ from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.metrics import LogWindow, eval_record, improves
 from lorafit.train.preflight import Checked, check_keep_best, check_run
-from lorafit.train.processes import StopRequest, any_rank, stop_on_signals
+from lorafit.train.processes import StopRequest, any_rank, mesh_shape, stop_on_signals
 from lorafit.train.resume import check_continuation, eval_rows_changed, how_to_continue, saved_state
 from lorafit.train.run_folder import mark
 from lorafit.train.step import distribute, prepare_model, train_step
@@ -263,6 +263,8 @@ def finish(run: Run) -> dict:
     report.update(world_size=run.accelerator.num_processes, global_batch=plan.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)
+    if mesh := mesh_shape(run.model):  # FSDP2 or HSDP: how the model was sharded and replicated
+        report["mesh"] = mesh
     if plan.packed is not None:
         report["packing"] = plan.packed.summary()
     if run.ranks is not None:

@@ -176,6 +176,17 @@ def shard_model(scorer: nn.Module, blocks: nn.ModuleList, device: torch.device, 
     return scorer
 
 
+def mesh_shape(module: nn.Module) -> dict[str, int] | None:
+    """Processes per dimension of the device mesh FSDP2 or HSDP sharded `module` over; None when not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((p for p in module.parameters() if isinstance(p, DTensor)), None)
+    if sharded is None:
+        return None
+    mesh = sharded.device_mesh
+    return dict(zip(mesh.mesh_dim_names or ("shard",), mesh.shape))
+
+
 def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `reference` is: this rank's shard of it when `reference` is sharded (no communication)."""
     from torch.distributed.tensor import DTensor, distribute_tensor

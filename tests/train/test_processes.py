@@ -168,6 +168,7 @@ def test_hsdp_on_four_processes_as_two_by_two_trains_the_adapter_of_one(runs):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-5)
     report = json.loads((runs["hsdp"]["run"] / "report.json").read_text())
     assert (report["world_size"], report["global_batch"]) == (4, 8)
+    assert report["mesh"] == {"replicate": 2, "shard": 2}  # a 2-D mesh: sharded within 2 processes, replicated
     assert files(runs["hsdp"]["run"]) == files(runs["one"]["run"])
 
 
@@ -210,6 +211,7 @@ def test_only_the_main_process_writes_and_prints(runs):
 def test_report_records_processes_and_batches(runs):
     report = json.loads((runs["ddp"]["run"] / "report.json").read_text())
     assert (report["world_size"], report["global_batch"], report["batch_size"], report["grad_accum"]) == (2, 8, 4, 1)
+    assert "mesh" not in report  # DDP: every process holds the whole model
     assert runs["one"]["report"]["world_size"] == 1
 
 
@@ -217,6 +219,7 @@ def test_accelerate_launch_without_gpus_starts_the_processes_it_was_asked_for(ru
     assert "starting 2 processes" in runs["fsdp"]["log"]
     report = json.loads((runs["fsdp"]["run"] / "report.json").read_text())
     assert report["world_size"] == 2
+    assert report["mesh"] == {"shard": 2}
 
 
 def test_fsdp2_trains_what_ddp_trains(runs):
