@@ -176,6 +176,10 @@ CASES: dict[str, tuple[Callable, str]] = {
         train(lora={"variant": "adalora", "adalora": {"init_rank": 200}}),
         r"\[lora.adalora\] init_rank = 200 is more than .*c_attn's smaller side \(128\)",
     ),
+    "hsdp groups that do not divide the processes": (
+        train(train={"parallel": "hsdp", "shard_size": 3}),
+        r"parallel = 'hsdp' shards the model over groups of 3 processes, which does not divide the 1 processes",
+    ),
     "max_length above the context": (train(data={"max_length": 300}), r"max_length = 300 .* context of 256"),
     "lr inf": (train(train={"lr": math.inf}), r"\[train\] lr: input should be a finite number"),
     "lr nan": (train(train={"lr": math.nan}), r"\[train\] lr: input should be a finite number"),
