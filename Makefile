@@ -37,13 +37,16 @@ bench: install
 gpu-check:
 	python3 bench/gpu_check.py
 
+# datasets 5 needs pyarrow >= 24 (gpu_check upgrades an older one; the wheel is ~47 MB of the device's 64 MiB per
+# call); torchao is QLoRA's quantizer, for the gpu test of NF4 weights quantized on the device.
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.13.4 pydantic-core==2.46.4 \
-	annotated-types==0.7.0 typing-inspection==0.4.2 tomli-w==1.2.0
+	annotated-types==0.7.0 typing-inspection==0.4.2 tomli-w==1.2.0 pyarrow==24.0.0 torchao==0.18.0
 gpu-wheels:
 	rm -rf .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)
 
 lint: install

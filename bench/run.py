@@ -39,6 +39,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from data_job import data_markdown, data_table, run_data
+from kernels_job import fused_switch, kernels_markdown, kernels_table, run_dropout, run_fused, run_graphs
 from packing_job import packing_markdown, packing_table, run_packing
 from parity_job import SEEDS as PARITY_SEEDS
 from parity_job import STEPS as PARITY_STEPS
@@ -52,6 +53,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lorafit.data.batches import collate
 from lorafit.data.plan import StepRows
+from lorafit.model.load import switch_off_dropout_modules
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.report.throughput import peak_for_name, training_flops_per_token
@@ -67,6 +69,7 @@ BF16_LOSS_TOLERANCE = 1e-2  # the same on a GPU, where every method runs on bf16
 NO_LOSS = -100  # the label transformers' loss ignores
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lorafit", "peft", "full")
+OWN_TABLES = ("p", "k", "r", "s", "d", "f", "g")  # jobs with their own measurement, table and markdown
 LABELS = {"lorafit": "lorafit LoRA q,v", "peft": "peft LoRA c_attn", "full": "full fine-tuning"}
 # peft's LoRA targets for the same projections lorafit adapts as q and v: (modules, weights stored [in, out]).
 PEFT_TARGETS = {"gpt2": (["c_attn"], True), "llama": (["q_proj", "v_proj"], False)}
@@ -86,6 +89,10 @@ NOTES = [
         "groups among 50 batches), so its padding saving here is if anything understated."
     ),
     "tokens/s counts non-padding input tokens; step times include collating the batch.",
+    (
+        "Each method runs as its users get it: lorafit with the model's own dropout off (its default [model] "
+        "dropout = \"off\"), peft and full fine-tuning with GPT-2's own dropout (0.1) on."
+    ),
     (
         "Model FLOPs per token are lorafit.report.throughput.training_flops_per_token's (as in report.json: 4·N for the frozen "
         "projections, the attention term, the head on supervised positions only, 6·the LoRA parameters) for both "
@@ -222,9 +229,11 @@ def build_method(key: str, base: nn.Module, device: torch.device, accelerator_fa
     return build_plain(key, base, device)
 
 
-def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool) -> Method:
-    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained by lorafit.train's own functions."""
-    layers = prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=["q", "v"]),
+def build_lorafit(model: nn.Module, device: torch.device, accelerator, compile: bool, dropout: float = DROPOUT) -> Method:
+    """LoRA on q and v (r=8, alpha=16, dropout 0.05), set up and trained by lorafit.train's own functions; the
+    model's own dropout off, as lorafit's default [model] dropout = "off" loads it."""
+    switch_off_dropout_modules(model)
+    layers = prepare_model(model, LoraSection(rank=RANK, alpha=ALPHA, dropout=dropout, targets=["q", "v"]),
                            compile=compile)
     settings = TrainSection(lr=LR_LORA, schedule="constant", max_grad_norm=MAX_GRAD_NORM, seed=SEED)
     optimizer, scheduler = build_optimizer(model, settings, total_steps=1)
@@ -697,9 +706,9 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] in ("p", "k", "r", "s"):
+        if job["key"] in OWN_TABLES:
             lines += {"p": processes_markdown, "k": packing_markdown, "r": parity_markdown,
-                      "s": data_markdown}[job["key"]](result)
+                      "s": data_markdown}.get(job["key"], kernels_markdown)(result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -774,10 +783,12 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p,k,r,s",
+    parser.add_argument("--jobs", default="a,b,p,k,r,s,d,f,g",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
                         "k (packed vs padded), r (accuracy parity on real data), s (training start as the data "
-                        "grows); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium classification)")
+                        "grows), d (keyed vs torch dropout), f (fused LoRA projection and chunked head vs plain "
+                        "autograd), g (compiled graphs per block shape); for a GPU: l (1B-class Llama at 2,048 "
+                        "tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
     parser.add_argument("--parity-steps", type=int, default=PARITY_STEPS,
                         help=f"job r's training steps per seed and method (default {PARITY_STEPS})")
@@ -824,21 +835,27 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "r", "s"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, *OWN_TABLES]]
     if unknown:
-        choice = ", ".join([*jobs, "p", "k", "r", "s"])
+        choice = ", ".join([*jobs, *OWN_TABLES])
         console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {choice}")
         return 2
     results = []
+    gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
     for key in args.jobs.split(","):
         if key == "k":
-            gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
             results.append(run_packing(args, console, model_config=gpt2_small, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
         elif key == "r":
             results.append(run_parity(args, console, machine))
         elif key == "s":
             results.append(run_data(args, console, machine=machine))
+        elif key == "g":
+            results.append(run_graphs(args, console, machine, model_config=gpt2_small, base_model=base_model,
+                                      build_lorafit=build_lorafit, make_accelerator=make_accelerator))
+        elif key in ("d", "f"):
+            results.append(run_dropout(args, console, machine) if key == "d" else
+                           run_fused(args, console, machine, fused_switch))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
@@ -847,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        tables = {"p": processes_table, "k": packing_table, "r": parity_table, "s": data_table}
+        tables = {"p": processes_table, "k": packing_table, "r": parity_table, "s": data_table, "d": kernels_table,
+                  "f": kernels_table, "g": kernels_table}
         console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):

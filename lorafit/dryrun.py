@@ -71,6 +71,9 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     result["samples"] = [{"tokens": len(row["input_ids"]), "text": marked_row(row, tokenizer, colour=False).plain}
                          for row in samples]
     if training:
+        from lorafit.report.activations import recipe_activations
+
+        result["model"]["memory"]["activations"] = recipe_activations(recipe)
         result["plan"] = training_plan(recipe, splits[recipe.data.train_split], checked)
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
@@ -118,6 +121,7 @@ def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
         "world_size": checked.state.world_size,
         "output_dir": recipe.output.dir,
         "resume_from": str(checked.resume_from) if checked.resume_from else None,
+        "gradient_checkpointing": checked.checkpointing,
     }
 
 
@@ -159,13 +163,17 @@ def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> No
     plan = result.get("plan")
     if plan:
         memory = result["model"]["memory"]["lora_estimate"]["total"]
+        activations = result["model"]["memory"]["activations"]
+        checkpointing = plan["gradient_checkpointing"]
         start = f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run"
         console.rule("plan")
         console.print(
             f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} "
             f"{'packed sequences' if plan['packing'] else 'rows'} "
             f"(batch_size {plan['batch_size']} × grad_accum {plan['grad_accum']} × {plan['world_size']} processes); "
-            f"static memory estimate {human_bytes(memory)}; {start} in {plan['output_dir']}",
+            f"static memory estimate {human_bytes(memory)}, activations about "
+            f"{human_bytes(activations['checkpointed' if checkpointing else 'total'])} per micro-batch (gradient "
+            f"checkpointing {'on' if checkpointing else 'off'}); {start} in {plan['output_dir']}",
             markup=False, highlight=False,
         )
     console.print("dry run: nothing was trained or written", style="bold")

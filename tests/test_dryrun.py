@@ -60,6 +60,8 @@ def test_train_dry_run_json_counts_rows_and_supervised_tokens(completion_recipe,
     config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
     assert report["model"]["trainable_params"] == 4 * config.n_layer * 4 * config.n_embd  # q and v: A and B, rank 4
     assert report["plan"]["steps"] == 6 and report["plan"]["global_batch"] == 4
+    assert report["plan"]["gradient_checkpointing"] is False  # "auto" on a CPU
+    assert report["model"]["memory"]["activations"]["total"] > 0
     assert not (tmp_path / "run").exists()
 
 

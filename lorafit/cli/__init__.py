@@ -277,6 +277,7 @@ def info(
 
     def action():
         from lorafit.recipe import load_recipe, validate
+        from lorafit.report.activations import recipe_activations
         from lorafit.report.counts import describe
 
         if (recipe is None) == (model is None):
@@ -288,7 +289,9 @@ def info(
         if dtype is not None:
             raw["model"]["dtype"] = dtype
         chosen = validate(raw, where="lorafit info")  # the recipe's own rules: what a recipe refuses, info refuses
-        return describe(chosen)
+        described = describe(chosen)
+        described["memory"]["activations"] = recipe_activations(chosen)
+        return described
 
     report = run_command(action, debug)
     if as_json:

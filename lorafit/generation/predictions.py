@@ -63,7 +63,7 @@ def judge(scorer, tokenizer, prompts: list[PromptGroup], settings: EvalSection, 
 def generation_scores(scorer, tokenizer, prompts: list[PromptGroup], recipe: Recipe, *, rank: int = 0, world: int = 1,
                       write_to: Path | None = None) -> dict:
     """`judge` with the recipe's settings; the predictions go to `write_to` (pass it on the main process only)."""
-    synced = recipe.train.parallel == "fsdp" and world > 1
+    synced = recipe.train.parallel != "ddp" and world > 1  # FSDP2 and HSDP shard weights
     result, lines = judge(scorer, tokenizer, prompts, recipe.eval, recipe.train.eval_batch_size, rank=rank,
                           world=world, synced=synced)
     if write_to is not None:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora.dropout import keep_mask, keys_for
+from lorafit.lora.dropout import apply_keyed, keys_for
+from lorafit.lora.fused import fused_applies, lora_projection
 from lorafit.lora.inits import SVD_INITS, start_from_principal
 
 INITS = ("kaiming", "gaussian", *SVD_INITS)
@@ -87,6 +88,9 @@ class LoRALinear(nn.Module):
         # Python data, so meta-device construction and to_empty() cannot lose it.
         self.out_index = None if self.slices is None else tuple(f for s in self.slices for f in s)
         self._index_on: dict[torch.device, torch.Tensor] = {}  # out_index per device; not a buffer
+        # (start, stop) of each slice when they are increasing runs of features (q and v of a fused qkv): then the
+        # forward builds B from them with no index tensor, which torch.compile would guard a device cache for.
+        self.ranges = _increasing_ranges(self.slices)
 
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(len(self.slice_sizes) * rank, d_in, **factory))
@@ -140,7 +144,13 @@ class LoRALinear(nn.Module):
             return stacked
         d_out, _ = self.weight_shape
         blocks = torch.block_diag(*stacked.split(self.slice_sizes))
-        return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self._index(blocks.device), blocks)
+        if self.ranges is None:
+            return blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, self._index(blocks.device), blocks)
+        pieces, done, row = [], 0, 0
+        for start, stop in self.ranges:  # zero rows before each slice's block, and after the last
+            pieces += [blocks.new_zeros(start - done, blocks.shape[1]), blocks[row : row + stop - start]]
+            done, row = stop, row + stop - start
+        return torch.cat([*pieces, blocks.new_zeros(d_out - done, blocks.shape[1])])
 
     def _index(self, device: torch.device) -> torch.Tensor:
         """out_index as a tensor on `device`, copied there once rather than every forward."""
@@ -158,6 +168,8 @@ class LoRALinear(nn.Module):
         return self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_applies(self, x):  # the same result, keeping less for backward (lorafit.lora.fused)
+            return lora_projection(self, x)
         out = self.base(x)
         if self.merged:
             return out
@@ -178,9 +190,7 @@ class LoRALinear(nn.Module):
         keys = keys_for(self) if self.training and p > 0 else None
         if keys is None or keys.shape != x.shape[:-1]:
             return self.dropout(x)
-        keep = keep_mask(keys, x.shape[-1], p)
-        # where() saves only the boolean mask for backward, as nn.Dropout does.
-        return torch.where(keep, x * (1.0 / (1.0 - p)), x.new_zeros(()))
+        return apply_keyed(x, keys, p)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -217,6 +227,14 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _increasing_ranges(slices) -> tuple[tuple[int, int], ...] | None:
+    """Each slice as (start, stop) when every slice is a run of consecutive features after the one before, else None."""
+    if slices is None or any(list(s) != list(range(s[0], s[-1] + 1)) for s in slices):
+        return None
+    ranges = tuple((s[0], s[-1] + 1) for s in slices)
+    return ranges if all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])) else None
 
 
 def _checked_slices(slices: Sequence[Sequence[int]], d_out: int) -> tuple[tuple[int, ...], ...]:

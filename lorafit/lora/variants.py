@@ -3,7 +3,7 @@
 An entry names the variant's layer class, the recipe keys its layers read, how a PEFT adapter file marks it
 (config flags, the tensors it adds beside A and B), what it refuses, and the bytes its adapter file holds.
 The rest of lorafit asks the registry instead of testing for a variant. A new variant is a layer module, an
-entry here, its recipe keys (lorafit/recipe.py) and its PEFT conversion (lorafit/adapter/convert.py).
+entry here, its recipe keys (lorafit/recipe/schema.py) and its PEFT conversion (lorafit/adapter/convert.py).
 
 Every layer has the same small protocol, `LoRALayer`; the rest of a layer is its own math.
 """

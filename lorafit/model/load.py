@@ -20,6 +20,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 COMPOSED_TANH_GELUS = {"NewGELUActivation", "FastGELUActivation", "AccurateGELUActivation"}
 
 
+# Dropout keys of heads a causal LM does not use (GPT-2's double-heads summary, sequence classifiers).
+HEAD_ONLY_DROPOUT = frozenset({"summary_first_dropout", "classifier_dropout"})
+
+
 SAMPLE = 1 << 16  # bytes of each weight file that weights_fingerprint reads, at three places
 
 
@@ -80,25 +84,56 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+def load_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False, allow_pickle: bool = False,
+               dropout: str = "config") -> nn.Module:
     """The model's weights, from safetensors only: a pickle can run code, so it is read only from a local
-    folder whose recipe says `allow_pickle = true`."""
+    folder whose recipe says `allow_pickle = true`. `dropout = "off"` sets the model's own dropout to 0."""
     from transformers import AutoModelForCausalLM
 
-    load_config(name, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code=trust_remote_code)
+    if dropout == "off":
+        switch_off_dropout(config)
     local = Path(name).expanduser().is_dir()
     if local:
         check_safetensors(name, allow_pickle=allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            name, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
             use_safetensors=None if local and allow_pickle else True,
         )
     except (OSError, ValueError) as error:
         if local:
             raise LorafitError(f"could not load the weights in {name}: {error}") from error
         raise _hub_error(name) from error
+    if dropout == "off":
+        switch_off_dropout_modules(model)
     return model
+
+
+def switch_off_dropout_modules(model: nn.Module) -> None:
+    """Every nn.Dropout of a built model at p = 0: also one whose probability is written in the model's code."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def switch_off_dropout(config):
+    """`config` (changed in place) with the model's own dropout probabilities at 0."""
+    for key in own_dropout(config):
+        setattr(config, key, 0.0)
+    return config
+
+
+def own_dropout(config) -> dict[str, float]:
+    """The model's own dropout probabilities above 0, by config key: GPT-2's attn_pdrop, resid_pdrop and
+    embd_pdrop, OPT's dropout and attention_dropout, Phi-2's resid_pdrop, ... (any key named *dropout* or *pdrop*).
+
+    They draw from torch's random numbers, so a run that keeps them gets a result that depends on how its rows
+    are split over processes and micro-batches.
+    """
+    return {key: value for key, value in sorted(config.to_dict().items())
+            if key.endswith(("dropout", "pdrop", "dropout_prob", "dropout_rate")) and key not in HEAD_ONLY_DROPOUT
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
 
 
 def check_safetensors(name: str, *, allow_pickle: bool = False) -> None:
@@ -200,7 +235,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
             return module
     raise LorafitError(
         f"cannot find the {depth} decoder blocks of this {model.config.model_type} model, which [train] compile and "
-        "parallel = 'fsdp' work on; turn them off for this model"
+        "parallel = 'fsdp' or 'hsdp' work on; turn them off for this model"
     )
 
 

@@ -1,18 +1,25 @@
 """Cross-entropy on the supervised tokens only, with the output head run only where labels are.
 
 A causal LM's head (vocab x d) applied at every position is a large share of the FLOPs and most of the
-activation memory of a LoRA step. When a model's logits are exactly head(last hidden state), we run the
-trunk, pick the hidden states that predict a supervised token, and apply the frozen head to those alone,
-in chunks, computing the gradient with respect to the hidden states on the way so that no [tokens, vocab]
-tensor outlives its chunk. Any other model is scored on its own full logits.
+activation memory of a LoRA step. We run the trunk, pick the hidden states that predict a supervised token,
+and turn only those into logits, in chunks, so that no [tokens, vocab] tensor outlives its chunk. When a
+model's logits are exactly head(last hidden state) and the head is frozen, the gradient with respect to
+the hidden states is computed on the way (HeadCrossEntropy). Any other model (Gemma's soft-capped logits, a
+head that is a LoRA target) gets its logits from its own forward after the trunk, chunk by chunk, each
+chunk recomputed in backward; only a model whose trunk cannot be told apart is scored on its full logits.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lorafit.data.batches import supervised_positions
+from lorafit.lora.dropout import keys_selected
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
 
@@ -66,33 +73,95 @@ def _supervised_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return supervised_positions(batch["labels"])
 
 
-def _predicting_states(model: nn.Module, batch: dict, positions: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
-    """What predicts each supervised token: last hidden states [M, d] when `head` is given, else logits [M, vocab]."""
+class _GivenTrunkOutput:
+    """What a trunk returns, holding given hidden states; any other field a model's forward reads is None."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name: str):
+        return None
+
+    def __getitem__(self, index):
+        return (self.last_hidden_state,)[index]
+
+
+class _GivenTrunk(nn.Module):
+    """Stands in for a causal LM's trunk, so that the model's own forward runs only what follows it."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> _GivenTrunkOutput:
+        return _GivenTrunkOutput(self.hidden)
+
+
+def _own_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] of hidden states [n, d], by the model's own forward with its trunk given: its head and
+    whatever the model does to the logits (Gemma's soft-cap, Cohere's scale, ...), exactly as it does them."""
+    prefix = model.base_model_prefix
+    trunk = getattr(model, prefix)
+    setattr(model, prefix, _GivenTrunk(hidden[None]))
+    try:
+        ids = torch.zeros((1, hidden.shape[0]), dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, use_cache=False).logits[0]
+    finally:
+        setattr(model, prefix, trunk)
+
+
+def head_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden states [n, d] -> the model's logits [n, vocab]: the plain head itself where `plain_head` finds
+    one, else the model's own forward after its trunk; None when the trunk is not a part of its own."""
+    head = plain_head(model)
+    if head is not None:
+        return head
+    trunk = getattr(model, model.base_model_prefix, None)
+    return partial(_own_head, model) if isinstance(trunk, nn.Module) and trunk is not model else None
+
+
+def _predicting_states(model: nn.Module, batch: dict, positions: torch.Tensor, logits_of) -> torch.Tensor:
+    """What predicts each supervised token: last hidden states [M, d] when `logits_of` is given, else logits
+    [M, vocab] from the model's full forward."""
     # No key/value cache: nothing is generated, and building one costs memory and torch.compile recompiles.
     # No attention mask for packed sequences: their position ids say where each packed row starts (lorafit.data.packing).
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if batch.get(key) is not None}
     inputs["use_cache"] = False
-    states = model.base_model(**inputs).last_hidden_state if head is not None else model(**inputs).logits
+    states = model.base_model(**inputs).last_hidden_state if logits_of is not None else model(**inputs).logits
     return states.reshape(-1, states.shape[-1]).index_select(0, positions)
 
 
-def _logits(states: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
-    """Logits from `_predicting_states`: the head applied to hidden states, or the logits as they are."""
-    return states if head is None else head(states)
+def _chunk_rows(model: nn.Module) -> int:
+    """Rows of logits per chunk: CHUNK_ELEMENTS logits, whatever the vocabulary."""
+    return max(1, CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+
+
+def _chunk_loss(hidden, targets, positions, model, logits_of, label_smoothing: float) -> torch.Tensor:
+    """Summed CE of one chunk; a LoRA head keys its dropout by the chunk's positions in the batch."""
+    with keys_selected(model.get_output_embeddings(), positions):
+        return F.cross_entropy(logits_of(hidden).float(), targets, reduction="sum", label_smoothing=label_smoothing)
 
 
 def loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised tokens, their count); with `label_smoothing` ε, each target
     is (1 - ε) one-hot plus ε spread evenly over the vocabulary, as F.cross_entropy(label_smoothing=ε) defines it."""
     positions, targets = _supervised_targets(batch)
-    head = plain_head(model)
-    states = _predicting_states(model, batch, positions, head)
+    head, logits_of = plain_head(model), head_logits(model)
+    states = _predicting_states(model, batch, positions, logits_of)
     if targets.numel() == 0:
         return states.sum() * 0.0, 0
     if head is not None and not head.weight.requires_grad:
         return HeadCrossEntropy.apply(states, head.weight, head.bias, targets, label_smoothing), targets.numel()
-    logits = _logits(states, head).float()
-    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing), targets.numel()
+    if logits_of is None:  # the model's full logits, already picked
+        return F.cross_entropy(states.float(), targets, reduction="sum", label_smoothing=label_smoothing), targets.numel()
+    chunk, total = _chunk_rows(model), None
+    for start in range(0, targets.numel(), chunk):
+        part = slice(start, start + chunk)
+        # each chunk's logits are recomputed in backward rather than kept: one chunk of them lives at a time
+        loss = checkpoint(_chunk_loss, states[part], targets[part], positions[part], model, logits_of,
+                          label_smoothing, use_reentrant=False)
+        total = loss if total is None else total + loss
+    return total, targets.numel()
 
 
 @torch.no_grad()
@@ -101,14 +170,15 @@ def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
     positions, targets = _supervised_targets(batch)
     batch_size, length = batch["input_ids"].shape
     rows = positions // length  # the batch row of each supervised token
-    head = plain_head(model)
-    states = _predicting_states(model, batch, positions, head)
+    logits_of = head_logits(model)
+    states = _predicting_states(model, batch, positions, logits_of)
     totals = torch.zeros(batch_size, dtype=torch.float32, device=states.device)
-    chunk = max(1, CHUNK_ELEMENTS // (states.shape[-1] if head is None else head.out_features))
+    chunk = _chunk_rows(model) if logits_of is not None else targets.numel() or 1
     for start in range(0, targets.numel(), chunk):
-        logits = _logits(states[start : start + chunk], head).float()
-        picked = logits.log_softmax(-1).gather(1, targets[start : start + chunk, None]).squeeze(1)
-        totals.index_add_(0, rows[start : start + chunk], picked)
+        part = slice(start, start + chunk)
+        logits = (states[part] if logits_of is None else logits_of(states[part])).float()
+        picked = logits.log_softmax(-1).gather(1, targets[part, None]).squeeze(1)
+        totals.index_add_(0, rows[part], picked)
     return totals
 
 

@@ -90,12 +90,14 @@ class NF4Linear(nn.Linear):
         return self.weight.get_original_weight()
 
 
-def quantize_blocks(model: nn.Module, blocks: nn.Module, fan_in_fan_out) -> int:
+def quantize_blocks(model: nn.Module, blocks: nn.Module, fan_in_fan_out, device: torch.device | None = None) -> int:
     """Swap every frozen projection inside `blocks` (LoRA layers' bases included) for an NF4Linear.
 
     `fan_in_fan_out(module)` says whether a module stores its weight [d_in, d_out] (GPT-2's Conv1D); such a
-    weight is transposed before quantizing. Returns how many projections stayed full precision because their
-    size is not a multiple of the 64-weight block.
+    weight is transposed before quantizing. Each weight is moved to `device` first and quantized there, one at
+    a time: on a GPU that takes seconds where every rank's CPU thread would take many minutes, and only one
+    full-precision projection is on the device at once. Returns how many projections stayed full precision
+    because their size is not a multiple of the 64-weight block.
     """
     require_torchao()
     from lorafit.model.inject import is_projection, replace_module
@@ -108,8 +110,9 @@ def quantize_blocks(model: nn.Module, blocks: nn.Module, fan_in_fan_out) -> int:
         if scaler_block(module.weight.numel()) is None:
             kept += 1
             continue
-        weight = module.weight.t() if fan_in_fan_out(module) else module.weight
-        replace_module(model, f"{prefix}.{path}", NF4Linear(weight, module.bias))
+        weight = module.weight.to(device) if device is not None else module.weight
+        bias = module.bias.to(device) if device is not None and module.bias is not None else module.bias
+        replace_module(model, f"{prefix}.{path}", NF4Linear(weight.t() if fan_in_fan_out(module) else weight, bias))
     return kept
 
 

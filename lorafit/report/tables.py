@@ -51,7 +51,13 @@ def info_tables(report: dict) -> list:
         parts = memory[key]
         detail = ", ".join(f"{k} {human_bytes(parts[k])}" for k in ("weights", "gradients", "optimizer"))
         totals.add_row(f"{name} memory (est.)", f"{human_bytes(parts['total'])}  [dim]({detail})")
-    totals.caption = f"Estimates count {memory['counted']}."
+    activations = memory.get("activations")
+    if activations:
+        totals.add_row(f"activations (est., {activations['rows']} rows × {activations['length']} tokens)",
+                       f"{human_bytes(activations['total'])}  [dim](gradient checkpointing: "
+                       f"{human_bytes(activations['checkpointed'])})")
+    totals.caption = f"Estimates count {memory['counted']}" + ("; activations, what autograd keeps for backward"
+                                                               if activations else "") + "."
     return [modules, totals]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import resource
 
 import torch
@@ -15,15 +16,18 @@ from lorafit.model.load import DTYPES
 from lorafit.model.quantize import frozen_weight_bytes, quantized_summary
 from lorafit.report.counts import parameter_report
 
-# Dense bf16 tensor-core peaks in TFLOP/s; the first key found in the device name wins (specific names first).
+# Dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's datasheets, the sparsity figures halved); the first key found
+# in the device name as a whole word wins (specific names first), so "L40" is not read as "L4".
 PEAK_BF16_TFLOPS = {
     "H100 PCIe": 756.0,
     "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
     "GH200": 989.0,
     "H200": 989.0,
     "H100": 989.0,
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
 }
 
@@ -50,8 +54,9 @@ def device_name(device: torch.device) -> str:
 
 
 def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state, eval_after: dict, adapter_bytes: int,
-               *, precision: tuple[str, str], flops_per_token: float) -> dict:
-    """report.json: parameters, memory, throughput (with MFU where the device's peak is known) and evaluation."""
+               *, precision: tuple[str, str], flops_per_token: float, processes: int = 1) -> dict:
+    """report.json: parameters, memory, throughput (tokens/s of all `processes`; achieved TFLOP/s and MFU per
+    device, where the device's peak is known or [train] peak_tflops gives it) and evaluation."""
     weights, mixed_precision = precision
     quantized = recipe.model.quantize != "none"
     frozen = frozen_weight_bytes(model) if quantized else None
@@ -63,7 +68,8 @@ def run_report(recipe, model: nn.Module, device: torch.device, steps: int, state
     seconds = state.train_seconds
     tokens_per_s = state.tokens / seconds if seconds else 0.0
     report["throughput"] = {"tokens_per_s": tokens_per_s, "steps": steps, "wall_s": seconds,
-                            **throughput_figures(flops_per_token, tokens_per_s, device_peak_flops(device))}
+                            **throughput_figures(flops_per_token, tokens_per_s,
+                                                 device_peak_flops(device, recipe.train.peak_tflops), processes)}
     report["eval"] = {**eval_after, "before": state.eval_before}
     report["device"] = device_name(device)
     report["dtype"], report["mixed_precision"] = weights, mixed_precision
@@ -133,26 +139,32 @@ def training_flops_per_token(
 def peak_for_name(name: str) -> tuple[float | None, str]:
     """(dense bf16 peak in FLOP/s, which entry gave it) for a device name; (None, why) when none matches."""
     for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return tflops * 1e12, f"{key} dense bf16 peak, {tflops:g} TFLOP/s"
-    return None, f"no known bf16 peak for {name!r}"
+    return None, f"no known bf16 peak for {name!r}; give it as [train] peak_tflops"
 
 
-def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """The peak MFU is measured against; none is claimed for CPUs, whose peak depends on cores and clocks."""
+def device_peak_flops(device: torch.device, given_tflops: float = 0.0) -> tuple[float | None, str]:
+    """The peak MFU is measured against: `given_tflops` ([train] peak_tflops) where set, else the table's for a
+    CUDA device; none is claimed for CPUs, whose peak depends on cores and clocks."""
+    if given_tflops:
+        return given_tflops * 1e12, f"[train] peak_tflops = {given_tflops:g}"
     if device.type == "cuda":
         return peak_for_name(torch.cuda.get_device_name(device))
-    return None, f"no known peak for {device.type.upper()}"
+    return None, f"no known peak for {device.type.upper()}; give it as [train] peak_tflops"
 
 
-def throughput_figures(flops_per_token: float, tokens_per_s: float, peak: tuple[float | None, str]) -> dict:
-    """FLOPs per token, achieved TFLOP/s and MFU (None without a known peak); `peak` as device_peak_flops gives it."""
+def throughput_figures(flops_per_token: float, tokens_per_s: float, peak: tuple[float | None, str],
+                       processes: int = 1) -> dict:
+    """FLOPs per token, and achieved TFLOP/s and MFU per device (None without a known peak) when `processes`
+    devices together trained `tokens_per_s`; `peak` (one device's) as device_peak_flops gives it."""
     peak_flops, source = peak
-    achieved = flops_per_token * tokens_per_s
+    achieved = flops_per_token * tokens_per_s / processes
     return {
         "model_flops_per_token": flops_per_token,
         "achieved_tflops": achieved / 1e12,
         "mfu": achieved / peak_flops if peak_flops else None,
         "peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "peak_source": source,
+        "devices": processes,
     }

@@ -55,3 +55,15 @@ def relaunch_command(argv: list[str]) -> list[str] | None:
         f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}",
         "-m", "lorafit", *argv,
     ]
+
+
+def hsdp_shape(world: int, shard_size: int = 0) -> tuple[int, int]:
+    """(replicas, processes per shard group) of the HSDP mesh: `shard_size`, or by default the processes of one
+    machine (LOCAL_WORLD_SIZE, which torchrun and accelerate launch set)."""
+    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % shard:
+        raise LorafitError(
+            f"[train] parallel = 'hsdp' shards the model over groups of {shard} processes, which does not divide "
+            f"the {world} processes; set [train] shard_size to a divisor of {world}, e.g. the GPUs of one machine"
+        )
+    return world // shard, shard

@@ -46,7 +46,7 @@ from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.metrics import LogWindow, eval_record, improves
 from lorafit.train.preflight import Checked, check_keep_best, check_run
-from lorafit.train.processes import StopRequest, any_rank, stop_on_signals
+from lorafit.train.processes import StopRequest, any_rank, mesh_shape, stop_on_signals
 from lorafit.train.resume import check_continuation, eval_rows_changed, how_to_continue, saved_state
 from lorafit.train.run_folder import mark
 from lorafit.train.step import distribute, prepare_model, train_step
@@ -145,9 +145,10 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
         check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
     model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
-    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle)
-    layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
-                           compile=settings.compile, quantize=recipe.model.quantize)
+    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle,
+                       dropout=recipe.model.dropout)
+    layers = prepare_model(model, recipe.lora, gradient_checkpointing=checked.checkpointing,
+                           compile=settings.compile, quantize=recipe.model.quantize, device=accelerator.device)
     ranks = allocator_for(recipe.lora, layers, total_steps)
     scorer = SupervisedLoss(model, settings.label_smoothing)
     scorer, optimizer, scheduler = distribute(accelerator, scorer, settings, total_steps)
@@ -257,10 +258,13 @@ def finish(run: Run) -> dict:
     flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / rows),
                                      supervised_fraction=int(plan.supervised.sum()) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
-                        len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
+                        len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops,
+                        processes=run.accelerator.num_processes)
     report.update(world_size=run.accelerator.num_processes, global_batch=plan.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)
+    if mesh := mesh_shape(run.model):  # FSDP2 or HSDP: how the model was sharded and replicated
+        report["mesh"] = mesh
     if plan.packed is not None:
         report["packing"] = plan.packed.summary()
     if run.ranks is not None:

@@ -7,6 +7,7 @@ nothing at all because the run is finished.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from lorafit.model.load import (
     load_config,
     load_tokenizer,
     meta_model,
+    own_dropout,
     resolve_precision,
     weights_fingerprint,
 )
@@ -45,6 +47,7 @@ from lorafit.recipe import Recipe
 from lorafit.report.counts import wrap_with_notes
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
+from lorafit.train.launch import hsdp_shape
 from lorafit.train.optimizer import parameter_groups
 from lorafit.train.processes import all_gather_objects, make_accelerator
 from lorafit.train.resume import check_resume, finished_report
@@ -63,6 +66,7 @@ class Checked:
     state: RunState  # of this launch: model fingerprint, global batch, processes (the data's hash comes later)
     resume_from: Path | None
     finished: dict | None  # the report of a finished run that this recipe would not train further
+    checkpointing: bool = False  # [train] gradient_checkpointing, "auto" decided for this device
 
 
 def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -> Checked:
@@ -75,6 +79,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
+    if settings.parallel == "hsdp":
+        hsdp_shape(world, settings.shard_size)
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = check_output(recipe.output.dir, name)
@@ -86,11 +92,17 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
     config = load_config(name, trust_remote_code=remote_code)
     check_safetensors(name, allow_pickle=recipe.model.allow_pickle)
     check_context_length(config, recipe.data.max_length)
+    kept = own_dropout(config) if recipe.model.dropout == "config" else {}
+    if kept:
+        note(f"[model] dropout = 'config' keeps the model's own dropout ({', '.join(f'{k} {v:g}' for k, v in kept.items())}), "
+             "drawn from torch's random numbers: this run's result depends on its number of processes and on "
+             "grad_accum; dropout = 'off' (the default) makes it independent of both", console)
     if recipe.data.packing:
         check_packing(config)
     if recipe.model.quantize != "none":
         require_torchao()
     trainable = check_lora(config, recipe, console)
+    checkpointing = choose_checkpointing(recipe, config, device_memory(accelerator.device), world)
     tokenizer = load_tokenizer(name, trust_remote_code=remote_code)
     if recipe.data.task == "classification":
         label_token_ids(recipe.data, tokenizer)
@@ -112,7 +124,42 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         note(f"{run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
              f"lorafit train --resume --set train.max_steps=<more than {steps}>", console)
     return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
-                   Path(resume_from) if resume_from else None, finished)
+                   Path(resume_from) if resume_from else None, finished, checkpointing)
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory on a CUDA device; None elsewhere (a CPU's memory is not what a step runs out of first)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def choose_checkpointing(recipe: Recipe, config, device_bytes: int | None, world: int = 1) -> bool:
+    """[train] gradient_checkpointing as set; "auto" turns it on (and says so) when a micro-batch's estimated
+    activations would not fit beside the weights in 90% of the device's memory. Off where that is unknown."""
+    settings = recipe.train
+    if settings.gradient_checkpointing != "auto":
+        return settings.gradient_checkpointing
+    if device_bytes is None:
+        return False
+    from lorafit.model.load import DTYPES, switch_off_dropout
+    from lorafit.report.activations import activation_estimate
+    from lorafit.report.tables import human_bytes
+
+    dtype, mixed_precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
+    shards = world if settings.parallel != "ddp" else 1  # FSDP2 and HSDP hold a share of the weights (HSDP more)
+    weights = sum(p.numel() for p in meta_model(config).parameters()) * DTYPES[dtype].itemsize // shards
+    if recipe.model.dropout == "off":
+        config = switch_off_dropout(copy.deepcopy(config))
+    activations = activation_estimate(config, recipe.lora, rows=settings.batch_size, length=recipe.data.max_length,
+                                      dtype=dtype, mixed_precision=mixed_precision)["total"]
+    if weights + activations <= 0.9 * device_bytes:
+        return False
+    note(f"gradient checkpointing on: a micro-batch's activations (about {human_bytes(activations)} for "
+         f"{settings.batch_size} rows of up to {recipe.data.max_length} tokens) would not fit beside "
+         f"{human_bytes(weights)} of weights in the device's {human_bytes(device_bytes)}; "
+         "[train] gradient_checkpointing = false keeps it off")
+    return True
 
 
 def check_keep_best(recipe: Recipe, resume: bool, evaluation: bool | None = None) -> None:
@@ -165,7 +212,7 @@ def check_lora(config, recipe: Recipe, console: Console | None = None) -> dict[s
                 f"({layer.max_rank}); use a rank of at most {layer.max_rank}"
             )
     # compile, FSDP and 4-bit weights work block by block
-    if recipe.train.compile or recipe.train.parallel == "fsdp" or recipe.model.quantize != "none":
+    if recipe.train.compile or recipe.train.parallel != "ddp" or recipe.model.quantize != "none":
         decoder_blocks(model)
 
     names = {id(p): name for name, p in model.named_parameters()}

@@ -34,6 +34,10 @@ ENTRIES = {
 }
 
 
+# flock's answers on a file system that keeps no locks (NFS without lockd, some FUSE and object-store mounts)
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
 def kind_of(folder: Path) -> str | None:
     """"run" or "sweep" for a folder lorafit marked (or a run or sweep from before the marker), else None."""
     folder = Path(folder)
@@ -154,6 +158,13 @@ class RunLock:
             except OSError as error:
                 holder = _holder(self.fd)
                 os.close(self.fd)
+                if error.errno in NO_LOCKS:
+                    self._forget()
+                    raise LorafitError(
+                        f"cannot lock {path}: its file system does not support file locks "
+                        f"({errno.errorcode.get(error.errno, error.errno)}); move the folder to a local disk, or to "
+                        "a network file system mounted with locking (NFS with lockd, not -o nolock)"
+                    ) from None
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 raise LorafitError(
@@ -166,13 +177,16 @@ class RunLock:
 
     def release(self) -> None:
         """Unlock; a folder in which no run began (no marker) loses the lock file, and the folders we made."""
+        self._forget()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+    def _forget(self) -> None:
         if not (self.run_dir / MARKER).exists():
             (self.run_dir / LOCK).unlink(missing_ok=True)
             for folder in self.created:  # deepest first
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 def _holder(fd: int) -> str:

@@ -17,6 +17,7 @@ from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import stores_transposed, wrap_targets
 from lorafit.model.load import decoder_blocks, enable_checkpointing, fuse_activations
 from lorafit.model.loss import SupervisedLoss
+from lorafit.model.masks import is_padded, masks_without_host_reads
 from lorafit.model.quantize import quantize_blocks
 from lorafit.recipe import LoraSection, TrainSection
 from lorafit.train.optimizer import build_optimizer
@@ -25,31 +26,36 @@ from lorafit.train.processes import shard_model
 
 def prepare_model(
     model: nn.Module, lora: LoraSection, *, gradient_checkpointing: bool = False, compile: bool = False,
-    quantize: str = "none",
+    quantize: str = "none", device: torch.device | None = None,
 ) -> dict[str, LoRALinear]:
-    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step."""
+    """Wrap the targets in LoRA layers, freeze the rest, and set up the trunk for a cheap training step.
+
+    `device` is where training runs: 4-bit weights are quantized there, each moved there first.
+    """
     layers = wrap_targets(model, lora)
     if quantize == "nf4":  # after injection, so the adapter describes the original (e.g. Conv1D) modules
-        quantize_blocks(model, decoder_blocks(model), stores_transposed)
+        quantize_blocks(model, decoder_blocks(model), stores_transposed, device)
     fuse_activations(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
     if compile:
         # Block by block, as torchtune does: every block shares one compiled graph, and the loss code
-        # that calls the trunk and the head separately stays as it is.
+        # that calls the trunk and the head separately stays as it is. Shapes are symbolic from the start (rows
+        # and lengths change every step); the first block, whose input needs no gradient, gets a second graph.
         for block in decoder_blocks(model):
-            block.compile()
+            block.compile(dynamic=True)
     return layers
 
 
 def distribute(accelerator: Accelerator, scorer: SupervisedLoss, settings: TrainSection, total_steps: int):
-    """(scorer, optimizer, scheduler) for the launch: DDP, or FSDP2 shards with the optimizer built after them.
+    """(scorer, optimizer, scheduler) for the launch: DDP, or FSDP2/HSDP shards with the optimizer built after them.
 
     The scheduler is not given to accelerate, which would step it once per process per optimizer step.
     """
-    if settings.parallel == "fsdp" and accelerator.num_processes > 1:
+    if settings.parallel != "ddp" and accelerator.num_processes > 1:
         blocks = decoder_blocks(scorer.model)
-        scorer = shard_model(scorer, blocks, accelerator.device)
+        scorer = shard_model(scorer, blocks, accelerator.device, hybrid=settings.parallel == "hsdp",
+                             shard_size=settings.shard_size)
         optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
         return scorer, accelerator.prepare_optimizer(optimizer), scheduler
     optimizer, scheduler = build_optimizer(scorer, settings, total_steps)
@@ -79,7 +85,7 @@ def train_step(
     for index, batch in enumerate(micro_batches):
         inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
         last = index == len(micro_batches) - 1
-        with (nullcontext() if last else accelerator.no_sync(scorer)), \
+        with (nullcontext() if last else accelerator.no_sync(scorer)), masks_without_host_reads(is_padded(batch)), \
                 keyed_dropout(layers, seed, step, batch.get("rows", []), inputs["input_ids"].shape):
             with accelerator.autocast():
                 summed = scorer(**inputs)  # SupervisedLoss -> loss_sum (model/loss.py): summed CE of supervised tokens

@@ -45,6 +45,9 @@ def test_json_has_the_report_keys_and_rank8_count(gpt3_dir):
     assert report["trainable_params"] == 37_748_736
     assert {"name", "shape", "lora_params"} <= report["modules"][0].keys()
     assert {"lora_estimate", "full_finetune_estimate"} <= report["memory"].keys()
+    activations = report["memory"]["activations"]  # batch 16 × 128 tokens, the recipe defaults
+    assert (activations["rows"], activations["length"]) == (16, 128)
+    assert activations["total"] > activations["checkpointed"] > 0
 
 
 def test_gpt2_medium_rank4(tmp_path):

@@ -12,7 +12,7 @@ from lorafit.data.batches import collate
 from lorafit.lora.dropout import dropout_keys, keep_mask, keyed_dropout, keys_for, layer_keys
 from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import inject_lora, lora_layers
-from lorafit.model.loss import SupervisedLoss
+from lorafit.model.loss import SupervisedLoss, loss_sum
 from lorafit.recipe import LoraSection
 from lorafit.train.step import prepare_model, train_step
 
@@ -20,7 +20,38 @@ P = 0.3
 
 
 def masks(seed: int, step: int, rows: list[int], length: int, salt: int = 0, features: int = 64) -> torch.Tensor:
-    return keep_mask(layer_keys(dropout_keys(seed, step, rows, length, torch.device("cpu")), salt), features, P)
+    return keep_mask(layer_keys(dropout_keys(seed, step, rows, length), salt + 1)[salt], features, P)
+
+
+def python_keep(key: int, feature: int, p: float) -> bool:
+    """The mask element of an int32 layer key and a feature, in Python integers mod 2^32: the hash as specified
+    (feature multiplier, key × multiplier, one xorshift-multiply round, signed threshold), no torch arithmetic."""
+    from lorafit.lora.dropout import FEATURE_MIX, ROUND_MIX
+
+    def round_(h: int, multiplier: int) -> int:
+        return ((h ^ (h >> 16)) * multiplier) % 2**32
+
+    multiplier = round_(round_((feature + 0x7F4A7C15) * FEATURE_MIX % 2**32, FEATURE_MIX), FEATURE_MIX) | 1
+    h = round_(key % 2**32 * multiplier % 2**32, ROUND_MIX)
+    signed = h - 2**32 if h >= 2**31 else h
+    return signed >= round(p * 2**32) - 2**31
+
+
+def test_the_int32_hash_wraps_mod_2_to_the_32_as_specified():
+    keys = layer_keys(dropout_keys(3, 1, [0, 7], 6), 2)[1]
+    assert keys.dtype == torch.int32
+    mask = keep_mask(keys, 40, P)
+    expected = [[[python_keep(int(k), f, P) for f in range(40)] for k in row] for row in keys]
+    assert mask.tolist() == expected
+
+
+def test_features_and_positions_are_uncorrelated_beyond_sampling_noise():
+    mask = masks(5, 0, list(range(32)), length=64, features=96).reshape(-1, 96).float()  # 2,048 positions
+    by_feature = torch.corrcoef(mask.T) - torch.eye(96)
+    by_position = torch.corrcoef(mask[:96]) - torch.eye(96)
+    # a correlation estimated from n samples has a standard deviation near 1/sqrt(n); 6 of them is far outside noise
+    assert by_feature.abs().max() < 6 / 2048**0.5
+    assert by_position.abs().max() < 6 / 96**0.5
 
 
 def test_a_rows_mask_is_the_same_wherever_it_sits_and_however_it_is_padded():
@@ -122,3 +153,23 @@ def test_layers_without_dropout_are_left_unkeyed():
     layers = inject_lora(model, ["q", "v"], rank=2, alpha=4, dropout=0.0)
     with keyed_dropout(layers.values(), 1, 0, [0], (1, 4)):
         assert all(keys_for(layer) is None for layer in layers.values())
+
+
+def test_compiled_blocks_with_keyed_dropout_make_at_most_two_graphs_whatever_the_batch_shape(monkeypatch):
+    """One graph for the first block (its input needs no gradient), one for all the others: no per-layer or
+    per-shape recompiles. Dynamo's guards decide this, whatever the backend, so the test compiles to eager."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: real_compile(self, backend="eager", **options))
+    torch._dynamo.reset()
+    model = lora_model(compile=True).train()
+    layers = lora_layers(model)
+    data = supervised_rows()
+    before = counters["stats"]["unique_graphs"]
+    for step, rows in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [1, 3]]):  # a new length, then a new batch size
+        batch = collate([data[i] for i in rows], pad_id=1)
+        with keyed_dropout(layers.values(), seed=0, step=step, rows=rows, shape=batch["input_ids"].shape):
+            summed, _ = loss_sum(model, batch)
+            summed.backward()
+    assert counters["stats"]["unique_graphs"] - before <= 2

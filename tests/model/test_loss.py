@@ -196,6 +196,66 @@ def test_sequence_logprobs_sums_each_rows_token_logprobs():
     torch.testing.assert_close(sequence_logprobs(model, batch), _expected_logprobs(model, batch), rtol=1e-5, atol=1e-5)
 
 
+def tiny_softcapped(config_class: str):
+    """Gemma-2 or Gemma-3 with a soft-cap of 30 on the logits, drawn wide so that logits reach it; LoRA on q, v."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        **LLAMA_SHAPE, head_dim=8, final_logit_softcapping=30.0, initializer_range=0.5, **SMALL
+    )
+    return _with_nonzero_lora(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+
+def head_rows(model) -> list[int]:
+    """Rows of every output the head computes from here on (a forward hook on it)."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.reshape(-1, VOCAB).shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("config_class", ["Gemma2Config", "Gemma3TextConfig"])
+def test_softcapped_models_are_scored_in_chunks_with_their_own_loss_and_gradients(config_class, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)  # chunks of 4 rows
+    model = tiny_softcapped(config_class)
+    batch = _batch()
+    count = supervised_count(batch["labels"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rows = head_rows(model)
+    ours, found = loss_sum(model, batch)
+    grads = torch.autograd.grad(ours, trainable)
+    assert found == count and rows and max(rows) <= 4  # never [batch, length, vocab] logits
+    theirs = model(**batch).loss * count  # transformers' own loss over the model's own full, capped logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(grads, torch.autograd.grad(theirs, trainable)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+    del rows[:]
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(model, batch), _expected_logprobs(model, batch), rtol=1e-5,
+                                   atol=1e-5)
+    assert max(rows[:-1]) <= 4  # evaluation in chunks too (the last call is the reference's full forward)
+
+
+def test_a_lora_head_with_keyed_dropout_gets_the_masks_the_whole_batch_would_give_it(monkeypatch):
+    from lorafit.lora.dropout import keyed_dropout
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)
+    model = tiny_model("llama").train()
+    layers = inject_lora(model, ["q_proj", "v_proj", "lm_head"], rank=4, alpha=8, dropout=0.3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, generator=torch.Generator().manual_seed(1))
+    assert plain_head(model) is None  # the head is a LoRA layer: chunked through the model's own forward
+    batch = _batch()
+    with keyed_dropout(layers.values(), seed=3, step=1, rows=[5, 9], shape=batch["input_ids"].shape):
+        ours, _ = loss_sum(model, batch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(ours, trainable)
+        theirs = _reference_sum(model, batch)  # every position through the head, its keys of shape [batch, length]
+        references = torch.autograd.grad(theirs, trainable)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(grads, references):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_head_cross_entropy_with_label_smoothing_matches_f_cross_entropy(monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 50)  # several chunks of 3 rows
     torch.manual_seed(1)
@@ -213,17 +273,23 @@ def test_head_cross_entropy_with_label_smoothing_matches_f_cross_entropy(monkeyp
     assert not torch.allclose(ours, F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum"))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])  # the head-only path, and a model scored on its own logits
-def test_label_smoothed_loss_and_lora_gradients_match_f_cross_entropy_on_the_full_logits(arch):
-    if arch == "gemma2":
+# every path of loss_sum: the frozen plain head (HeadCrossEntropy), a model's own head after its trunk in chunks
+# (Gemma-2's soft-cap), a LoRA head in chunks, and the full logits of a model whose trunk is not told apart
+@pytest.mark.parametrize("path", ["gpt2", "gemma2", "lora_head", "full_logits"])
+def test_label_smoothed_loss_and_lora_gradients_match_f_cross_entropy_on_the_full_logits(path, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * VOCAB)  # several chunks where the head is chunked
+    if path == "gemma2":
         model = tiny_softcapped_gemma2()
     else:
         model = tiny_model("gpt2")
-        inject_lora(model, ["q", "v"], rank=2, alpha=4)
+        inject_lora(model, ["q", "v", "lm_head"] if path == "lora_head" else ["q", "v"], rank=2, alpha=4)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param)
-    assert (plain_head(model) is None) == (arch == "gemma2")
+    assert (plain_head(model) is None) == (path in ("gemma2", "lora_head"))
+    if path == "full_logits":  # as for a model whose trunk is not a part of its own
+        monkeypatch.setattr(loss_module, "plain_head", lambda model: None)
+        monkeypatch.setattr(loss_module, "head_logits", lambda model: None)
     batch = _batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
     ours, count = loss_sum(model, batch, label_smoothing=0.1)

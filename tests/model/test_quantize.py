@@ -166,6 +166,28 @@ def test_nf4_with_fsdp_is_refused_in_one_line(tiny_recipe):
         load_recipe(tiny_recipe(model={"quantize": "nf4"}, train={"parallel": "fsdp"}))
 
 
+def test_prepare_model_quantizes_each_weight_after_moving_it_to_the_training_device(monkeypatch):
+    """On a GPU every rank quantizes there, not on its one CPU thread; on a CPU the same path runs with `cpu`.
+    (tests/train/test_gpu.py checks the CUDA device itself.)"""
+    import torchao.quantization
+
+    from lorafit.train.step import prepare_model
+
+    real, seen = torchao.quantization.to_nf4, []
+
+    def recorded(weight, *args):
+        seen.append(weight.device)
+        return real(weight, *args)
+
+    monkeypatch.setattr(torchao.quantization, "to_nf4", recorded)
+    model = tiny_model("gpt2")
+    device = torch.device("cpu")
+    prepare_model(model, LoraSection(rank=4, alpha=8, dropout=0.0, targets=["q", "v"]), quantize="nf4", device=device)
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(seen) == len(quantized) == 4 * model.config.n_layer  # c_attn, c_proj, c_fc, mlp c_proj per block
+    assert set(seen) == {device} and all(m.weight.device == device for m in quantized)
+
+
 def test_nf4_on_a_model_with_stacked_experts_is_refused_in_one_line(tmp_path):
     """NF4 stores linear layers; a MoE model's experts are 3-D parameters, which would stay full precision."""
     from lorafit.recipe import validate

@@ -71,9 +71,9 @@ def test_model_flops_per_token_equal_torchs_count_of_a_lora_training_step(arch, 
 def test_mfu_is_none_on_cpu_but_the_achieved_flops_are_reported():
     peak = device_peak_flops(torch.device("cpu"))
     figures = throughput_figures(1e6, 2_000.0, peak)
-    assert peak == (None, "no known peak for CPU")
+    assert peak[0] is None and peak[1].startswith("no known peak for CPU") and "peak_tflops" in peak[1]
     assert figures["mfu"] is None and figures["peak_tflops"] is None
-    assert figures["peak_source"] == "no known peak for CPU"
+    assert figures["peak_source"] == peak[1]
     assert figures["model_flops_per_token"] == 1e6
     assert figures["achieved_tflops"] == pytest.approx(1e6 * 2_000.0 / 1e12)
 
@@ -86,6 +86,18 @@ def test_mfu_is_achieved_over_peak():
     assert figures["peak_source"] == "a made-up peak"
 
 
+def test_mfu_is_per_device_so_processes_that_share_the_tokens_report_the_mfu_of_one():
+    one = throughput_figures(3e9, 1e4, (100e12, "a made-up peak"))
+    # two devices, each as fast as the one: twice the tokens/s of all processes, the same work per device
+    two = throughput_figures(3e9, 2e4, (100e12, "a made-up peak"), processes=2)
+    assert two["mfu"] == pytest.approx(one["mfu"]) and two["achieved_tflops"] == pytest.approx(one["achieved_tflops"])
+    assert two["devices"] == 2
+
+
+def test_a_given_peak_is_used_on_any_device():
+    assert device_peak_flops(torch.device("cpu"), 50.0) == (50e12, "[train] peak_tflops = 50")
+
+
 @pytest.mark.parametrize(
     ("name", "tflops"),
     [
@@ -94,6 +106,10 @@ def test_mfu_is_achieved_over_peak():
         ("NVIDIA GH200 480GB", 989.0),
         ("NVIDIA L40S", 362.0),
         ("NVIDIA L4", 121.0),
+        ("NVIDIA L40", 181.0),  # not the L4's: names match as whole words
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
     ],
 )
 def test_peak_lookup_picks_the_most_specific_name(name, tflops):

@@ -65,6 +65,57 @@ def test_lora_layer_on_a_bf16_base_under_autocast_matches_float64_dense_math():
     assert relative_error(layer.lora_B.grad, b.grad) < 2e-2
 
 
+def test_the_fused_keyed_dropout_kernel_draws_the_masks_of_the_eager_hash():
+    from lorafit.lora.dropout import apply_keyed, dropout_keys, dropped, keep_mask, layer_keys
+
+    keys = layer_keys(dropout_keys(3, 1, list(range(4)), 300), 2)[1].cuda()
+    x = torch.randn(4, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fused = apply_keyed(x, keys, 0.1)
+    torch.testing.assert_close(fused, dropped(x, keys, 0.1), rtol=0, atol=0)
+    assert torch.equal(fused != 0, keep_mask(keys, 512, 0.1) & (x != 0))
+    assert torch.equal(keep_mask(keys, 512, 0.1).cpu(), keep_mask(keys.cpu(), 512, 0.1))  # CUDA's int32 wraps as the CPU's
+    fused.backward(torch.ones_like(fused))
+    torch.testing.assert_close(x.grad, (fused != 0).to(x.dtype) / 0.9, rtol=0, atol=0)
+
+
+def test_fused_lora_projection_under_bf16_autocast_matches_the_plain_path():
+    from lorafit.lora import linear
+    from lorafit.lora.dropout import keyed_dropout
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(256, 384).to("cuda", torch.bfloat16).requires_grad_(False), rank=8, alpha=16,
+                       dropout=0.1).cuda().train()
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    upstream = torch.randn(4, 64, 384, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused_on in (True, False):
+        original = linear.fused_applies
+        linear.fused_applies = original if fused_on else (lambda *args: False)
+        try:
+            x_ = x.clone().requires_grad_()
+            with keyed_dropout([layer], 0, 0, [0, 1, 2, 3], (4, 64)), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layer(x_)
+            out.backward(upstream)
+            results.append([out, x_.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()])
+            layer.zero_grad()
+        finally:
+            linear.fused_applies = original
+    for fused_value, plain_value in zip(*results):
+        assert relative_error(fused_value, plain_value) < 1e-2  # bf16 rounding, summed in another order
+
+
+def test_qlora_weights_are_quantized_on_the_gpu():
+    pytest.importorskip("torchao")
+    from lorafit.model.quantize import NF4Linear
+
+    model = tiny_model("gpt2")  # on the CPU, as loaded
+    prepare_model(model, LoraSection(rank=4, alpha=8, dropout=0.0, targets=["q", "v"]), quantize="nf4",
+                  device=torch.device("cuda"))
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
+
+
 def synchronizing_calls(step) -> int:
     """How many times `step()` makes the host wait for the GPU (torch's sync debug mode warns on each)."""
     torch.cuda.synchronize()
@@ -129,6 +180,8 @@ def test_the_shipped_recipe_trains_in_bf16_on_the_gpu_and_reports_cuda_memory_an
     assert (throughput["mfu"] is None) == (peak is None)
     if peak is not None:
         assert throughput["mfu"] == pytest.approx(throughput["achieved_tflops"] * 1e12 / peak)
+        per_device = throughput["model_flops_per_token"] * throughput["tokens_per_s"] / report["world_size"]
+        assert throughput["mfu"] == pytest.approx(per_device / peak)
     assert report["eval"]["loss"] < report["eval"]["before"]["loss"]
 
 

@@ -176,6 +176,10 @@ CASES: dict[str, tuple[Callable, str]] = {
         train(lora={"variant": "adalora", "adalora": {"init_rank": 200}}),
         r"\[lora.adalora\] init_rank = 200 is more than .*c_attn's smaller side \(128\)",
     ),
+    "hsdp groups that do not divide the processes": (
+        train(train={"parallel": "hsdp", "shard_size": 3}),
+        r"parallel = 'hsdp' shards the model over groups of 3 processes, which does not divide the 1 processes",
+    ),
     "max_length above the context": (train(data={"max_length": 300}), r"max_length = 300 .* context of 256"),
     "lr inf": (train(train={"lr": math.inf}), r"\[train\] lr: input should be a finite number"),
     "lr nan": (train(train={"lr": math.nan}), r"\[train\] lr: input should be a finite number"),
@@ -365,6 +369,22 @@ def test_a_locked_folder_is_refused_naming_the_holders_pid(tmp_path):
     finally:
         holder.release()
     RunLock(tmp_path / "run").release()  # released: free again
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_is_one_line_naming_the_fix(tmp_path, monkeypatch, code):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, code), "not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LorafitError, match="does not support file locks") as refused:
+        RunLock(tmp_path / "run")
+    assert "\n" not in str(refused.value) and "local disk" in str(refused.value)
+    assert refused.value.exit_code == 2
+    assert not (tmp_path / "run").exists()  # the folder it made for the lock is gone again
 
 
 def test_a_lock_on_a_folder_where_no_run_began_leaves_nothing(tmp_path):

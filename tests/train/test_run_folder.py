@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from accelerate import Accelerator
 from conftest import TINY_MODEL, assert_one_line_error, snapshot, write_jsonl, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
@@ -75,10 +76,16 @@ def trained(tmp_path_factory):
         captured["initial_A"] = {name: layer.lora_A.detach().clone() for name, layer in layers.items()}
         return layers
 
+    tokenized_after = []  # which processes each tokenizing waited for: one per machine, or one for all machines
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(inject_module, "inject_lora", recording_inject)  # what wrap_targets calls
+        for method, waits_for in (("local_main_process_first", "machine"), ("main_process_first", "all")):
+            first = getattr(Accelerator, method)
+            patch.setattr(Accelerator, method, lambda self, first=first, waits_for=waits_for: (
+                tokenized_after.append(waits_for), first(self))[1])
         report = train(recipe, console=quiet())
-    return {"recipe": recipe, "run": Path(recipe.output.dir), "report": report, "recipe_path": path, **captured}
+    return {"recipe": recipe, "run": Path(recipe.output.dir), "report": report, "recipe_path": path,
+            "tokenized_after": tokenized_after, **captured}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +229,12 @@ def test_prepare_model_swaps_in_pytorchs_gelu_kernel(trained):
 
 
 # ---------------------------------------------------------------- an existing run is never overwritten
+
+
+def test_tokenizing_waits_for_one_process_per_machine_not_for_all_machines(trained):
+    """With node-local caches, each machine's first process tokenizes and its others read that cache; a wait for
+    the global main process would leave every other machine's processes tokenizing at once."""
+    assert trained["tokenized_after"] == ["machine"]
 
 
 def test_fresh_train_into_an_existing_run_is_refused_and_changes_nothing(trained):

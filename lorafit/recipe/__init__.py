@@ -1,0 +1,27 @@
+"""The recipe: its schema (schema.py), the rules across its keys (rules.py), and reading it from TOML (reading.py)."""
+
+from lorafit.recipe.reading import load_recipe, recipe_toml, validate
+from lorafit.recipe.rules import refuse_undefined
+from lorafit.recipe.schema import (
+    DATA_SUFFIXES,
+    GENERATION_METRICS,
+    RESUMABLE,
+    AdaLoraSection,
+    DataSection,
+    EvalSection,
+    LoraSection,
+    ModelSection,
+    OutputSection,
+    Recipe,
+    TrainSection,
+    VariantName,
+    changed_keys,
+    is_local_data,
+    resumable_keys,
+)
+
+__all__ = [
+    "DATA_SUFFIXES", "GENERATION_METRICS", "RESUMABLE", "AdaLoraSection", "DataSection", "EvalSection", "LoraSection",
+    "ModelSection", "OutputSection", "Recipe", "TrainSection", "VariantName", "changed_keys", "is_local_data",
+    "load_recipe", "recipe_toml", "refuse_undefined", "resumable_keys", "validate",
+]
