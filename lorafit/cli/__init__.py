@@ -136,6 +136,8 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Complete prompts with the recipe's template, streaming the text; classification prints label and probability."""
+    from lorafit.generate import empty_reason, prompt_header
+
     out = Console(highlight=False, soft_wrap=True)
     given: list = list(prompts or [])
     started: set[int] = set()
@@ -145,7 +147,8 @@ def generate(
         if as_json:
             return
         if index not in started and len(given) > 1:
-            stderr.print(f"[dim]── {index + 1}: {escape(str(given[index]))}[/]", highlight=False, soft_wrap=True)
+            stderr.print(f"[dim]── {index + 1}: {escape(prompt_header(given[index]))}[/]", highlight=False,
+                         soft_wrap=True)
         started.add(index)
         out.print(escape(text), end="\n" if done else "")
 
@@ -161,12 +164,15 @@ def generate(
         return run_generation(chosen, given, adapter=adapter, model_dir=model, sampling=sampling, stream=show)
 
     results = run_command(action, debug)
+    for number, result in enumerate(results, start=1):
+        if empty_reason(result):
+            note(f"prompt {number}'s completion is empty: {empty_reason(result)}")
     if as_json:
         print_json("generate", {"completions": results})
         return
     for result in results:
         if "label" in result:
-            out.print(f"{escape(result['label'])}  {result['probability']:.3f}  {escape(str(result['prompt']))}")
+            out.print(f"{escape(result['label'])}  {result['probability']:.3f}  {escape(prompt_header(result['prompt']))}")
 
 
 @app.command()
