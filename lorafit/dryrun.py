@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -38,11 +39,11 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
 
     training = eval_split is None
     checked = None
-    if training:  # train's own checks, run folder and resume included; the folder's lock is let go at once
+    if training:  # train's own checks, run folder and resume included (what the folder refuses is described)
         from lorafit.train.preflight import check_run
 
         with ExitStack() as held:
-            checked = check_run(recipe, resume, console, held)
+            checked = check_run(recipe, resume, console, held, dry_run=True)
     name = str(model_dir) if model_dir is not None else recipe.model.name
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, adapter)
@@ -117,6 +118,8 @@ def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
         "world_size": checked.state.world_size,
         "output_dir": recipe.output.dir,
         "resume_from": str(checked.resume_from) if checked.resume_from else None,
+        "finished": checked.finished is not None,  # a finished run that --resume leaves as it is
+        "refused": checked.refused,  # why train would refuse the run folder, or None
     }
 
 
@@ -158,12 +161,14 @@ def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> No
     plan = result.get("plan")
     if plan:
         memory = result["model"]["memory"]["lora_estimate"]["total"]
-        start = f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run"
+        start = (f"train would refuse: {plan['refused']}" if plan["refused"] else
+                 "nothing to do: the run there is finished" if plan["finished"] else
+                 f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run")
         console.rule("plan")
         console.print(
             f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} rows "
             f"(batch_size {plan['batch_size']} × grad_accum {plan['grad_accum']} × {plan['world_size']} processes); "
-            f"static memory estimate {human_bytes(memory)}; {start} in {plan['output_dir']}",
+            f"static memory estimate {human_bytes(memory)}; in {plan['output_dir']}: {start}",
             markup=False, highlight=False,
         )
     console.print("dry run: nothing was trained or written", style="bold")
@@ -174,7 +179,7 @@ def data_table(data: dict) -> Table:
     table = Table(title="Data (after tokenizing)")
     table.add_column("")
     for split in data:
-        table.add_column(split, justify="right")
+        table.add_column(escape(split), justify="right")
     names = {"rows": "rows read", "examples": "examples (rows, or windows of long documents)",
              "shortened": "rows shortened, supervision kept", "cut": "rows that lost supervised tokens",
              "cut_tokens": "supervised tokens lost", "windowed": "documents split into windows",

@@ -41,7 +41,9 @@ app = typer.Typer(
 
 @app.command()
 def train(
-    recipe: RecipePath,
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML file (with --resume: the run's own, if not given).")
+    ] = None,
     # a str, not a Path: Path("") would turn an empty --output (an unset variable) into the current folder
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
@@ -53,7 +55,7 @@ def train(
     """Fine-tune with LoRA as the recipe says; writes the adapter, checkpoints and report.json.
 
     Ctrl-C or SIGTERM stops after the current step, saves a checkpoint and exits with code 130;
-    continue with --resume. A second Ctrl-C stops at once.
+    continue with `lorafit train --resume -o DIR`, which takes the run's own recipe. A second Ctrl-C stops at once.
     """
 
     if not dry_run:
@@ -62,12 +64,18 @@ def train(
     def action():
         from lorafit.recipe import load_recipe
         from lorafit.train.loop import train as run_training
+        from lorafit.train.resume import resume_recipe
 
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
         console = stderr if as_json else Console()
-        chosen = load_recipe(recipe, settings)
+        if resume:
+            chosen = resume_recipe(recipe, settings, console)
+        elif recipe is None:
+            raise LorafitError("give --recipe PATH, or --resume --output DIR to continue a run")
+        else:
+            chosen = load_recipe(recipe, settings)
         if dry_run:
             from lorafit.dryrun import dry_run as show_plan
 
@@ -196,7 +204,7 @@ def merge(
         print_json("merge", result)
     else:
         Console().print(
-            f"merged {result['adapter']} into {result['base']} -> [bold]{result['out']}[/]\n"
+            f"merged {escape(result['adapter'])} into {escape(result['base'])} -> [bold]{escape(result['out'])}[/]\n"
             f"largest |logit difference| merged vs. unmerged on {result['probe_tokens']} probe tokens: "
             f"{result['max_logit_diff']:.3g}",
             highlight=False,
@@ -249,7 +257,8 @@ def info(
         from lorafit.report.tables import info_tables
 
         console = Console()
-        console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)
+        console.print(f"[bold]{escape(report['model'])}[/] ({report['model_type']}, {report['dtype']} weights)",
+                      highlight=False)
         for table in info_tables(report):
             console.print(table)
 

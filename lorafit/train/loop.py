@@ -136,7 +136,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     supervised = supervised_counts(train_split.examples)
     packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
     if packed is not None:  # from here on a "row" of the step plan is a packed sequence
-        console.print(packed.describe(), highlight=False)
+        console.print(packed.describe(), markup=False, highlight=False)
         rows, supervised = packed.sequences, packed.supervised
     steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
     total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
@@ -181,8 +181,9 @@ def start_or_resume(run: Run) -> None:
     )
     extended = saved.total_steps and saved.total_steps != run.total_steps
     if eval_rows_changed(saved, run.state):  # scores from before this launch are on other rows: said everywhere
-        note(f"the evaluation rows differ from those {run.run_dir} started with (data file or tokenizer changed); "
-             "scores from before now (the base model's, keep_best's best) were on the old rows", run.console)
+        note(f"the evaluation rows differ from those {run.run_dir} started with (max_eval_examples, the data file "
+             "or the tokenizer changed); scores from before now (the base model's, keep_best's best) were on the "
+             "old rows", run.console)
         saved.eval_before = saved.eval_before and {**saved.eval_before, "rows_changed": True}
     # what is done so far, on this launch's processes and schedule
     run.state = replace(saved, world_size=run.state.world_size, total_steps=run.total_steps,
@@ -216,7 +217,9 @@ def run_steps(run: Run, stop: StopRequest) -> None:
                 layers=run.layers.values(), seed=settings.seed, ranks=run.ranks,
             )
             done = step + 1
-            logged = done % settings.log_every == 0 or done == run.total_steps
+            # a run of one log window also logs its first step, so that its loss has a start and an end
+            logged = (done % settings.log_every == 0 or done == run.total_steps
+                      or (done == 1 and run.total_steps <= settings.log_every))
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
             # the last step's state is always kept: a finished run can be trained longer from it
             saving = stops or done == run.total_steps or (settings.save_every and done % settings.save_every == 0)
