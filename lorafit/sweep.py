@@ -133,7 +133,7 @@ def recipe_value(recipe: Recipe, key: str, given: str):
 
 
 def shown(value) -> str:
-    """A swept value as the table and the plot label it: 8, q_v's list as ["q", "v"]."""
+    """A swept value as the table and the plot show it: 8, or a list as ["q", "v"]."""
     return value if isinstance(value, str) else json.dumps(value)
 
 

@@ -173,8 +173,8 @@ def generate(
 
     results = run_command(action, debug)
     for number, result in enumerate(results, start=1):
-        if empty_reason(result):
-            note(f"prompt {number}'s completion is empty: {empty_reason(result)}")
+        if why := empty_reason(result):
+            note(f"prompt {number}'s completion is empty: {why}")
     if as_json:
         print_json("generate", {"completions": results})
         return

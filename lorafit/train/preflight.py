@@ -127,14 +127,15 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack, *
 def batch_of_processes(settings: TrainSection, world: int) -> str:
     """What a recipe without global_batch means on `world` processes, and the keys that train as one process does."""
     rows = settings.batch_size * settings.grad_accum
+    said = (f"{world} processes take batch_size {settings.batch_size} × grad_accum {settings.grad_accum} rows each: "
+            f"a global batch of {rows * world} rows a step, {world} times one process's {rows}")
     fits = [size for size in range(settings.batch_size, 0, -1) if rows % (size * world) == 0]
-    same = (f"to train as one process does, --set train.global_batch={rows}"
-            + (f" --set train.batch_size={fits[0]}" if fits[0] != settings.batch_size else "")
-            + (" --set train.grad_accum=1" if settings.grad_accum != 1 else "")
-            + " (or [train] global_batch in the recipe)") if fits else (
-        f"{rows} rows cannot be split over {world} processes, so no global_batch trains as one process does")
-    return (f"{world} processes take batch_size {settings.batch_size} × grad_accum {settings.grad_accum} rows each: "
-            f"a global batch of {rows * world} rows a step, {world} times one process's {rows}; {same}")
+    if not fits:
+        return f"{said}; {rows} rows cannot be split over {world} processes, so no global_batch trains as one does"
+    keys = [f"global_batch={rows}", *([f"batch_size={fits[0]}"] if fits[0] != settings.batch_size else []),
+            *(["grad_accum=1"] if settings.grad_accum != 1 else [])]  # global_batch derives grad_accum
+    return (f"{said}; to train as one process does, {' '.join(f'--set train.{key}' for key in keys)} "
+            "(or [train] global_batch in the recipe)")
 
 
 def check_keep_best(recipe: Recipe, resume: bool, evaluation: bool | None = None) -> None:

@@ -367,7 +367,7 @@ def test_the_note_on_several_processes_gives_settings_that_train_as_one_process_
     assert f"a global batch of {batch_size * grad_accum * world} rows a step" in text
     advice = dict(re.findall(r"--set train\.(\w+)=(\d+)", text))
     if batch_size * grad_accum % world:
-        assert advice == {} and "no global_batch trains as one process does" in text
+        assert advice == {} and "no global_batch trains as one does" in text
         return
     same = settings.model_copy(update={key: int(value) for key, value in advice.items()})
     assert same.batch_size * global_batch_split(same, world) * world == batch_size * grad_accum
