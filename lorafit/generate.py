@@ -79,9 +79,10 @@ def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0)
 
 def text_fills(data: DataSection) -> None:
     """Say which field a plain-text prompt fills when the template has others, which it leaves empty."""
-    fields = prompts.template_fields(data) if data.task != "chat" else {}
-    main = fields and prompts.main_field(data)
-    others = [f"{{{name}}}" for name in fields if name != main]
+    if data.task == "chat":
+        return
+    main = prompts.main_field(data)
+    others = [f"{{{name}}}" for name in prompts.template_fields(data) if name != main]
     if others:
         note(f"a plain prompt fills the template's {{{main}}} and leaves {', '.join(others)} empty; to give every "
              f"field: {prompts_form(data)}")
