@@ -2,7 +2,8 @@
 
 1. the tests marked `gpu`; 2. the shipped demo (recipes/tiny-sst2.toml) in lorafit's GPU default, bf16;
 3. bench/run.py's GPU-sized jobs l (1B-class Llama at 2,048 tokens) and m (GPT-2-medium, SST-2-style),
-lorafit against peft. It ends with one JSON line holding the figures of all three.
+lorafit against peft; 4. where vllm is importable, bench/vllm_parity.py (vLLM serving the adapter `lorafit
+export --for vllm` wrote, against peft). It ends with one JSON line holding the figures of all of them.
 
 It runs on the machine's own python3 and CUDA torch, which it never replaces: a GPU image often lacks
 datasets, pydantic and tomli-w and reaches no registry, so what is missing is installed into a scratch
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".whl"
-LIMITS = {"tests": 180, "demo": 120, "bench": 300}  # seconds per phase; the whole check stays under 8 minutes
+LIMITS = {"tests": 180, "demo": 120, "bench": 300, "vllm": 240}  # seconds per phase; under 8 minutes without vLLM
 
 
 def install_missing(site: Path) -> list[str]:
@@ -90,9 +91,17 @@ def main() -> int:
     last = output.strip().splitlines()[-1] if output.strip() else ""
     summary["bench"] = {"exit": code, "seconds": round(seconds),
                         **(json.loads(last)["jobs"] if code == 0 and last.startswith("{") else {})}
+    phases = ["tests", "demo", "bench"]
+    if importlib.util.find_spec("vllm") is None:  # vLLM is never installed for this check: it runs where it is
+        summary["vllm"] = {"skipped": "vllm is not installed"}
+    else:
+        code, output, seconds = run("vllm", [sys.executable, "bench/vllm_parity.py"], env)
+        last = output.strip().splitlines()[-1] if output.strip() else ""
+        summary["vllm"] = {"exit": code, "seconds": round(seconds), **(json.loads(last) if last.startswith("{") else {})}
+        phases.append("vllm")
     summary["seconds"] = round(time.perf_counter() - started)
     print(json.dumps(summary), flush=True)
-    return 0 if all(summary[phase]["exit"] == 0 for phase in ("tests", "demo", "bench")) else 1
+    return 0 if all(summary[phase]["exit"] == 0 for phase in phases) else 1
 
 
 if __name__ == "__main__":

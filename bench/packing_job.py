@@ -17,7 +17,7 @@ import torch
 from rich.table import Table
 
 from lorafit.data.batches import collate, supervised_count
-from lorafit.data.packing import pack_rows
+from lorafit.data.packing import pack
 from lorafit.data.plan import StepRows
 from lorafit.model.loss import loss_sum
 
@@ -53,7 +53,8 @@ def completion_rows(vocab: int, count: int, pool: str) -> list[dict]:
 def arrangements(rows: list[dict]) -> dict[str, tuple[list[dict], list[list[int]]]]:
     """name -> (what each step collates from, the steps): the rows themselves, or their packed sequences."""
     counts = [supervised_count(torch.tensor([row["labels"]])) for row in rows]
-    packed = pack_rows(rows, counts, MAX_LENGTH).sequences
+    packing = pack([len(row["input_ids"]) for row in rows], counts, MAX_LENGTH)
+    packed = packing.sequences(range(len(packing)), lambda indices: [rows[i] for i in indices])
     plans = {}
     for name, items, batch in (("padded", rows, PADDED_BATCH), ("packed", packed, PACKED_BATCH)):
         order = StepRows([len(item["input_ids"]) for item in items], batch, seed=0)  # lorafit's length-grouped plan

@@ -4,7 +4,8 @@ The three methods train copies of one randomly initialised GPT-2-small-shaped mo
 rows, one measured step of each in turn (lorafit, peft, full, lorafit, ...), so that noise from other
 work on the machine falls on all three alike. Peak memory is measured per method in a fresh child process.
 Job p trains the shipped tiny recipe as 1 process and as 2 (torchrun) on the same global batch; job k trains
-the same completion rows padded and packed (bench/packing_job.py). Jobs l and m are GPU-sized (a 1B-class
+the same completion rows padded and packed (bench/packing_job.py); job r compares lorafit's accuracy with peft's on
+a real pretrained model and a real data set (bench/parity_job.py). Jobs l and m are GPU-sized (a 1B-class
 Llama at 2,048 tokens, GPT-2-medium on the SST-2-style job; `make gpu-check` runs them) and compare lorafit
 with peft only; `--json` ends the output with one line of the ratios that matter.
 """
@@ -37,7 +38,11 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
+from data_job import data_markdown, data_table, run_data
 from packing_job import packing_markdown, packing_table, run_packing
+from parity_job import SEEDS as PARITY_SEEDS
+from parity_job import STEPS as PARITY_STEPS
+from parity_job import parity_markdown, parity_table, run_parity
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
@@ -659,16 +664,22 @@ def ratio_table(result: dict) -> Table:
         table.add_row(ratio["name"], ratio_value(ratio), ratio["target"] or "—", verdict)
     numerics = result["numerics"]
     verdict = "[green]PASS[/]" if numerics["agree"] else "[red]FAIL[/]"
-    table.add_row(*numerics_cells(numerics), f"<= {numerics['tolerance']:.0e}", verdict)
+    table.add_row(*numerics_cells(numerics), numerics.get("target") or f"<= {numerics['tolerance']:.0e}", verdict)
     return table
 
 
 def ratio_value(ratio: dict) -> str:
+    if ratio.get("unit") == "points":
+        return f"{ratio['value']:+.1%}"
+    if "unit" in ratio:  # job s: bytes per token, seconds per million rows
+        return f"{ratio['value']:.2f} {ratio['unit']}"
     return f"{ratio['value']:.1%}" if ratio["key"] == "mfu" else f"{ratio['value']:.2f}x"
 
 
 def numerics_cells(numerics: dict) -> tuple[str, str]:
     """The correctness check's name and value: job p compares adapters, job k losses, the others first-step losses."""
+    if "rows_scored" in numerics:  # job r: every held-out row scored by both methods
+        return numerics["check"], ", ".join(map(str, numerics["rows_scored"]))
     if "max_abs_difference" in numerics:
         return numerics["check"], f"{numerics['max_abs_difference']:.1e}"
     if "check" in numerics:  # job k: packed vs padded loss
@@ -686,8 +697,9 @@ def markdown(results: list[dict]) -> str:
     lines = [f"Machine: {describe_machine(results[0]['machine'])}.", ""]
     for result in results:
         job = result["job"]
-        if job["key"] in ("p", "k"):
-            lines += processes_markdown(result) if job["key"] == "p" else packing_markdown(result)
+        if job["key"] in ("p", "k", "r", "s"):
+            lines += {"p": processes_markdown, "k": packing_markdown, "r": parity_markdown,
+                      "s": data_markdown}[job["key"]](result)
             continue
         steps = result["settings"]["measured_steps"]
         title = f"Job {job['key']}: {job['title']}, batch {job['batch_size']}, up to {job['max_length']} tokens"
@@ -735,6 +747,8 @@ def one_line(results: list[dict]) -> dict:
         line["targets_met"] = all(ratio["pass"] is not False for ratio in result["ratios"])
         if "max_relative_difference" in numerics:
             line["first_step_loss_max_rel_diff"] = numerics["max_relative_difference"]
+        elif "rows_scored" in numerics:
+            line["rows_scored"] = numerics["rows_scored"]
         else:
             line["adapter_max_abs_diff"] = numerics["max_abs_difference"]
         line["numerics_agree"] = numerics["agree"]
@@ -760,11 +774,15 @@ def write_results(results: list[dict], console: Console) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="a,b,p,k",
+    parser.add_argument("--jobs", default="a,b,p,k,r,s",
                         help="comma-separated: a (classification), b (LM at 512 tokens), p (1 vs 2 processes), "
-                        "k (packed vs padded); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium "
-                        "classification)")
+                        "k (packed vs padded), r (accuracy parity on real data), s (training start as the data "
+                        "grows); for a GPU: l (1B-class Llama at 2,048 tokens), m (GPT-2-medium classification)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per method (default 4, quick 3)")
+    parser.add_argument("--parity-steps", type=int, default=PARITY_STEPS,
+                        help=f"job r's training steps per seed and method (default {PARITY_STEPS})")
+    parser.add_argument("--parity-seeds", default=",".join(map(str, PARITY_SEEDS)),
+                        help="job r's seeds, comma-separated (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method, not measured (default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, all cores)")
@@ -806,9 +824,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log file gets the tables unwrapped
-    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k"]]
+    unknown = [key for key in args.jobs.split(",") if key not in [*jobs, "p", "k", "r", "s"]]
     if unknown:
-        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {', '.join(jobs)}, p, k")
+        choice = ", ".join([*jobs, "p", "k", "r", "s"])
+        console.print(f"unknown job {unknown[0]!r}; use --jobs with a comma-separated choice of {choice}")
         return 2
     results = []
     for key in args.jobs.split(","):
@@ -816,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
             gpt2_small = partial(model_config, jobs["a"])  # job a's model, GPT-2 small (or the quick tiny one)
             results.append(run_packing(args, console, model_config=gpt2_small, base_model=base_model,
                                        build_lorafit=build_lorafit, make_accelerator=make_accelerator, machine=machine))
+        elif key == "r":
+            results.append(run_parity(args, console, machine))
+        elif key == "s":
+            results.append(run_data(args, console, machine=machine))
         else:
             results.append(run_processes(args, console) if key == "p" else run_job(args, jobs[key], console))
     console.print(describe_machine(results[0]["machine"]), highlight=False)
@@ -824,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in result:
             console.print(f"[yellow]job {result['job']['key']} skipped: {result['skipped']}[/]")
             continue
-        tables = {"p": processes_table, "k": packing_table}
+        tables = {"p": processes_table, "k": packing_table, "r": parity_table, "s": data_table}
         console.print(tables.get(result["job"]["key"], job_table)(result))
         console.print(ratio_table(result))
     for note in dict.fromkeys(note for result in measured for note in result["notes"]):

@@ -17,21 +17,21 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from lorafit.data.batches import supervised_counts
-from lorafit.data.plan import StepRows
-from lorafit.data.rows import no_evaluation_reason
+from lorafit.data.plan import plan_training, stream_draw
+from lorafit.data.rows import no_evaluation_rows
 from lorafit.data.tasks import IGNORE
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
-from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, recipe_toml
+from lorafit.report.tables import draws_bars
 
 SAMPLE_ROWS = 3
 MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
 
 
 def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_split: str | None = None,
-            adapter: Path | None = None, model_dir: Path | None = None) -> dict:
+            adapter: Path | None = None, model_dir: Path | None = None, changes: list[str] = ()) -> dict:
     """What `train` (or, given `eval_split`, `eval`) would do with `recipe`: printed to `console` and returned.
+    `changes`: what a resume changes in the run's recipe (lorafit.train.resume.resume_recipe).
 
     The same checks as the real command run first, so a dry run refuses what the run would refuse.
     """
@@ -48,14 +48,15 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, adapter)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split) if training else None
-    splits = {recipe.data.train_split: train_split} if training else {}
-    held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None)
+    bars = draws_bars(console)
+    splits = {recipe.data.train_split: tokenize_split(recipe.data, tokenizer, recipe.data.train_split, progress=bars,
+                                                      draw=stream_draw(recipe, checked.state.global_batch))
+              } if training else {}
+    held_out = tokenize_eval(recipe.data, tokenizer, None if training else eval_split or None, progress=bars)
     if held_out is not None:  # evaluating on the training split: that split twice, as training and as evaluation
         splits[f"{held_out.name} (evaluation)" if held_out.name in splits else held_out.name] = held_out
     elif not training:
-        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
-                           "pass --split NAME, or set [data] eval_split or eval_fraction")
+        raise no_evaluation_rows(recipe.data)
     if training:
         from lorafit.train.preflight import check_keep_best
 
@@ -72,7 +73,8 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
     result["samples"] = [{"tokens": len(row["input_ids"]), "text": marked_row(row, tokenizer, colour=False).plain}
                          for row in samples]
     if training:
-        result["plan"] = training_plan(recipe, train_split, checked)
+        result["plan"] = {**training_plan(recipe, splits[recipe.data.train_split], checked),
+                          "resume_changes": list(changes)}
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
 
@@ -92,28 +94,29 @@ def model_table(recipe: Recipe, name: str, adapter: Path | None) -> dict:
 
 def split_summary(split: TokenizedSplit, max_length: int) -> dict:
     """Rows kept, every count the data module keeps about a split (total, dropped, ...), lengths, supervised tokens."""
-    lengths = np.array([len(ids) for ids in split.examples["input_ids"]])
+    columns = split.columns("length", "supervised")
+    lengths = columns["length"]
     percentiles = np.percentile(lengths, [50, 90, 99]).round().astype(int).tolist()
     return {
         **split.counts(),
         "at_max_length": int((lengths == max_length).sum()),  # cut there, or exactly that long
         "tokens": int(lengths.sum()),
-        "supervised_tokens": sum(supervised_counts(split.examples)),
+        "supervised_tokens": int(columns["supervised"].sum()),
         "length": {"min": int(lengths.min()), "p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
                    "max": int(lengths.max())},
     }
 
 
 def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
-    """Steps, global batch and the run folder's fate, as train's checks (lorafit.train.preflight.check_run) found them."""
-    settings, global_batch = recipe.train, checked.state.global_batch
-    lengths = [len(ids) for ids in train.examples["input_ids"]]
-    per_epoch = StepRows(lengths, global_batch, settings.seed).steps_per_epoch
+    """Steps (train's own planner, packing included), global batch and the run folder's fate, as train's checks
+    (lorafit.train.preflight.check_run) found them."""
+    plan = plan_training(recipe, train, checked.state.global_batch)
     return {
-        "steps": settings.max_steps or settings.epochs * per_epoch,
-        "steps_per_epoch": per_epoch,
-        "global_batch": global_batch,
-        "batch_size": settings.batch_size,
+        "steps": plan.total_steps,
+        "steps_per_epoch": plan.steps.steps_per_epoch,
+        "packing": plan.packed.summary() if plan.packed is not None else None,
+        "global_batch": plan.steps.global_batch,
+        "batch_size": recipe.train.batch_size,
         "grad_accum": checked.grad_accum,
         "world_size": checked.state.world_size,
         "output_dir": recipe.output.dir,
@@ -166,11 +169,14 @@ def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> No
                  f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run")
         console.rule("plan")
         console.print(
-            f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} rows "
+            f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} "
+            f"{'packed sequences' if plan['packing'] else 'rows'} "
             f"(batch_size {plan['batch_size']} × grad_accum {plan['grad_accum']} × {plan['world_size']} processes); "
             f"static memory estimate {human_bytes(memory)}; in {plan['output_dir']}: {start}",
             markup=False, highlight=False,
         )
+        for line in plan["resume_changes"]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("dry run: nothing was trained or written", style="bold")
 
 

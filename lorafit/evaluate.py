@@ -79,22 +79,36 @@ def evaluate_split(
     return result
 
 
-def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None) -> dict:
-    """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split."""
-    from lorafit.data.rows import no_evaluation_reason
+def evaluate_recipe(recipe: Recipe, *, adapter: Path | None = None, model_dir: Path | None = None, split: str | None = None,
+                    predictions: Path | None = None) -> dict:
+    """`lorafit eval`: the base model, the base plus an adapter, or a full (merged) model, on one split; with
+    [eval] metrics, also the generated text's scores, and its predictions.jsonl written to `predictions`."""
+    from lorafit.data.rows import no_evaluation_rows
+    from lorafit.generation.predictions import eval_prompts, generation_scores
+    from lorafit.generation.scores import require_sacrebleu
     from lorafit.model.load import load_tokenizer
 
+    require_sacrebleu(recipe.eval.metrics)
+    if predictions is not None and not recipe.eval.metrics:
+        raise LorafitError("--predictions holds generated text, which only [eval] metrics produce; set [eval] metrics")
+    if predictions is not None and not Path(predictions).parent.is_dir():
+        raise LorafitError(f"--predictions {predictions}: folder {Path(predictions).parent} does not exist; create it")
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
     held_out = tokenize_eval(recipe.data, tokenizer, split)
     if held_out is None:
-        raise LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(recipe.data)}); "
-                           "pass --split NAME, or set [data] eval_split or eval_fraction")
+        raise no_evaluation_rows(recipe.data)
+    prompts = eval_prompts(recipe, tokenizer, held_out)
     model, accelerator = inference_model(recipe, name, adapter)
     scorer = SupervisedLoss(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.autocast():
-        return evaluate_split(scorer, held_out, recipe.data, tokenizer, recipe.train.eval_batch_size,
-                              rank=accelerator.process_index, world=accelerator.num_processes)
+        result = evaluate_split(scorer, held_out, recipe.data, tokenizer, recipe.train.eval_batch_size, rank=rank,
+                                world=world)
+        if prompts is not None:
+            result.update(generation_scores(scorer, tokenizer, prompts, recipe, rank=rank, world=world,
+                                            write_to=predictions if accelerator.is_main_process else None))
+    return result
 
 
 def checked_source(recipe: Recipe, adapter: Path | None, model_dir: Path | None) -> str:

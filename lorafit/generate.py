@@ -1,8 +1,9 @@
 """`lorafit generate`: try an adapter (or a merged model) on prompts, formatted exactly as training formatted them.
 
-Completion and text recipes continue the prompt token by token (greedy, or sampled with temperature and top-p)
-until the end token, streaming the text as it comes; classification recipes score each label word after the
-prompt, as `lorafit eval` does, and give the most likely label and its probability among the labels.
+Completion and text recipes continue the prompt (greedy, sampled with temperature and top-p, or beam search: the
+recipe's [eval] decoding with the options on top) until an end token or a stop string, streaming the text as it
+comes; classification recipes score each label word after the prompt, as `lorafit eval` does, and give the most
+likely label and its probability among the labels.
 """
 
 from __future__ import annotations
@@ -10,49 +11,41 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
 from lorafit.data import prompts
+from lorafit.data.chat import TEMPLATE_FILE
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
+from lorafit.generation.decoding import END_TOKEN, Decoding, decode, held_back, room
 from lorafit.messages import note
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 from lorafit.storage import input_file
 
-CHAT_TEMPLATE = "chat_template.jinja"
 # Called with (prompt index, text, done): pieces of a completion as they are decoded; done on its last call.
 Stream = Callable[[int, str, bool], None]
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How new tokens are chosen: greedy when temperature is 0, else sampled from the top-p nucleus, seeded."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
 def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None = None, model_dir: Path | None = None,
-             sampling: Sampling = Sampling(), stream: Stream | None = None) -> list[dict]:
+             decoding: Decoding | None = None, stream: Stream | None = None) -> list[dict]:
     """One result per prompt: {prompt, completion, new_tokens, stop} or, for classification, {prompt, label,
-    probability, probabilities}. A prompt is text for the recipe's input field, or a row holding that field."""
+    probability, probabilities}. A prompt is text for the recipe's input field, or a row holding that field.
+    `decoding` defaults to the recipe's (recipe_decoding)."""
     from lorafit.model.load import load_tokenizer
 
     if not prompts:
         raise LorafitError('no prompt given; pass one or more PROMPT arguments or --prompts FILE')
-    if not math.isfinite(sampling.temperature):
-        raise LorafitError(f"--temperature {sampling.temperature} is not a finite number; give e.g. 0.7 (0 is greedy)")
+    decoding = decoding or recipe_decoding(recipe)
+    if not math.isfinite(decoding.temperature):
+        raise LorafitError(f"--temperature {decoding.temperature} is not a finite number; give e.g. 0.7 (0 is greedy)")
     name = checked_source(recipe, adapter, model_dir)
     tokenizer = load_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
-    saved = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
+    saved = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
     if saved is not None and saved.is_file():  # the chat template training used, saved beside the adapter
         tokenizer.chat_template = saved.read_text(encoding="utf-8")
     if any(isinstance(prompt, str) for prompt in prompts):
@@ -63,7 +56,7 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
     with accelerator.autocast():
         if candidates is not None:
             return classify(SupervisedLoss(model), recipe.data, prompts, encoded, candidates, tokenizer.pad_token_id)
-        return [complete(model, tokenizer, prompt, ids, sampling, index, stream)
+        return [complete(model, tokenizer, prompt, ids, decoding, index, stream)
                 for index, (prompt, ids) in enumerate(zip(prompts, encoded))]
 
 
@@ -106,7 +99,7 @@ def empty_reason(result: dict) -> str | None:
     """Why a completion holds no text, or None when it holds some."""
     if "completion" not in result or result["completion"].strip():
         return None
-    if result["stop"] == "end token" and result["new_tokens"] == 1:
+    if result["stop"] == END_TOKEN and result["new_tokens"] == 1:
         return "the model's first new token was its end token, so it stopped at once"
     return f"its {result['new_tokens']} new tokens decode to no text (stopped by {result['stop']})"
 
@@ -125,53 +118,49 @@ def classify(scorer, data: DataSection, prompts: list, encoded: list[list[int]],
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt, ids: list[int], sampling: Sampling, index: int = 0,
+def complete(model, tokenizer, prompt, ids: list[int], decoding: Decoding, index: int = 0,
              stream: Stream | None = None) -> dict:
-    """Continue one prompt until an end token, max_new_tokens, or the end of the model's context."""
-    context = context_length(model.config)
-    room = context - len(ids)
-    if room <= 0:
-        raise LorafitError(f"prompt {index + 1} is {len(ids)} tokens, and the model's context holds {context}; "
-                           "shorten the prompt")
-    ends = end_tokens(model, tokenizer)
-    options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    if sampling.temperature > 0:
-        options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-    echo = None if stream is None else _Echo(tokenizer, stream, index)
-    torch.manual_seed(sampling.seed)  # per prompt: a prompt's completion does not depend on the ones before it
-    inputs = torch.tensor([ids], device=model.device)
-    output = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=min(sampling.max_new_tokens, room),
-                            eos_token_id=ends, pad_token_id=tokenizer.pad_token_id, streamer=echo, **options)
-    new = output[0, len(ids):].tolist()
-    stop = "end token" if new and new[-1] in ends else "max_new_tokens" if len(new) == sampling.max_new_tokens else "context"
-    return {"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-            "stop": stop}
+    """Continue one prompt until an end token, a stop string, max_new_tokens, or the end of the model's context;
+    greedy and sampled text is streamed as it comes, beam search's when the search is done."""
+    space = room(model, len(ids))
+    if space is not None and space <= 0:
+        raise LorafitError(f"prompt {index + 1} is {len(ids)} tokens, and the model's context holds "
+                           f"{len(ids) + space}; shorten the prompt")
+    echo = None if stream is None or decoding.num_beams > 1 else _Echo(tokenizer, stream, index, decoding.stop)
+    torch.manual_seed(decoding.seed)  # per prompt: a prompt's completion does not depend on the ones before it
+    [done] = decode(model, tokenizer, [ids], decoding, streamer=echo)
+    if stream is not None and echo is None:
+        stream(index, done.text, True)
+    return {"prompt": prompt, "completion": done.text, "new_tokens": len(done.ids), "stop": done.stop}
 
 
 class _Echo(TextStreamer):
-    """Hands each decoded piece of prompt `index`'s completion to `stream` (TextStreamer holds back half words)."""
+    """Hands each decoded piece of prompt `index`'s completion to `stream` (TextStreamer holds back half words;
+    this holds back what may be the start of a stop string, and drops the stop string and all after it)."""
 
-    def __init__(self, tokenizer, stream: Stream, index: int):
+    def __init__(self, tokenizer, stream: Stream, index: int, stop: tuple[str, ...] = ()):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stream, self.index = stream, index
+        self.stream, self.index, self.stop = stream, index, stop
+        self.text, self.shown, self.done = "", 0, False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.stream(self.index, text, stream_end)
+        if self.done:
+            return
+        self.text += text
+        visible, found = held_back(self.text, self.stop)
+        self.done = found or stream_end
+        if stream_end and not found:
+            visible = self.text
+        piece, self.shown = visible[self.shown:], len(visible)
+        if piece or self.done:
+            self.stream(self.index, piece, self.done)
 
 
-def end_tokens(model, tokenizer) -> list[int]:
-    """The tokenizer's eos and every end token the model's generation config names (e.g. a chat end-of-turn)."""
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({token for token in [tokenizer.eos_token_id, *configured] if token is not None})
-
-
-def context_length(config) -> int:
-    """Positions the model has: prompt plus completion must fit."""
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return 1 << 30  # no learned limit (e.g. ALiBi)
+def recipe_decoding(recipe: Recipe, **given) -> Decoding:
+    """The recipe's [eval] decoding with the options given (not None) on top; max_new_tokens is 128 unless the
+    recipe's [eval] or an option sets it."""
+    defaults = {} if "max_new_tokens" in recipe.eval.model_fields_set else {"max_new_tokens": 128}
+    return Decoding.of(recipe.eval, **{**defaults, **{key: value for key, value in given.items() if value is not None}})
 
 
 def read_prompts(path: Path) -> list[str | dict]:

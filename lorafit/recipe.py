@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafit.errors import LorafitError
 from lorafit.storage import input_file
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 # Names users bring from peft and transformers, pointed at ours in error messages.
 ALIASES = {
     "learning_rate": "lr",
@@ -35,8 +35,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
-# Marks a key that may change between a run and its --resume: it does not change what is computed
-# (lorafit.train.resume.resumable_keys).
+# Marks a key that may change between a run and its --resume: it does not change what is computed.
 RESUMABLE = {"resumable": True}
 
 
@@ -94,8 +93,13 @@ class LoraSection(Section):
         return values
 
 
+# A split's local files: a path, a glob such as "shards/*.jsonl", or a list of them (lorafit.data.files).
+Files = str | list[str]
+
+
 class DataSection(Section):
-    source: str | dict[str, str] = "glue"
+    source: str | list[str] | dict[str, Files] = "glue"  # a hub id or dataset folder, files, or {split: files}
+    streaming: bool = False  # hub data sets: rows drawn as training needs them, not downloaded whole
     config: str | None = None
     task: Literal["classification", "completion", "chat", "text"] = "classification"
     text_field: str = "sentence"
@@ -113,6 +117,7 @@ class DataSection(Section):
     max_length: int = Field(128, gt=1)
     stride: int = Field(0, ge=0)  # text: tokens a window repeats from the one before as context (at least 1)
     packing: bool = False  # training rows laid end to end in max_length sequences (lorafit.data.packing)
+    group_by_length: bool = True  # each step's rows of similar length (less padding); false: plain shuffled steps
     max_eval_examples: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
 
     @field_validator("labels")
@@ -159,6 +164,42 @@ class TrainSection(Section):
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards the frozen model over the processes
     gradient_checkpointing: bool = False
     compile: bool = False
+    # The share of each target's probability spread evenly over the vocabulary (F.cross_entropy's label_smoothing);
+    # the training loss only: evaluation scores the plain log-likelihood.
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+# What [eval] metrics can score generated text with (lorafit.generation.scores).
+GenerationMetric = Literal["bleu", "chrf", "rouge_l", "exact_match"]
+GENERATION_METRICS: tuple[str, ...] = get_args(GenerationMetric)
+
+
+class EvalSection(Section):
+    """Completion and chat: generate for every evaluation prompt with these settings and score the text against the
+    prompt's references. None of it changes training, so a resumed run may change any of it."""
+
+    metrics: list[GenerationMetric] = Field(default_factory=list, json_schema_extra=RESUMABLE)  # [] = no generation
+    num_beams: int = Field(1, gt=0, json_schema_extra=RESUMABLE)
+    length_penalty: float = Field(1.0, allow_inf_nan=False, json_schema_extra=RESUMABLE)
+    no_repeat_ngram_size: int = Field(0, ge=0, json_schema_extra=RESUMABLE)
+    max_new_tokens: int = Field(64, gt=0, json_schema_extra=RESUMABLE)
+    stop: list[str] = Field(default_factory=list, json_schema_extra=RESUMABLE)  # a completion ends before any of these
+    lowercase: bool = Field(False, json_schema_extra=RESUMABLE)  # score case-insensitively (as e2e-metrics does)
+    references_field: str = Field("", json_schema_extra=RESUMABLE)  # a field of eval rows listing every reference
+
+    @field_validator("metrics")
+    @classmethod
+    def _once(cls, metrics: list[str]) -> list[str]:
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("name each metric once")
+        return metrics
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not text for text in stop):
+            raise ValueError('a stop string cannot be empty; write e.g. stop = ["\\n\\n"]')
+        return stop
 
 
 class OutputSection(Section):
@@ -170,11 +211,28 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
 
-def is_local_data(source: str | dict[str, str]) -> bool:
-    return isinstance(source, dict) or source.endswith(DATA_SUFFIXES)
+def resumable_keys() -> set[str]:
+    """'section.key' for every recipe key marked RESUMABLE on its schema field."""
+    return {
+        f"{section}.{key}"
+        for section, field in Recipe.model_fields.items()
+        for key, info in field.annotation.model_fields.items()
+        if (info.json_schema_extra or {}).get("resumable")
+    }
+
+
+def changed_keys(old: Recipe, new: Recipe) -> set[str]:
+    """'section.key' for every key whose value differs between two recipes."""
+    before, after = old.model_dump(), new.model_dump()
+    return {f"{s}.{k}" for s in after for k in after[s] if before.get(s, {}).get(k) != after[s][k]}
+
+
+def is_local_data(source: str | list[str] | dict[str, Files]) -> bool:
+    return isinstance(source, (dict, list)) or source.endswith(DATA_SUFFIXES)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -223,7 +281,8 @@ def validate(raw: dict, where: str = "recipe", overridden: set[str] = frozenset(
 
 
 def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
-    """Keys that are valid one by one but together name something lorafit does not define: one line each."""
+    """Keys valid one by one that together name something lorafit does not define, one line each: the home of every
+    rule that reads two or more keys and needs neither the model nor the data (those are in train/preflight.py)."""
     from lorafit.lora.variants import refusal  # each variant's and each start's own rules
 
     if recipe.model.quantize != "none" and recipe.train.parallel == "fsdp":
@@ -231,6 +290,51 @@ def refuse_undefined(recipe: Recipe, where: str = "recipe") -> None:
     problem = refusal(recipe.lora, recipe.train)
     if problem:
         raise LorafitError(f"{where}: {problem}")
+    if recipe.eval.metrics and recipe.data.task not in ("completion", "chat"):
+        raise LorafitError(
+            f"{where}: [eval] metrics score generated text, which task = {recipe.data.task!r} does not produce; "
+            "use them with task = 'completion' or 'chat', or remove them"
+        )
+    problem = _data_and_train_problem(recipe)
+    if problem:
+        raise LorafitError(f"{where}: {problem}")
+
+
+def _data_and_train_problem(recipe: Recipe) -> str | None:
+    """The first combination of [model], [data] and [train] keys that cannot work, said with its fix; None if none."""
+    model, data, train = recipe.model, recipe.data, recipe.train
+    local = is_local_data(data.source)
+    if model.dtype == "float16" and train.mixed_precision != "fp16":  # "auto" never resolves to fp16
+        return ("[model] dtype = 'float16' trains without loss scaling unless [train] mixed_precision = 'fp16'; "
+                "set that, or use bfloat16 or float32 weights")
+    if train.keep_best and not train.eval_every:
+        return "[train] keep_best needs evaluations during training to choose from; set [train] eval_every"
+    if data.task == "text" and data.stride >= data.max_length - 1:
+        return (f"[data] stride = {data.stride} leaves no new tokens in a window of max_length = {data.max_length}; "
+                "make stride smaller than max_length - 1")
+    if data.task == "chat" and data.template != "{text}":
+        return ("[data] template is not used by task = 'chat', whose rows the chat template formats; remove it "
+                "(or give [data] chat_template)")
+    if local and data.task != "text" and any(name.endswith(".txt") for name in _file_names(data.source)):
+        return (f"[data] source has .txt files, which hold plain documents that only task = 'text' reads; "
+                f"convert them to .jsonl rows for task = {data.task!r}")
+    if data.streaming and local:
+        return ("[data] streaming draws rows from a hub data set or a dataset folder, and local files are read "
+                "whole; set streaming = false")
+    if data.streaming and not train.max_steps:
+        return "[data] streaming has no end to count epochs by; set [train] max_steps"
+    if data.streaming and data.eval_fraction:
+        return "[data] eval_fraction holds out a share of the whole data set, which streaming never reads; use eval_split"
+    if data.streaming and data.eval_split and not data.max_eval_examples:
+        return ("[data] streaming draws the evaluation split as well; set [data] max_eval_examples (e.g. 500), "
+                'or eval_split = "" for no evaluation')
+    return None
+
+
+def _file_names(source) -> list[str]:
+    if isinstance(source, str):
+        return [source]
+    return [name for value in (source.values() if isinstance(source, dict) else source) for name in _file_names(value)]
 
 
 def _describe(problem: dict) -> str:
@@ -331,11 +435,20 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         source = data.get("source")
         if isinstance(source, str) and (is_local_data(source) or source.startswith((".", "~")) or (base / source).is_dir()):
             data["source"] = _absolute(source, base)
-        elif isinstance(source, dict):
-            data["source"] = {split: _absolute(file, base) if isinstance(file, str) else file for split, file in source.items()}
+        elif isinstance(source, (list, dict)):
+            data["source"] = _absolute_files(source, base)
     output = raw.get("output")
     if isinstance(output, dict) and isinstance(output.get("dir"), str) and output["dir"].strip():  # "" stays an error
         output["dir"] = _absolute(output["dir"], base)
+
+
+def _absolute_files(files, base: Path):
+    """A list of files, or {split: files}, with every file name made absolute (anything else left to the schema)."""
+    if isinstance(files, dict):
+        return {split: _absolute_files(value, base) for split, value in files.items()}
+    if isinstance(files, list):
+        return [_absolute_files(value, base) for value in files]
+    return _absolute(files, base) if isinstance(files, str) else files
 
 
 def _absolute(value: str, base: Path) -> str:

@@ -19,12 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe, load_recipe
+from lorafit.messages import note
+from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
 from lorafit.report.curves import MISSING, pyplot, save_figure
 from lorafit.storage import write_json
 from lorafit.train.checkpoint import latest_checkpoint
 from lorafit.train.metrics import eval_metric
-from lorafit.train.resume import changed_keys, not_resumable, resumable_keys
+from lorafit.train.resume import not_resumable
 from lorafit.train.run_folder import RunLock, check_output, mark
 
 
@@ -89,7 +90,7 @@ def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str
         result = {"key": key, "folder": str(folder), "metric": rows[0]["metric"], "runs": rows}
         write_json(folder / "sweep.json", result)
         if not save_sweep_plot(result, folder / "sweep.png"):
-            console.print(f"[yellow]note:[/] {MISSING.format(what='sweep.png')}", highlight=False)
+            note(MISSING.format(what="sweep.png"), console)
     finally:
         lock.release()
     return result

@@ -127,3 +127,23 @@ def test_a_plain_lora_dry_run_shows_no_adalora_keys(completion_recipe, no_weight
     assert lora["variant"] == "lora" and "adalora" not in lora
     printed = runner.invoke(app, ["train", "--recipe", str(completion_recipe), "--dry-run"]).stdout
     assert "[lora.adalora]" not in printed and "init_rank" not in printed and "target_rank" not in printed
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_dry_run_plans_as_many_steps_per_epoch_as_the_run_takes(tiny_recipe, tmp_path, packing):
+    """One planner for both: with packing the plan counts packed sequences, not rows (it once counted rows)."""
+    rows = [{"sentence": " ".join(["good", "bad", "film"][: 1 + i % 3] * (1 + i % 5)), "label": i % 2} for i in range(30)]
+    source = str(write_jsonl(tmp_path / "train.jsonl", rows))
+    path = tiny_recipe(data={"source": source, "packing": packing, "eval_split": ""},
+                       train={"max_steps": 0, "epochs": 1, "batch_size": 4, "save_every": 0})
+    dry = runner.invoke(app, ["train", "--recipe", str(path), "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.stderr
+    plan = json.loads(dry.stdout)["plan"]
+    run = runner.invoke(app, ["train", "--recipe", str(path), "--json"])
+    assert run.exit_code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert plan["steps_per_epoch"] == plan["steps"] == report["throughput"]["steps"]
+    if packing:  # 30 rows of at most 20 tokens fill few 64-token sequences: far fewer steps than 30 rows make
+        assert plan["steps_per_epoch"] < 8 and plan["packing"] == report["packing"]
+    else:
+        assert plan["steps_per_epoch"] == 8  # 30 rows, 4 a step

@@ -15,7 +15,8 @@ from lorafit.adapter.load import load_adapter
 from lorafit.adapter.merge import merge_adapter
 from lorafit.adapter.save import save_adapter
 from lorafit.cli import app
-from lorafit.generate import Sampling, generate, prompt_ids
+from lorafit.generate import generate, prompt_ids
+from lorafit.generation.decoding import Decoding
 from lorafit.model.inject import inject_lora
 from lorafit.recipe import DataSection, load_recipe
 
@@ -55,7 +56,7 @@ def greedy_by_hand(adapter_dir, prompt: str, steps: int, ends: set[int]) -> list
 def test_greedy_completion_is_the_argmax_continuation_of_the_templated_prompt(tmp_path, adapter_dir):
     recipe = completion_recipe(tmp_path)
     pieces = []
-    [result] = generate(recipe, ["the film was"], adapter=adapter_dir, sampling=Sampling(max_new_tokens=10),
+    [result] = generate(recipe, ["the film was"], adapter=adapter_dir, decoding=Decoding(max_new_tokens=10),
                         stream=lambda index, text, done: pieces.append((index, text, done)))
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     expected = greedy_by_hand(adapter_dir, "the film was", 10, {tokenizer.eos_token_id})
@@ -76,7 +77,7 @@ def test_generation_stops_at_the_end_token_of_a_merged_models_generation_config(
     config["eos_token_id"] = free[stop]
     (out / "generation_config.json").write_text(json.dumps(config))
     [result] = generate(completion_recipe(tmp_path), ["a dull plot"], model_dir=out,
-                        sampling=Sampling(max_new_tokens=6))
+                        decoding=Decoding(max_new_tokens=6))
     assert result["stop"] == "end token" and result["new_tokens"] == stop + 1
     assert result["completion"] == tokenizer.decode(free[: stop + 1], skip_special_tokens=True)
 
@@ -85,9 +86,9 @@ def test_sampling_is_seeded_and_differs_from_greedy(tmp_path, adapter_dir):
     recipe = completion_recipe(tmp_path)
 
     def sample(seed, temperature=1.5):
-        sampling = Sampling(max_new_tokens=12, temperature=temperature, top_p=0.95, seed=seed)
+        decoding = Decoding(max_new_tokens=12, temperature=temperature, top_p=0.95, seed=seed)
         return [r["completion"] for r in generate(recipe, ["the plot", "the plot"], adapter=adapter_dir,
-                                                  sampling=sampling)]
+                                                  decoding=decoding)]
 
     first, again, other = sample(1), sample(1), sample(2)
     assert first == again and first[0] == first[1]  # each prompt starts from the seed
@@ -208,3 +209,21 @@ def test_an_empty_completion_says_that_the_model_ended_it_at_once(tmp_path, adap
     assert result.stdout.strip() == ""
     assert ("note: prompt 1's completion is empty: the model's first new token was its end token, so it stopped at "
             "once") in result.stderr
+
+
+def test_streamed_text_stops_before_a_stop_string_and_beam_search_prints_when_done(tmp_path, adapter_dir):
+    recipe = completion_recipe(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    free = tokenizer.decode(greedy_by_hand(adapter_dir, "the film was", 16, {tokenizer.eos_token_id}),
+                            skip_special_tokens=True)
+    stop = free.strip().split()[2][:3]  # a piece of a word some way in: its first letters arrive before it is known
+    pieces = []
+    [result] = generate(recipe, ["the film was"], adapter=adapter_dir, decoding=Decoding(max_new_tokens=16, stop=(stop,)),
+                        stream=lambda index, text, done: pieces.append((text, done)))
+    assert result["stop"] == "stop string" and result["completion"] == free[: free.index(stop)]
+    assert "".join(text for text, _ in pieces) == result["completion"]
+    assert [done for _, done in pieces].count(True) == 1 and pieces[-1][1]
+    pieces.clear()
+    [beamed] = generate(recipe, ["the film was"], adapter=adapter_dir, decoding=Decoding(max_new_tokens=6, num_beams=3),
+                        stream=lambda index, text, done: pieces.append((text, done)))
+    assert pieces == [(beamed["completion"], True)]

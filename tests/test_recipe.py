@@ -82,7 +82,10 @@ def test_every_design_key_is_accepted_with_its_value(tmp_path):
 )
 def test_every_documented_choice_is_accepted(section, key, choices):
     for choice in choices:
-        assert getattr(getattr(validate({section: {key: choice}}), section), key) == choice
+        raw = {section: {key: choice}}
+        if choice == "float16":  # fp16 weights are only defined with fp16 loss scaling
+            raw["train"] = {"mixed_precision": "fp16"}
+        assert getattr(getattr(validate(raw), section), key) == choice
 
 
 def test_data_source_may_be_one_file_per_split():
@@ -194,6 +197,8 @@ def test_wrong_type_names_the_key_and_the_value(raw, key):
         ({"model": {"dtype": "int8"}}, "[model] dtype"),
         ({"data": {"task": "qa"}}, "[data] task"),
         ({"data": {"max_length": 0}}, "[data] max_length"),
+        ({"train": {"label_smoothing": 1.0}}, "[train] label_smoothing"),
+        ({"eval": {"num_beams": 0}}, "[eval] num_beams"),
     ],
 )
 def test_out_of_range_value_names_the_key(raw, key):
@@ -236,6 +241,7 @@ def test_set_reads_numbers_strings_lists_and_booleans(tmp_path):
             "data.template=Q: {text} A:",
             'data.labels=["no", "yes"]',
             'model.dtype="float16"',
+            "train.mixed_precision=fp16",  # which fp16 weights need
         ],
     )
     assert recipe.train.lr == 3e-3
@@ -408,7 +414,19 @@ def test_round_trip_keeps_a_split_table_and_an_unset_config(tmp_path):
     assert again == original and again.data.config is None
 
 
-@pytest.mark.parametrize("name", ["tiny-sst2.toml", "gpt2-sst2.toml"])
+@pytest.mark.parametrize(
+    ("evaluation", "named"),
+    [
+        ({"metrics": ["meteor"]}, "[eval] metrics.0: input should be 'bleu', 'chrf', 'rouge_l' or 'exact_match'"),
+        ({"metrics": ["bleu", "bleu"]}, "[eval] metrics: name each metric once"),
+        ({"stop": ["\n", ""]}, "[eval] stop: a stop string cannot be empty"),
+    ],
+)
+def test_eval_metrics_and_stop_strings_are_checked(evaluation, named):
+    assert named in error_of({"data": {"task": "completion"}, "eval": evaluation})
+
+
+@pytest.mark.parametrize("name", ["tiny-sst2.toml", "gpt2-sst2.toml", "tiny-e2e.toml", "gpt2-e2e.toml"])
 def test_shipped_recipes_validate_and_round_trip(name, tmp_path):
     recipe = load_recipe(REPO / "recipes" / name)
     assert isinstance(recipe, Recipe)
@@ -429,3 +447,13 @@ def test_hub_recipe_keeps_hub_ids():
     recipe = load_recipe(REPO / "recipes" / "gpt2-sst2.toml")
     assert (recipe.model.name, recipe.data.source, recipe.data.config) == ("gpt2", "glue", "sst2")
     assert Path(recipe.output.dir) == REPO / "runs" / "gpt2-sst2"
+
+
+def test_lists_and_globs_of_files_resolve_against_the_recipes_folder(tmp_path):
+    folder = tmp_path / "recipes"
+    recipe = load_recipe(write_toml(folder / "r.toml", {"data": {"source": ["a.jsonl", "../shards/*.jsonl"]}}))
+    assert recipe.data.source == [str(folder / "a.jsonl"), str(tmp_path / "shards" / "*.jsonl")]
+    split = {"train": ["a.jsonl", "b.jsonl"], "validation": "c.jsonl"}
+    recipe = load_recipe(write_toml(folder / "s.toml", {"data": {"source": split}}))
+    assert recipe.data.source == {"train": [str(folder / "a.jsonl"), str(folder / "b.jsonl")],
+                                  "validation": str(folder / "c.jsonl")}

@@ -222,10 +222,11 @@ def check_config(directory: Path, config: dict) -> None:
             f"{directory} was initialised with {config['init_lora_weights']!r}, which changes the base weights; "
             "convert it to a plain LoRA adapter with peft first"
         )
-    _check_values(Path(directory) / CONFIG_FILE, config)
+    check_values(Path(directory) / CONFIG_FILE, config)
 
 
-def _check_values(file: Path, config: dict) -> None:
+def check_values(file: Path, config: dict) -> None:
+    """LorafitError unless r, lora_alpha, target_modules and the patterns have the types peft writes."""
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LorafitError(f"{file} has r={rank!r}; it must be a positive integer")

@@ -48,6 +48,14 @@ from lorafit.model.targets import Target, fused_slices, matches_suffix
 
 def read_adapter_config(directory: Path) -> dict:
     """adapter_config.json of a PEFT LoRA adapter folder whose weights lorafit can load; clear errors otherwise."""
+    config = read_config_file(directory)
+    check_config(directory, config)
+    _check_weights_file(directory)
+    return config
+
+
+def read_config_file(directory: Path) -> dict:
+    """adapter_config.json as it is, whatever adapter it describes; clear errors when there is none to read."""
     directory = Path(directory)
     if not directory.exists():
         raise LorafitError(f"adapter folder {directory} does not exist; pass the adapter/ folder of a run")
@@ -61,8 +69,6 @@ def read_adapter_config(directory: Path) -> dict:
         raise LorafitError(f"{directory / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter") from error
     if not isinstance(config, dict):
         raise LorafitError(f"{directory / CONFIG_FILE} is not a JSON object; re-save the adapter")
-    check_config(directory, config)
-    _check_weights_file(directory)
     return config
 
 
@@ -79,10 +85,17 @@ def _check_weights_file(directory: Path) -> None:
 
 def read_adapter_weights(directory: Path) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
     """{module path: (kind, {"A": [R, d_in], "B": [d_out, R], ...})} from adapter_model.safetensors, in fp32."""
+    return lora_tensors(read_weights_file(directory), Path(directory) / WEIGHTS_FILE)
+
+
+def read_weights_file(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter_model.safetensors under its own key (a pickle is never read)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / WEIGHTS_FILE
+    directory = Path(directory)
+    _check_weights_file(directory)
+    path = directory / WEIGHTS_FILE
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -91,10 +104,10 @@ def read_adapter_weights(directory: Path) -> dict[str, tuple[str, dict[str, torc
         if not tensor.is_floating_point():
             raise LorafitError(f"{path} stores {key} as {str(tensor.dtype).removeprefix('torch.')}, not as floating "
                                "point numbers; re-save the adapter from its training run")
-    return lora_tensors(tensors, path)
+    return tensors
 
 
-def _read_facts(directory: Path) -> dict:
+def read_facts(directory: Path) -> dict:
     """lorafit.json if present (adapters written by peft have none)."""
     path = Path(directory) / LORAFIT_FILE
     if not path.is_file():
@@ -147,7 +160,7 @@ def plan_adapter(model: nn.Module, directory: Path) -> list[ModulePlan]:
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
-    facts = _read_facts(directory).get("modules")
+    facts = read_facts(directory).get("modules")
     facts = facts if isinstance(facts, dict) else {}
     if lora_layers(model):
         raise LorafitError("the model already has LoRA layers; load an adapter into a plain base model")

@@ -61,7 +61,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, force: bool) -> dict:
     }
 
 
-def check_out(out: Path, base: str, adapter: Path, *, force: bool) -> None:
+def check_out(out: Path, base: str | None, adapter: Path, *, force: bool) -> None:
     """An existing OUT is replaced only with --force, and never when it holds the base or the adapter."""
     if not (out.exists() or out.is_symlink()):
         return
@@ -74,7 +74,8 @@ def check_out(out: Path, base: str, adapter: Path, *, force: bool) -> None:
         raise LorafitError(f"{out} holds a lorafit {kind}, which --force does not replace; choose another folder "
                            "for the merged model")
     resolved = out.resolve()
-    for name, source in (("adapter", adapter), ("base model", Path(base).expanduser())):
+    sources = [("adapter", adapter)] + ([("base model", Path(base).expanduser())] if base else [])
+    for name, source in sources:
         if source.exists() and (source.resolve() == resolved or resolved in source.resolve().parents):
             raise LorafitError(f"{out} holds the {name} {source}; choose another folder for the merged model")
 

@@ -25,7 +25,7 @@ from lorafit.cli.options import (
     start_missing_processes,
 )
 from lorafit.errors import LorafitError
-from lorafit.messages import note, print_json, run_command, stderr
+from lorafit.messages import error, note, print_json, run_command, stderr
 from lorafit.train.launch import rank
 
 app = typer.Typer(
@@ -70,8 +70,9 @@ def train(
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
         console = stderr if as_json else Console()
+        changes: list[str] = []
         if resume:
-            chosen = resume_recipe(recipe, settings, console)
+            chosen, changes = resume_recipe(recipe, settings)
         elif recipe is None:
             raise LorafitError("give --recipe PATH, or --resume --output DIR to continue a run")
         else:
@@ -79,8 +80,8 @@ def train(
         if dry_run:
             from lorafit.dryrun import dry_run as show_plan
 
-            return show_plan(chosen, console, resume=resume)
-        report = run_training(chosen, resume=resume, console=console)
+            return show_plan(chosen, console, resume=resume, changes=changes)
+        report = run_training(chosen, resume=resume, console=console, changes=changes)
         return {"run_dir": chosen.output.dir, "adapter": str(Path(chosen.output.dir) / "adapter"), **report}
 
     result = run_command(action, debug)
@@ -94,12 +95,16 @@ def evaluate(
     adapter: AdapterDir = None,
     model: ModelDir = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Data split (default: [data] eval_split).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(
+        "--predictions", help="With [eval] metrics: write each prompt's prediction and references to this .jsonl.")
+    ] = None,
     overrides: Overrides = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
-    """Loss, perplexity and (for classification) label accuracy of the base, an adapter, or a merged model."""
+    """Loss, perplexity, label accuracy (classification) or generation metrics ([eval] metrics) of the base, an
+    adapter, or a merged model."""
 
     def action():
         from lorafit.evaluate import evaluate_recipe
@@ -112,7 +117,7 @@ def evaluate(
 
             return show_plan(chosen, stderr if as_json else Console(), eval_split=split or chosen.data.eval_split,
                              adapter=adapter, model_dir=model)
-        scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split)
+        scores = evaluate_recipe(chosen, adapter=adapter, model_dir=model, split=split, predictions=predictions)
         return {"model": str(model) if model is not None else chosen.model.name,
                 "adapter": str(adapter) if adapter is not None else None,
                 "split": split or chosen.data.eval_split, "eval": scores}
@@ -135,10 +140,22 @@ def generate(
     prompts_file: Annotated[
         Optional[Path], typer.Option("--prompts", help="File of prompts: one per line, or .jsonl rows with the input field.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to add per prompt.")] = 128,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", min=1, help="Most tokens to add per prompt (default: [eval] max_new_tokens if set, else 128).")
+    ] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample from this probability mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling (each prompt starts from it).")] = 0,
+    num_beams: Annotated[Optional[int], typer.Option(
+        "--num-beams", min=1, help="Beam search with this many beams (default: [eval] num_beams).")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(
+        "--length-penalty", help="Beams ranked by log-probability / length ** this (default: [eval] length_penalty).")
+    ] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(
+        "--no-repeat-ngram-size", min=0, help="Never repeat an n-gram of this size (default: [eval] no_repeat_ngram_size).")
+    ] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="End a completion before this text (repeatable; default: [eval] stop).")] = None,
     overrides: Overrides = None,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -161,15 +178,17 @@ def generate(
         out.print(escape(text), end="\n" if done else "")
 
     def action():
-        from lorafit.generate import Sampling, read_prompts
         from lorafit.generate import generate as run_generation
+        from lorafit.generate import read_prompts, recipe_decoding
         from lorafit.recipe import load_recipe
 
         one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
         given.extend(read_prompts(prompts_file) if prompts_file is not None else [])
-        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        return run_generation(chosen, given, adapter=adapter, model_dir=model, sampling=sampling, stream=show)
+        decoding = recipe_decoding(chosen, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed, num_beams=num_beams, length_penalty=length_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, stop=tuple(stop) if stop else None)
+        return run_generation(chosen, given, adapter=adapter, model_dir=model, decoding=decoding, stream=show)
 
     results = run_command(action, debug)
     for number, result in enumerate(results, start=1):
@@ -211,6 +230,42 @@ def merge(
         )
         for text in result.get("notes", []):
             note(text)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (PEFT LoRA format).")],
+    engine: Annotated[str, typer.Option("--for", help="Serving engine: vllm, sglang, llamacpp or peft.")],
+    out: Annotated[Optional[Path], typer.Argument(help="Folder to write what the engine loads to.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model folder: its config (llamacpp), "
+                                                "tokenizer (end of turn) and weights (a merged model).")] = None,
+    check_only: Annotated[bool, typer.Option("--check-only", help="Check the adapter; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
+) -> None:
+    """Check an adapter against a serving engine's rules and write what it loads (GGUF for llama.cpp)."""
+
+    def action():
+        from lorafit.adapter.export import export_adapter
+
+        return export_adapter(adapter, engine, out, base=base, check_only=check_only, force=force)
+
+    result = run_command(action, debug)
+    if as_json:
+        print_json("export", result)
+    else:
+        for problem in result["problems"]:
+            blocking = problem["level"] == "refuse" or (result["refused"] and problem["level"] == "merge")
+            (error if blocking else note)(f"{result['engine']}: {problem['text']}")
+        if result["written"]:
+            Console().print(f"wrote {result['written']} for {result['engine']} -> [bold]{result['out']}[/]\n"
+                            f"serve: {result['serve']}", highlight=False, soft_wrap=True)
+        elif not result["refused"]:
+            Console().print(f"{result['engine']}: "
+                            f"{'ready as written' if result['ready_as_written'] else 'export writes what it loads'}")
+    if result["refused"]:
+        raise typer.Exit(2)
 
 
 @app.command()

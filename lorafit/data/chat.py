@@ -101,3 +101,15 @@ def special_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's special tokens, the added ones marked special included."""
     added = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
     return set(tokenizer.all_special_ids) | added
+
+
+def end_of_turn_token(tokenizer, template: str) -> int | None:
+    """The special token `template` closes an assistant turn with, at which generation must stop; None if none."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
+    try:
+        text, spans = assistant_spans(messages, tokenizer, template, last_only=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = turn_mask(encoded["input_ids"], encoded["offset_mapping"], spans, special_ids(tokenizer))
+    except LorafitError:
+        return None
+    return encoded["input_ids"][max(i for i, supervised in enumerate(mask) if supervised)]

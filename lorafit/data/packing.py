@@ -4,11 +4,18 @@ A packed sequence carries its rows' lengths; `lorafit.data.batches.collate` turn
 at every row and leaves the attention mask out. From position ids alone transformers builds a block-diagonal
 causal mask (eager and SDPA attention) or runs variable-length kernels (flash attention), so a row attends to
 itself only and is computed as if alone. Its first label is set to IGNORE, since unpacked no position predicts it.
+
+Packing works from the rows' lengths alone (NumPy arrays, a few bytes a row); a sequence's tokens are read from
+the rows when a batch needs them.
 """
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from lorafit.data.tasks import IGNORE
 from lorafit.errors import LorafitError
@@ -21,36 +28,56 @@ PACKED_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "p
 
 @dataclass
 class Packed:
-    """The packed sequences (input_ids, labels, row_lengths), the rows in each, and their supervised tokens."""
+    """Which rows each packed sequence holds (`members[bounds[i]:bounds[i + 1]]`), and per sequence its tokens
+    and supervised tokens."""
 
-    sequences: list[dict]
-    members: list[list[int]]
-    supervised: list[int]
+    members: np.ndarray  # row indices, sequence after sequence
+    bounds: np.ndarray  # [sequences + 1] offsets into members
+    lengths: np.ndarray  # tokens of each sequence
+    supervised: np.ndarray  # supervised tokens of each sequence
     rows: int
     max_length: int
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def members_of(self, sequence: int) -> np.ndarray:
+        return self.members[self.bounds[sequence]:self.bounds[sequence + 1]]
+
+    def sequences(self, indices, read: Callable[[np.ndarray], list[dict]]) -> list[dict]:
+        """The packed sequences `indices` (input_ids, labels, row_lengths), their rows fetched by one `read(rows)`."""
+        parts = [self.members_of(int(index)) for index in indices]
+        rows = iter(read(np.concatenate(parts)) if parts else [])
+        sequences = []
+        for members in parts:
+            held = [next(rows) for _ in members]
+            labels = [np.concatenate([[IGNORE], row["labels"][1:]]) for row in held]
+            sequences.append({"input_ids": np.concatenate([row["input_ids"] for row in held]),
+                              "labels": np.concatenate(labels),
+                              "row_lengths": [len(row["input_ids"]) for row in held]})
+        return sequences
 
     @property
     def fill(self) -> float:
         """The share of the sequences' room (sequences × max_length) that real tokens take."""
-        tokens = sum(len(sequence["input_ids"]) for sequence in self.sequences)
-        return tokens / (len(self.sequences) * self.max_length)
+        return int(self.lengths.sum()) / (len(self) * self.max_length)
 
     def describe(self) -> str:
         why = self.packed_nothing()
-        return (f"packing {self.rows:,} rows into {len(self.sequences):,} sequences of up to {self.max_length} "
+        return (f"packing {self.rows:,} rows into {len(self):,} sequences of up to {self.max_length} "
                 f"tokens ({self.fill:.1%} of their room filled)" + (f"; {why}" if why else ""))
 
     def summary(self) -> dict:
         why = self.packed_nothing()
-        return {"rows": self.rows, "sequences": len(self.sequences), "fill": self.fill, **({"note": why} if why else {})}
+        return {"rows": self.rows, "sequences": len(self), "fill": self.fill, **({"note": why} if why else {})}
 
     def packed_nothing(self) -> str | None:
         """Why no sequence holds two rows, and what would help; None when packing put rows together."""
-        if len(self.sequences) != self.rows or self.rows < 2:
+        if len(self) != self.rows or self.rows < 2:
             return None
-        lengths = sorted(len(sequence["input_ids"]) for sequence in self.sequences)  # one row each
-        median = lengths[len(lengths) // 2]
-        return (f"no two rows fit in one sequence (the two shortest hold {lengths[0] + lengths[1]} tokens together, "
+        lengths = np.sort(self.lengths)  # one row each
+        shortest, median = int(lengths[0] + lengths[1]), int(lengths[len(lengths) // 2])
+        return (f"no two rows fit in one sequence (the two shortest hold {shortest} tokens together, "
                 f"the median row {median}), so packing saves nothing; raise [data] max_length (to {2 * median} for "
                 "about two rows a sequence) where the model's context allows it, or set packing = false")
 
@@ -64,39 +91,48 @@ def check_packing(config) -> None:
         )
 
 
-def pack_rows(rows: list[dict], supervised: list[int], max_length: int) -> Packed:
-    """Pack `rows` (input_ids, labels) with best-fit decreasing; a pure function of the rows, so every process agrees."""
-    bins = best_fit([len(row["input_ids"]) for row in rows], max_length)
-    sequences = []
-    for members in bins:
-        input_ids, labels = [], []
-        for index in members:
-            input_ids += rows[index]["input_ids"]
-            labels += [IGNORE] + rows[index]["labels"][1:]
-        sequences.append({"input_ids": input_ids, "labels": labels,
-                          "row_lengths": [len(rows[index]["input_ids"]) for index in members]})
-    counts = [sum(supervised[index] for index in members) for members in bins]
-    return Packed(sequences, bins, counts, len(rows), max_length)
+def pack(lengths, supervised, max_length: int) -> Packed:
+    """Pack rows of these lengths with best-fit decreasing; a pure function of the lengths, so every process agrees."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    members, bounds = best_fit(lengths, max_length)
+    per_sequence = [np.add.reduceat(np.asarray(values, dtype=np.int64)[members], bounds[:-1])
+                    for values in (lengths, supervised)]
+    return Packed(members, bounds, *per_sequence, rows=len(lengths), max_length=max_length)
 
 
-def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Row indices per bin: longest rows first, each into the fullest bin it still fits (a new bin if none).
+def best_fit(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices bin after bin, [bins + 1] offsets): longest rows first (ties by index), each into the fullest
+    bin it still fits, the lowest-numbered among equally full ones (a new bin if none fits).
 
-    Bins are kept sorted by the room they have left, so finding the best fit is a bisection.
+    Bins are kept by the room they have left: a sorted list of the room values some bin has, and for each value a
+    heap of its bins, so a row costs two bisections and a heap operation whatever the number of bins.
     """
-    bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (room left, bin index), sorted
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        length = lengths[index]
-        if length > capacity:
-            raise ValueError(f"row {index} has {length} tokens, more than the {capacity} a sequence holds")
-        at = bisect.bisect_left(room, (length, -1))
-        if at == len(room):
-            bins.append([])
-            chosen, left = len(bins) - 1, capacity
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        index = int(np.argmax(lengths > capacity))
+        raise ValueError(f"row {index} has {lengths[index]} tokens, more than the {capacity} a sequence holds")
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    bin_of = np.empty(len(lengths), dtype=np.int64)
+    rooms: list[int] = []  # room values that some bin has, sorted
+    bins_with: dict[int, list[int]] = {}  # room value -> heap of bin numbers
+    count = 0
+    for index, length in zip(order.tolist(), lengths[order].tolist()):
+        at = bisect.bisect_left(rooms, length)
+        if at == len(rooms):
+            chosen, left = count, capacity
+            count += 1
         else:
-            left, chosen = room.pop(at)
-        bins[chosen].append(index)
-        if left - length > 0:
-            bisect.insort(room, (left - length, chosen))
-    return bins
+            left = rooms[at]
+            chosen = heapq.heappop(bins_with[left])
+            if not bins_with[left]:
+                del rooms[at], bins_with[left]
+        bin_of[index] = chosen
+        left -= length
+        if left > 0:
+            if left not in bins_with:
+                bisect.insort(rooms, left)
+                bins_with[left] = []
+            heapq.heappush(bins_with[left], chosen)
+    members = order[np.argsort(bin_of[order], kind="stable")]  # each bin's rows in the order they went in
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=count))]).astype(np.int64)
+    return members, bounds

@@ -16,12 +16,7 @@ DEFAULT_TEMPLATE = "{text}"
 def template_fields(data: DataSection) -> dict[str, str]:
     """{placeholder: row field} of [data] template: {text} is text_field (prompt_field for completion), any other
     {name} is the row's field of that name. Literal braces are written {{ and }}."""
-    if data.task == "chat":
-        if data.template != DEFAULT_TEMPLATE:
-            raise LorafitError(
-                "[data] template is not used by task = 'chat', whose rows the chat template formats; remove it "
-                "(or give [data] chat_template)"
-            )
+    if data.task == "chat":  # the chat template formats the rows (a recipe refuses a [data] template beside it)
         return {}
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(data.template) if name is not None]

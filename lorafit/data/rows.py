@@ -1,26 +1,20 @@
-"""Raw rows of one split, from the hub, a dataset folder or a local file, with errors that name the line.
+"""Raw rows of one split, from the hub, a dataset folder or local files, with errors that name the line.
 
 Every split goes through `load_rows` (hub and local files alike), so a local copy of a hub dataset gives
-exactly the rows the hub would.
+exactly the rows the hub would. Local files are read by `lorafit.data.files`.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import datasets
-import pyarrow as pa
-from datasets.table import InMemoryTable
 
+from lorafit.data.files import expand, is_pattern, read_files, root_cause
 from lorafit.data.prompts import template_fields
 from lorafit.errors import LorafitError
-from lorafit.recipe import DATA_SUFFIXES, DataSection
-from lorafit.storage import input_file
-
-BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
+from lorafit.recipe import DATA_SUFFIXES, DataSection, is_local_data
 
 DEFAULT_EVAL_SPLIT = "validation"  # [data] eval_split's default: when the data has no such split, no evaluation
 
@@ -33,15 +27,18 @@ class MissingSplit(LorafitError):
 
 
 def load_rows(data: DataSection, split: str, *, evaluation: bool = False) -> datasets.Dataset:
-    """Raw rows of one split, from the hub (or a dataset folder) or from a local file.
+    """Raw rows of one split, from the hub (or a dataset folder) or from local files.
 
-    Evaluation rows are capped at `max_eval_examples` (the first ones) whatever the split.
+    Evaluation rows are capped at `max_eval_examples` (the first ones) whatever the split. With [data] streaming
+    the rows are an iterable data set, read as they are drawn (lorafit.data.tokenize).
     """
-    path = split_file(data, split)
-    if path:
-        rows = _read_file(path, needed=task_fields(data))
+    paths = split_files(data, split)
+    if paths:
+        rows = read_files(paths, needed=task_fields(data), text_field=data.text_field)
     else:
-        rows = _read_hub(data, split)
+        rows = hub_split(data, split)
+    if data.streaming:
+        return rows.take(data.max_eval_examples) if evaluation else rows
     if len(rows) == 0:
         raise LorafitError(f"{describe_split(data, split)} has no rows; point [data] source at a file with data")
     if evaluation and data.max_eval_examples:
@@ -71,15 +68,23 @@ def no_evaluation_reason(data: DataSection) -> str:
     """Why a recipe trains without evaluation, for the run's note and report."""
     if not data.eval_split:
         return "[data] eval_split is empty"
-    if isinstance(data.source, str) and data.source.endswith(DATA_SUFFIXES):
+    if _one_file(data.source):
         return f"[data] source is one file, {Path(data.source).name}, which holds only the {data.train_split!r} split"
+    if is_local_data(data.source) and not isinstance(data.source, dict):
+        return f"[data] source names files of one split, the {data.train_split!r} split"
     return f"the data has no {data.eval_split!r} split"
 
 
-def split_file(data: DataSection, split: str) -> Path | None:
-    """The local file that holds `split`, or None when the source is a hub dataset or a dataset folder.
+def no_evaluation_rows(data: DataSection) -> LorafitError:
+    """The refusal of a command that needs evaluation rows (`eval`, its dry run) when the recipe has none."""
+    return LorafitError(f"the recipe has no evaluation rows ({no_evaluation_reason(data)}); "
+                        "pass --split NAME, or set [data] eval_split or eval_fraction")
 
-    A single file is the training split only: a file beside it is a split only when the recipe names it.
+
+def split_files(data: DataSection, split: str) -> list[Path] | None:
+    """The local files that hold `split`, or None when the source is a hub dataset or a dataset folder.
+
+    A single file (or list, or glob) is the training split only: other splits are files the recipe names.
     """
     source = data.source
     if isinstance(source, dict):
@@ -88,24 +93,26 @@ def split_file(data: DataSection, split: str) -> Path | None:
                 f"[data] source has no file for split {split!r} (splits: {', '.join(source)}); "
                 f'add {split} = "path" to it'
             )
-        return _checked_file(Path(source[split]))
-    if not source.endswith(DATA_SUFFIXES):
+        return expand(source[split])
+    if not is_local_data(source):
         return None
-    path = Path(source)
     if split != data.train_split:
+        what = f"{Path(source).name} is one file" if _one_file(source) else "names files of one split"
         raise MissingSplit(
-            f"[data] source {path.name} is one file, the {data.train_split!r} split; name a file for {split!r} with "
+            f"[data] source {what}, the {data.train_split!r} split; name a file for {split!r} with "
             f'source = {{ {data.train_split} = "...", {split} = "..." }}, or set [data] eval_fraction'
         )
-    return _checked_file(path)
+    return expand(source)
 
 
 def describe_split(data: DataSection, split: str) -> str:
-    """How messages name a split: its file, or the hub dataset and split."""
+    """How messages name a split: its file (or files), or the hub dataset and split."""
     if split == HELD_OUT:
         return f"the rows held out of {describe_split(data, data.train_split)} by [data] eval_fraction"
-    path = split_file(data, split)
-    return str(path) if path else f"dataset {_hub_name(data)!r} split {split!r}"
+    paths = split_files(data, split)
+    if not paths:
+        return f"dataset {_hub_name(data)!r} split {split!r}"
+    return str(paths[0]) if len(paths) == 1 else f"the {len(paths)} files of split {split!r} ({paths[0]}, ...)"
 
 
 def task_fields(data: DataSection) -> dict[str, str]:
@@ -123,101 +130,8 @@ def task_fields(data: DataSection) -> dict[str, str]:
     return fields
 
 
-def _checked_file(path: Path) -> Path:
-    input_file(path, "data file", "fix [data] source")
-    if path.suffix not in DATA_SUFFIXES:
-        raise LorafitError(f"data file {path} is not one of {', '.join(DATA_SUFFIXES)}; convert it or rename it")
-    return path
-
-
-def _read_file(path: Path, needed: dict[str, str]) -> datasets.Dataset:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, needed)
-    builder = BUILDERS[path.suffix]
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as error:  # datasets raises many types here (even StopIteration for an empty .json)
-        raise LorafitError(f"could not read {path} as {builder}: {_root_cause(error)}; fix the file") from error
-
-
-def _read_jsonl(path: Path, needed: dict[str, str]) -> datasets.Dataset:
-    """One JSON object per line; errors name the line. Blank lines are skipped."""
-    rows, lines = [], []
-    # Split the bytes on b"\n" only: str.splitlines would also split on U+2028 inside JSON strings.
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        rows.append(_parse_line(path, number, raw))
-        lines.append(number)
-    return _rows_to_dataset(path, rows, lines, needed)
-
-
-def _parse_line(path: Path, number: int, raw: bytes) -> dict:
-    try:
-        row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))  # a BOM some editors write first
-    except UnicodeDecodeError as error:
-        raise LorafitError(
-            f"{path} line {number} is not UTF-8 text ({error.reason}); save the file as UTF-8"
-        ) from error
-    except json.JSONDecodeError as error:
-        raise LorafitError(
-            f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}); fix or remove the line"
-        ) from error
-    if not isinstance(row, dict):
-        raise LorafitError(
-            f"{path} line {number} is a JSON {type(row).__name__}, not an object; "
-            'write one {"field": value} per line'
-        )
-    return row
-
-
-def _rows_to_dataset(path: Path, rows: list[dict], lines: list[int], needed: dict[str, str]) -> datasets.Dataset:
-    """Columns typed by pyarrow; a field the task reads must have one type in every row."""
-    if not rows:
-        return datasets.Dataset(InMemoryTable(pa.table({})))  # load_rows reports the empty split
-    names = list(dict.fromkeys(key for row in rows for key in row))
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            column = pa.array(values)
-            datasets.Features.from_arrow_schema(pa.schema([(name, column.type)]))
-        except (pa.ArrowException, OverflowError, TypeError, ValueError) as error:
-            if name in needed:
-                raise LorafitError(_mixed_column(path, name, needed[name], values, lines, error)) from error
-            continue  # a field the task never reads is left out rather than failing the whole file
-        columns[name] = column
-    if not columns:
-        raise LorafitError(f'{path} rows have no fields; write one object per line such as {{"text": "..."}}')
-    return datasets.Dataset(InMemoryTable(pa.table(columns)))
-
-
-def _mixed_column(path: Path, name: str, key: str, values: list, lines: list[int], error: Exception) -> str:
-    """Name the first line that breaks the column: a non-text value in a text field, else a change of type."""
-    present = [(value, line) for value, line in zip(values, lines) if value is not None]
-    if key == "messages_field":  # a tool call (content null) or content parts (a list) beside plain text
-        for value, line in present:
-            for number, message in enumerate(value if isinstance(value, list) else [], start=1):
-                content = message.get("content", message.get("value")) if isinstance(message, dict) else message
-                if not isinstance(content, str):
-                    return (f"{path} line {line}: message {number} of field {name!r} has {short_repr(content)} as "
-                            "its content, not text (tool calls and content parts are not read); fix the row")
-    if key not in ("label_field", "messages_field"):
-        odd = next(((value, line) for value, line in present if not isinstance(value, str)), None)
-        if odd:
-            value, line = odd
-            return f"{path} line {line}: field {name!r} is {short_repr(value)}, not text; fix the row or set [data] {key}"
-    first_type, first_line = type(present[0][0]).__name__, present[0][1]
-    for value, line in present:
-        if type(value).__name__ != first_type:
-            return (
-                f"{path} line {line}: field {name!r} is {type(value).__name__} here but {first_type} "
-                f"on line {first_line}; give the field one type in every row"
-            )
-    return f"{path}: field {name!r} cannot be one column ({_one_line(error)}); give it plain values of one type"
-
-
-def _read_hub(data: DataSection, split: str) -> datasets.Dataset:
+def hub_split(data: DataSection, split: str) -> datasets.Dataset | datasets.IterableDataset:
+    """One split of a hub dataset or dataset folder; an iterable one, read as it is drawn, with [data] streaming."""
     source = data.source
     name = _hub_name(data)
     path = Path(source).expanduser()
@@ -226,14 +140,14 @@ def _read_hub(data: DataSection, split: str) -> datasets.Dataset:
     if source.startswith(("/", ".", "~")) and not path.exists():
         raise LorafitError(f"[data] source {source} is neither a data file nor a dataset folder; fix the path")
     try:
-        splits = datasets.load_dataset(source, data.config)
+        splits = datasets.load_dataset(source, data.config, streaming=data.streaming)
     except Exception as error:  # network, offline mode, missing config, bad files: all end the same way for a user
         if path.is_dir():
             hint = "clear [data] config for a plain folder of split files" if data.config else "check its files"
-            raise LorafitError(f"could not load dataset folder {source} ({_root_cause(error)}); {hint}") from error
+            raise LorafitError(f"could not load dataset folder {source} ({root_cause(error)}); {hint}") from error
         offline = "offline mode is on; " if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise LorafitError(
-            f"could not load dataset {name!r} split {split!r} from the hub ({offline}{_root_cause(error)}); "
+            f"could not load dataset {name!r} split {split!r} from the hub ({offline}{root_cause(error)}); "
             'use a local file: [data] source = "train.jsonl"'
         ) from error
     if split not in splits:
@@ -243,21 +157,9 @@ def _read_hub(data: DataSection, split: str) -> datasets.Dataset:
     return splits[split]
 
 
+def _one_file(source) -> bool:
+    return isinstance(source, str) and source.endswith(DATA_SUFFIXES) and not is_pattern(source)
+
+
 def _hub_name(data: DataSection) -> str:
     return f"{data.source}/{data.config}" if data.config else str(data.source)
-
-
-def _root_cause(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return _one_line(f"{type(error).__name__}: {error}").rstrip(": ")
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
-def short_repr(value) -> str:
-    """A value as error messages quote it: its repr, cut to 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -27,18 +27,12 @@ def resolve_precision(dtype: str, mixed_precision: str, *, cuda_bf16: bool | Non
     """(weights dtype, mixed precision) for a recipe on this machine.
 
     "auto" means bf16 weights and bf16 autocast on a CUDA device that supports bf16, and float32 without
-    autocast elsewhere. fp16 weights are refused without fp16 mixed precision: only that scales the loss,
-    and without it fp16 gradients underflow.
+    autocast elsewhere ("auto" never gives fp16, so the recipe alone refuses fp16 weights without fp16 loss scaling).
     """
     if cuda_bf16 is None:
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     weights = ("bfloat16" if cuda_bf16 else "float32") if dtype == "auto" else dtype
     mixed = ("bf16" if cuda_bf16 else "no") if mixed_precision == "auto" else mixed_precision
-    if weights == "float16" and mixed != "fp16":
-        raise LorafitError(
-            "[model] dtype = 'float16' trains without loss scaling unless [train] mixed_precision = 'fp16'; "
-            "set that, or use bfloat16 or float32 weights"
-        )
     return weights, mixed
 
 

@@ -80,16 +80,18 @@ def _logits(states: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
     return states if head is None else head(states)
 
 
-def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies over supervised tokens, their count)."""
+def loss_sum(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over supervised tokens, their count); with `label_smoothing` ε, each target
+    is (1 - ε) one-hot plus ε spread evenly over the vocabulary, as F.cross_entropy(label_smoothing=ε) defines it."""
     positions, targets = _supervised_targets(batch)
     head = plain_head(model)
     states = _predicting_states(model, batch, positions, head)
     if targets.numel() == 0:
         return states.sum() * 0.0, 0
     if head is not None and not head.weight.requires_grad:
-        return HeadCrossEntropy.apply(states, head.weight, head.bias, targets), targets.numel()
-    return F.cross_entropy(_logits(states, head).float(), targets, reduction="sum"), targets.numel()
+        return HeadCrossEntropy.apply(states, head.weight, head.bias, targets, label_smoothing), targets.numel()
+    logits = _logits(states, head).float()
+    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing), targets.numel()
 
 
 @torch.no_grad()
@@ -110,23 +112,33 @@ def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """sum CE(hidden @ Wᵀ + b, targets) for a frozen head, chunked; returns the sum, grads only for `hidden`."""
+    """sum CE(hidden @ Wᵀ + b, targets) for a frozen head, chunked; returns the sum, grads only for `hidden`.
+
+    With label smoothing ε a token's loss is (1 - ε)·(lse - z_target) + ε·(lse - mean(z)), that is
+    lse - (1 - ε)·z_target - ε·mean(z), whose gradient in the logits is softmax - (1 - ε)·onehot - ε/vocab.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, targets, label_smoothing=0.0):  # noqa: D102
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        keep = 1.0 - label_smoothing
         for start in range(0, hidden.shape[0], chunk):
             stop = start + chunk
             logits = F.linear(hidden[start:stop], weight, bias).float()
             lse = logits.logsumexp(-1)
             picked = targets[start:stop]
-            total += (lse - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            losses = lse - keep * logits.gather(1, picked[:, None]).squeeze(1)
+            if label_smoothing:
+                losses -= label_smoothing * logits.mean(-1)
+            total += losses.sum()
             if grad is not None:
-                # d(sum CE)/d logits = softmax - onehot; then back through the head to the hidden states.
+                # d(sum CE)/d logits as above; then back through the head to the hidden states.
                 probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(probs.shape[0], device=probs.device), picked] -= 1.0
+                if label_smoothing:
+                    probs -= label_smoothing / probs.shape[1]
+                probs[torch.arange(probs.shape[0], device=probs.device), picked] -= keep
                 grad[start:stop] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total
@@ -134,7 +146,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
 class SupervisedLoss(nn.Module):
@@ -144,13 +156,19 @@ class SupervisedLoss(nn.Module):
     (DDP) or the weight all-gather (FSDP); everything the loop and evaluation compute goes through here.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
+        self.label_smoothing = label_smoothing  # of the training loss; per_row log-probabilities never smooth
 
-    def forward(self, per_row: bool = False, **batch) -> torch.Tensor:
-        """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability.
+    def forward(self, per_row: bool = False, generate: dict | None = None, **batch) -> torch.Tensor:
+        """The summed cross-entropy of the supervised tokens; with `per_row`, each row's summed log-probability;
+        with `generate` (transformers' generate keywords), the generated sequences.
 
         `batch` as collated: input_ids, attention_mask, labels, and optionally positions/targets, position_ids.
         """
-        return sequence_logprobs(self.model, batch) if per_row else loss_sum(self.model, batch)[0]
+        if generate is not None:  # through this module, so that FSDP gathers the weights it holds (embeddings, head)
+            return self.model.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"), **generate)
+        if per_row:
+            return sequence_logprobs(self.model, batch)
+        return loss_sum(self.model, batch, self.label_smoothing)[0]

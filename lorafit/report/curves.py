@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lorafit.messages import note
 from lorafit.storage import write_atomic
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -72,7 +73,7 @@ def save_curves(history: list[dict], path: Path, console: Console) -> bool:
     """Draw training loss, learning rate and (when scored during training) the eval metric against step."""
     plt = pyplot()
     if plt is None:
-        console.print(f"[yellow]note:[/] {MISSING.format(what=Path(path).name)}", highlight=False)
+        note(MISSING.format(what=Path(path).name), console)
         return False
     train = [line for line in history if "loss" in line]
     scored = [line for line in history if "eval_loss" in line]

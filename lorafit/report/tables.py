@@ -6,6 +6,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lorafit.recipe import GENERATION_METRICS
+
+SCORES = ("loss", "perplexity", "accuracy", *GENERATION_METRICS)  # the evaluation's numbers, as tables show them
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -58,10 +62,12 @@ def eval_table(result: dict, title: str = "Evaluation"):
     table = Table(title=title, show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
-    for key in ("loss", "perplexity", "accuracy"):
+    for key in SCORES:
         if key in result:
             table.add_row(key, f"{result[key]:.4f}")
     table.add_row("examples", f"{result['examples']:,}")
+    if "prompts" in result:
+        table.add_row("prompts generated for", f"{result['prompts']:,}")
     return table
 
 
@@ -90,7 +96,7 @@ def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
     evaluation = report["eval"]
     before = evaluation.get("before") or {}
     other_rows = " (on other rows)" if before.get("rows_changed") else ""  # the eval data changed on a resume
-    for key in ("loss", "perplexity", "accuracy"):
+    for key in SCORES:
         if key in evaluation:
             was = f"{before[key]:.4f}{other_rows} -> " if key in before else ""
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
@@ -113,6 +119,12 @@ def print_fitting(console: Console, split) -> None:
         note(text, console)
 
 
+def draws_bars(console: Console) -> bool:
+    """Whether a library's own progress bar (tokenizing) may be drawn for this console: on a terminal, not for
+    the quiet consoles of other processes, not under --json (whose commands print to stderr, stdout being the JSON's)."""
+    return console.is_terminal and not console.quiet and not console.stderr
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -130,6 +142,9 @@ def print_eval(console: Console, when: str, result: dict) -> None:
     if "skipped" in result:
         return  # said once, when the data was read
     accuracy = f"  accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""
+    generated = "".join(f"  {key} {result[key]:.2f}" for key in GENERATION_METRICS if key in result)
+    prompts = f", {result['prompts']} prompts" if "prompts" in result else ""
     console.print(
-        f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}  ({result['examples']} examples)"
+        f"eval {when}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{accuracy}{generated}  "
+        f"({result['examples']} examples{prompts})"
     )

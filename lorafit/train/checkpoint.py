@@ -5,7 +5,6 @@ A checkpoint folder is built under a temporary name and renamed, so any `step-NN
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -21,7 +20,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.lora.linear import whole
-from lorafit.storage import write_folder
+from lorafit.storage import json_text, write_folder
 from lorafit.train.processes import all_gather_objects, like
 
 STATE_TENSORS = "training_state.safetensors"
@@ -37,7 +36,7 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 class RunState:
     """What a run has done so far, beyond the weights: saved in each checkpoint as training_state.json "progress"."""
 
-    data_fingerprint: str
+    data_fingerprint: str  # lorafit.data.plan.TrainingPlan.fingerprint of the training rows
     global_batch: int = 0  # rows per optimizer step over all processes
     world_size: int = 1
     eval_before: dict | None = None
@@ -68,14 +67,6 @@ def diverged(run_dir: Path, what: str) -> LorafitError:
     last = latest_checkpoint(run_dir)
     kept = f"; the last good checkpoint is {last.name}" if last else ""
     return LorafitError(f"{what}; lower [train] lr or use float32{kept}", exit_code=1)
-
-
-def data_fingerprint(rows: list[dict]) -> str:
-    """A hash of the tokenized training rows, so a resumed run can tell that its data changed underneath it."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
-    return digest.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -163,7 +154,7 @@ def save_checkpoint(
     }
     files = {f"adapter/{name}": data for name, data in adapter_files.items()}
     files[STATE_TENSORS] = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    files[STATE_JSON] = (json.dumps(plain, indent=2, default=str) + "\n").encode()
+    files[STATE_JSON] = json_text(plain).encode()
     write_folder(final, files)
     return final
 

@@ -19,16 +19,18 @@ from rich.console import Console
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.adapter.export import readiness
 from lorafit.adapter.format import WEIGHTS_FILE
 from lorafit.adapter.save import adapter_files
-from lorafit.data.batches import collate, supervised_counts
+from lorafit.data.batches import collate
 from lorafit.data.chat import TEMPLATE_FILE, chat_template
-from lorafit.data.packing import Packed, pack_rows
-from lorafit.data.plan import StepRows, rank_share
+from lorafit.data.plan import TrainingPlan, fingerprint, plan_training, rank_share, stream_draw
+from lorafit.data.references import PromptGroup
 from lorafit.data.rows import no_evaluation_reason
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError, os_failure
 from lorafit.evaluate import evaluate_split
+from lorafit.generation.predictions import PREDICTIONS_FILE, eval_prompts, generation_scores
 from lorafit.lora.adalora import RankAllocator
 from lorafit.lora.linear import LoRALinear
 from lorafit.lora.variants import allocator_for
@@ -37,11 +39,11 @@ from lorafit.model.load import load_model
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import Recipe, recipe_toml
 from lorafit.report.curves import loss_sparkline, save_curves
-from lorafit.report.tables import print_eval, print_fitting, progress_bar, summary_tables
+from lorafit.report.tables import draws_bars, print_eval, print_fitting, progress_bar, summary_tables
 from lorafit.report.throughput import run_report, training_flops_per_token
 from lorafit.storage import write_atomic, write_folder, write_json
 from lorafit.train import checkpoint, metrics
-from lorafit.train.checkpoint import RunState, data_fingerprint
+from lorafit.train.checkpoint import RunState
 from lorafit.train.metrics import LogWindow, eval_record, improves
 from lorafit.train.preflight import Checked, check_keep_best, check_run
 from lorafit.train.processes import StopRequest, any_rank, stop_on_signals
@@ -58,10 +60,8 @@ class Run:
     console: Console
     accelerator: Accelerator
     tokenizer: object
-    rows: list[dict]  # training rows, or the packed sequences of them with [data] packing
-    supervised: list[int]  # supervised tokens of each of `rows`
+    plan: TrainingPlan  # the rows (or packed sequences) of every step, read from the tokenized Arrow table
     eval_split: TokenizedSplit | None  # None: the recipe has no evaluation
-    steps: StepRows
     grad_accum: int
     total_steps: int
     scorer: nn.Module  # SupervisedLoss around the model, wrapped by DDP or sharded by FSDP2
@@ -71,10 +71,10 @@ class Run:
     state: RunState
     resume_from: Path | None
     precision: tuple[str, str]  # (weights dtype, mixed precision) as resolved for this machine
-    packed: Packed | None = None
     start_step: int = 0
     fitting: dict | None = None  # {"train"/"eval": what fitting the split to max_length did}, for the report
     ranks: RankAllocator | None = None  # AdaLoRA's importance scores and pruning
+    prompts: list[PromptGroup] | None = None  # what [eval] metrics generate for
 
     @property
     def run_dir(self) -> Path:
@@ -94,8 +94,9 @@ class Run:
         return files
 
 
-def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
-    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json.
+def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None, changes: list[str] = ()) -> dict:
+    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json. `changes`: what a
+    resume changes in the run's recipe (lorafit.train.resume.resume_recipe), printed once every check has passed.
 
     SIGINT/SIGTERM during the steps stop after the current one and save a checkpoint; in any other phase
     (or a second signal) they stop at once. Either way the exit is 130 with a line that says what is saved.
@@ -106,6 +107,8 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
             if checked.finished is not None:
                 return checked.finished
             run = set_up(recipe, checked)
+            for line in changes:
+                run.console.print(line, markup=False, highlight=False, soft_wrap=True)
             held.callback(metrics.stop_trackers, run.accelerator)
             start_or_resume(run)
             stop.deferred = True
@@ -123,25 +126,24 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     """Tokenize, check the rows against a resumed run, load the model with LoRA, build the optimizer: no file written."""
     settings, accelerator, console, tokenizer = recipe.train, checked.accelerator, checked.console, checked.tokenizer
     set_seed(settings.seed)
-    with accelerator.main_process_first():  # the others read the main process's tokenized cache
-        train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split)
-        eval_split = tokenize_eval(recipe.data, tokenizer)
+    global_batch, bars = checked.state.global_batch, draws_bars(console)
+    with accelerator.local_main_process_first():  # one process per machine tokenizes, the others read its cache
+        train_split = tokenize_split(recipe.data, tokenizer, recipe.data.train_split, progress=bars,
+                                     draw=stream_draw(recipe, global_batch))
+        eval_split = tokenize_eval(recipe.data, tokenizer, progress=bars)
     for split in (train_split, eval_split):
         if split is not None:
             print_fitting(console, split)
     if eval_split is None:
         note(f"no evaluation: {no_evaluation_reason(recipe.data)}", console)
     check_keep_best(recipe, checked.resume_from is not None, evaluation=eval_split is not None)
-    rows = train_split.examples.to_list()
-    supervised = supervised_counts(train_split.examples)
-    packed = pack_rows(rows, supervised, recipe.data.max_length) if recipe.data.packing else None
-    if packed is not None:  # from here on a "row" of the step plan is a packed sequence
-        console.print(packed.describe(), markup=False, highlight=False)
-        rows, supervised = packed.sequences, packed.supervised
-    steps = StepRows([len(row["input_ids"]) for row in rows], checked.state.global_batch, settings.seed)
-    total_steps = settings.max_steps or settings.epochs * steps.steps_per_epoch
-    state = replace(checked.state, data_fingerprint=data_fingerprint(rows), total_steps=total_steps,
-                    eval_fingerprint=data_fingerprint(eval_split.examples.to_list()) if eval_split else "")
+    prompts = eval_prompts(recipe, tokenizer, eval_split, console)
+    plan = plan_training(recipe, train_split, global_batch)
+    if plan.packed is not None:
+        console.print(plan.packed.describe(), markup=False, highlight=False)
+    total_steps = plan.total_steps
+    state = replace(checked.state, data_fingerprint=plan.fingerprint(), total_steps=total_steps,
+                    eval_fingerprint=fingerprint(eval_split.columns("digest")["digest"]) if eval_split else "")
     if checked.resume_from is not None:
         check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
@@ -150,12 +152,13 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=settings.gradient_checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize)
     ranks = allocator_for(recipe.lora, layers, total_steps)
-    scorer, optimizer, scheduler = distribute(accelerator, SupervisedLoss(model), settings, total_steps)
+    scorer = SupervisedLoss(model, settings.label_smoothing)
+    scorer, optimizer, scheduler = distribute(accelerator, scorer, settings, total_steps)
     fitting = {role: {"split": split.name, **split.counts()}
                for role, split in (("train", train_split), ("eval", eval_split)) if split is not None}
-    return Run(recipe, console, accelerator, tokenizer, rows, supervised, eval_split, steps, checked.grad_accum,
-               total_steps, scorer, layers, optimizer, scheduler, state, checked.resume_from, checked.precision,
-               packed, fitting=fitting, ranks=ranks)
+    return Run(recipe, console, accelerator, tokenizer, plan, eval_split, checked.grad_accum, total_steps, scorer,
+               layers, optimizer, scheduler, state, checked.resume_from, checked.precision, fitting=fitting, ranks=ranks,
+               prompts=prompts)
 
 
 def start_or_resume(run: Run) -> None:
@@ -213,7 +216,7 @@ def run_steps(run: Run, stop: StopRequest) -> None:
                 upcoming = prefetch.submit(_micro_batches, run, step + 1)
             local_loss, grad_norm = train_step(
                 accelerator, run.scorer, run.optimizer, run.scheduler, micro, step=step,
-                max_grad_norm=settings.max_grad_norm, supervised=sum(run.supervised[i] for i in step_rows),
+                max_grad_norm=settings.max_grad_norm, supervised=int(run.plan.supervised[step_rows].sum()),
                 layers=run.layers.values(), seed=settings.seed, ranks=run.ranks,
             )
             done = step + 1
@@ -223,7 +226,7 @@ def run_steps(run: Run, stop: StopRequest) -> None:
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
             # the last step's state is always kept: a finished run can be trained longer from it
             saving = stops or done == run.total_steps or (settings.save_every and done % settings.save_every == 0)
-            tokens = sum(len(run.rows[i]["input_ids"]) for i in step_rows)
+            tokens = int(run.plan.lengths[step_rows].sum())
             state.tokens += tokens
             state.train_seconds += time.perf_counter() - step_start
             window.add(local_loss, grad_norm, tokens)
@@ -254,17 +257,18 @@ def finish(run: Run) -> dict:
     print_eval(run.console, "after training", eval_after)
     if run.recipe.train.eval_every:
         _evaluate_at(run, run.total_steps, eval_after, files)
-    tokens = sum(len(row["input_ids"]) for row in run.rows)
-    rows = run.packed.rows if run.packed else len(run.rows)  # attention's useful length is a row's, packed or not
+    plan = run.plan
+    tokens = int(plan.lengths.sum())
+    rows = len(plan.digests)  # attention's useful length is a row's, packed or not
     flops = training_flops_per_token(run.model, run.layers, seq_len=round(tokens / rows),
-                                     supervised_fraction=sum(run.supervised) / tokens)
+                                     supervised_fraction=int(plan.supervised.sum()) / tokens)
     report = run_report(run.recipe, run.model, run.accelerator.device, run.total_steps, run.state, eval_after,
                         len(files[WEIGHTS_FILE]), precision=run.precision, flops_per_token=flops)
-    report.update(world_size=run.accelerator.num_processes, global_batch=run.steps.global_batch,
+    report.update(world_size=run.accelerator.num_processes, global_batch=plan.steps.global_batch,
                   batch_size=run.recipe.train.batch_size, grad_accum=run.grad_accum,
                   data=run.fitting)
-    if run.packed is not None:
-        report["packing"] = run.packed.summary()
+    if plan.packed is not None:
+        report["packing"] = plan.packed.summary()
     if run.ranks is not None:
         report["ranks"] = run.ranks.ranks()
     if run.state.best:
@@ -279,6 +283,8 @@ def finish(run: Run) -> dict:
             note(str(os_failure(error, "the run is complete without curves.png")), run.console)
     for table in summary_tables(report, run.run_dir, loss_curve=loss_sparkline(history)):
         run.console.print(table)
+    if run.accelerator.is_main_process:
+        run.console.print(readiness(run.run_dir / "adapter", run.model.config), highlight=False, soft_wrap=True)
     run.accelerator.wait_for_everyone()
     return report
 
@@ -286,12 +292,12 @@ def finish(run: Run) -> dict:
 def _micro_batches(run: Run, step: int) -> tuple[list[int], list[dict]]:
     """(the step's rows, this rank's collated micro-batches), in pinned memory on CUDA for an asynchronous copy."""
     settings, accelerator = run.recipe.train, run.accelerator
-    step_rows = run.steps.rows(step)
+    step_rows = run.plan.steps.rows(step)
     share = rank_share(step_rows, accelerator.process_index, accelerator.num_processes, settings.batch_size,
                        run.grad_accum)
     micro = []
     for rows in share:
-        batch = collate([run.rows[i] for i in rows], run.tokenizer.pad_token_id)
+        batch = collate(run.plan.units(rows), run.tokenizer.pad_token_id)
         if accelerator.device.type == "cuda":
             batch = {key: value.pin_memory() for key, value in batch.items()}
         micro.append({**batch, "rows": rows})
@@ -328,6 +334,12 @@ def _evaluate(run: Run) -> dict:
     if run.eval_split is None:
         return {"examples": 0, "skipped": no_evaluation_reason(run.recipe.data)}
     scorer = run.accelerator.unwrap_model(run.scorer)  # DDP's wrapper is not needed without gradients
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
     with run.accelerator.autocast():
-        return evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
-                              rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+        result = evaluate_split(scorer, run.eval_split, run.recipe.data, run.tokenizer, run.recipe.train.eval_batch_size,
+                                rank=rank, world=world)
+        if run.prompts is not None:  # [eval] metrics: generate, score, and write the latest predictions
+            predictions = run.run_dir / PREDICTIONS_FILE if run.accelerator.is_main_process else None
+            result.update(generation_scores(scorer, run.tokenizer, run.prompts, run.recipe, rank=rank, world=world,
+                                            write_to=predictions))
+    return result

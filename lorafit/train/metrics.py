@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe, TrainSection
+from lorafit.recipe import GENERATION_METRICS, Recipe, TrainSection
 from lorafit.storage import append_line, write_atomic
 from lorafit.train.processes import all_sum
 
@@ -28,7 +28,7 @@ TRACKERS = {  # report_to name -> (pip package, accelerate's check that it is im
 
 
 def check_settings(settings: TrainSection) -> None:
-    """Refuse, before any work, trackers that are not installed and keep_best with nothing to choose from.
+    """Refuse, before any work, trackers that are not installed.
 
     accelerate itself silently skips a tracker whose package is missing; a run the user asked to track must not.
     """
@@ -38,8 +38,6 @@ def check_settings(settings: TrainSection) -> None:
         package, available = TRACKERS[name]
         if not getattr(accelerate.utils, available)():
             raise LorafitError(f"[train] report_to = {name!r} needs the {package} package: pip install {package}")
-    if settings.keep_best and not settings.eval_every:
-        raise LorafitError("[train] keep_best needs evaluations during training to choose from; set [train] eval_every")
 
 
 def tracker_options(settings: TrainSection, run_dir: Path) -> dict:
@@ -101,9 +99,13 @@ def eval_record(step: int, result: dict) -> dict:
 
 
 def eval_metric(result: dict) -> tuple[str, float, bool]:
-    """(name, value, higher is better) of the number keep_best and a sweep compare: accuracy if scored, else loss."""
+    """(name, value, higher is better) of the number keep_best and a sweep compare: accuracy if scored, else the
+    first of [eval] metrics (results hold them in the recipe's order), else loss."""
     if "accuracy" in result:
         return "accuracy", result["accuracy"], True
+    generated = next((key for key in result if key in GENERATION_METRICS), None)
+    if generated is not None:
+        return generated, result[generated], True
     return "loss", result["loss"], False
 
 

@@ -23,10 +23,11 @@ from lorafit.data.rows import (
     MissingSplit,
     evaluation_split,
     no_evaluation_reason,
-    split_file,
+    split_files,
 )
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
+from lorafit.generation.scores import require_sacrebleu
 from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
 from lorafit.model.load import (
@@ -72,6 +73,7 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack, *
     settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
     precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
     metrics.check_settings(settings)
+    require_sacrebleu(recipe.eval.metrics)
     accelerator = make_accelerator(precision[1], **metrics.tracker_options(settings, Path(recipe.output.dir)))
     world = accelerator.num_processes
     grad_accum = global_batch_split(settings, world)
@@ -162,7 +164,7 @@ def _has_evaluation(recipe: Recipe) -> bool | None:
     if split is None or split == HELD_OUT:
         return split is not None
     try:
-        return True if split_file(recipe.data, split) else None
+        return True if split_files(recipe.data, split) else None
     except MissingSplit:
         return split != DEFAULT_EVAL_SPLIT  # a split the recipe names itself: reading it says it is missing
 

@@ -12,37 +12,20 @@ import os
 import shlex
 from pathlib import Path
 
-from rich.console import Console
-
+from lorafit.data.plan import FINGERPRINT_PREFIX
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS
-from lorafit.recipe import Recipe, load_recipe, override_table, validate, with_overrides
+from lorafit.recipe import Recipe, changed_keys, load_recipe, override_table, resumable_keys, validate, with_overrides
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
-from lorafit.train.launch import rank
 
 # Keys that set the schedule's length: a --resume may change them where `check_length` allows it.
 LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 
 
-def resumable_keys() -> set[str]:
-    """'section.key' for every recipe key marked RESUMABLE on its schema field."""
-    return {
-        f"{section}.{key}"
-        for section, field in Recipe.model_fields.items()
-        for key, info in field.annotation.model_fields.items()
-        if (info.json_schema_extra or {}).get("resumable")
-    }
-
-
-def changed_keys(old: Recipe, new: Recipe) -> set[str]:
-    """'section.key' for every key whose value differs between two recipes."""
-    before, after = old.model_dump(), new.model_dump()
-    return {f"{s}.{k}" for s in after for k in after[s] if before.get(s, {}).get(k) != after[s][k]}
-
-
-def resume_recipe(recipe_path: Path | None, overrides: list[str], console: Console) -> Recipe:
+def resume_recipe(recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, list[str]]:
     """The recipe `train --resume` continues with: the run's own (the one its newest checkpoint recorded), with
-    the changes `--recipe` and `--set` make to it, each printed.
+    the changes `--recipe` and `--set` make to it; and a line for each change, to print once the checks that need
+    the data have passed (a refused run prints nothing on stdout).
 
     A value of the file or of --set that differs from the run's is a change: keys marked resumable may change;
     the schedule's length only by --set (a file's other max_steps is more likely another version of the recipe
@@ -56,7 +39,7 @@ def resume_recipe(recipe_path: Path | None, overrides: list[str], console: Conso
     saved = run_recipe(Path(run_dir))
     if saved is None:
         if from_file is not None:
-            return from_file  # check_resume says what the folder holds instead
+            return from_file, []  # check_resume says what the folder holds instead
         raise LorafitError(f"{run_dir} holds no lorafit run to resume; start one with --recipe PATH --output "
                            f"{shown_path(run_dir)} (without --resume)")
     raw = saved.model_dump(exclude_none=True)
@@ -70,11 +53,7 @@ def resume_recipe(recipe_path: Path | None, overrides: list[str], console: Conso
         changes.append((key, json.dumps(before[section][name]), json.dumps(after[section][name]),
                         "--set" if key in by_set else str(recipe_path)))
         _check_change(*changes[-1], run_dir)
-    if rank() == 0:
-        for key, old, new, source in changes:
-            console.print(f"resume changes {key}: {old} -> {new} (from {source})", markup=False, highlight=False,
-                          soft_wrap=True)
-    return recipe
+    return recipe, [f"resume changes {key}: {old} -> {new} (from {source})" for key, old, new, source in changes]
 
 
 def _check_change(key: str, old: str, new: str, source: str, run_dir: str) -> None:
@@ -210,10 +189,14 @@ def eval_rows_changed(saved: RunState, now: RunState) -> bool:
 def check_continuation(folder: Path, now: RunState, schedule: str, warmup_steps: int) -> None:
     """The rules that need the tokenized rows: the same training rows, and a schedule length that may change."""
     saved = read_progress(folder)
+    if not saved.data_fingerprint.startswith(FINGERPRINT_PREFIX):
+        raise LorafitError(f"{folder.parent.parent} was saved by an older lorafit, whose hash of the training rows "
+                           "this one cannot check; finish it with that version, or start a new run")
     if saved.data_fingerprint != now.data_fingerprint:
         raise LorafitError(
             f"the training rows differ from those {folder.parent.parent} started with (data file or tokenizer "
-            "changed); restore them to resume, or start a new run"
+            "changed, or under [data] streaming the max_steps that sets the rows drawn); restore them to resume, "
+            "or start a new run"
         )
     check_length(checkpoint_step(folder), saved.total_steps, now.total_steps, schedule, warmup_steps)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import random
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,13 +18,29 @@ from typer.testing import CliRunner
 
 from lorafit.cli import app
 from lorafit.data.batches import collate, supervised_count
-from lorafit.data.packing import PACKED_MODEL_TYPES, best_fit, check_packing, pack_rows
+from lorafit.data.packing import PACKED_MODEL_TYPES, best_fit, check_packing, pack
 from lorafit.data.tasks import IGNORE
 from lorafit.errors import LorafitError
 from lorafit.model.inject import inject_lora
 from lorafit.model.loss import loss_sum
 from lorafit.recipe import load_recipe
 from lorafit.train.loop import train
+
+
+def pack_rows(rows: list[dict], supervised: list[int], max_length: int) -> SimpleNamespace:
+    """lorafit's packing of in-memory rows: the sequences (as lists), each one's row indices and supervised tokens."""
+    packed = pack([len(row["input_ids"]) for row in rows], supervised, max_length)
+    sequences = packed.sequences(range(len(packed)), lambda indices: [rows[i] for i in indices])
+    as_lists = [{key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in sequence.items()}
+                for sequence in sequences]
+    return SimpleNamespace(sequences=as_lists, members=[packed.members_of(i).tolist() for i in range(len(packed))],
+                           supervised=packed.supervised.tolist())
+
+
+def bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """best_fit's bins as lists of row indices."""
+    members, bounds = best_fit(lengths, capacity)
+    return [members[start:stop].tolist() for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def mixed_rows() -> list[dict]:
@@ -112,28 +130,28 @@ def test_model_types_whose_attention_would_mix_packed_rows_are_refused(arch):
 def test_best_fit_packs_every_row_once_within_capacity_and_deterministically():
     rng = random.Random(0)
     lengths = [rng.randint(1, 64) for _ in range(500)]
-    bins = best_fit(lengths, 64)
-    assert sorted(i for members in bins for i in members) == list(range(500))
-    assert all(sum(lengths[i] for i in members) <= 64 for members in bins)
-    assert len(bins) <= 1.05 * sum(lengths) / 64 + 1  # near the bound no packing can beat
-    assert bins == best_fit(lengths, 64)
-    assert best_fit([3, 5, 2, 4], 7) == [[1, 2], [3, 0]]  # 5 + 2, then 4 + 3
+    packed = bins(lengths, 64)
+    assert sorted(i for members in packed for i in members) == list(range(500))
+    assert all(sum(lengths[i] for i in members) <= 64 for members in packed)
+    assert len(packed) <= 1.05 * sum(lengths) / 64 + 1  # near the bound no packing can beat
+    assert packed == bins(lengths, 64)
+    assert bins([3, 5, 2, 4], 7) == [[1, 2], [3, 0]]  # 5 + 2, then 4 + 3
 
 
 
 def test_packing_that_puts_no_two_rows_together_says_why_and_what_would_help():
     lengths = [40, 33, 35, 31]
-    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
-    packed = pack_rows(rows, [1] * len(rows), max_length=60)
-    assert len(packed.sequences) == len(rows)  # 31 + 33 > 60: every row alone
+    packed = pack(lengths, [1] * len(lengths), max_length=60)
+    assert len(packed) == len(lengths)  # 31 + 33 > 60: every row alone
     two_shortest, median = sorted(lengths)[0] + sorted(lengths)[1], sorted(lengths)[len(lengths) // 2]
     text = packed.describe()
     assert f"no two rows fit in one sequence (the two shortest hold {two_shortest} tokens together" in text
     assert f"raise [data] max_length (to {2 * median} for about two rows a sequence)" in text
     assert "set packing = false" in text and packed.summary()["note"] in text
-    packs = pack_rows(rows, [1] * len(rows), max_length=2 * median)
-    assert len(packs.sequences) < len(rows)
+    packs = pack(lengths, [1] * len(lengths), max_length=2 * median)
+    assert len(packs) < len(lengths)
     assert "no two rows" not in packs.describe() and "note" not in packs.summary()
+
 
 def completion_recipe(tmp_path, **train):
     """A completion job with mixed lengths (prompts of 1-12 words, responses of 1-20) on the tiny model."""

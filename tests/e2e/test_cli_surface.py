@@ -99,6 +99,7 @@ def printed(tmp_path_factory) -> dict[str, dict]:
         "eval": ["eval", "--recipe", recipe, "--adapter", adapter],
         "merge": ["merge", str(REPO / "data" / "tiny-gpt2"), adapter, str(folder / "merged")],
         "info": ["info", "--recipe", recipe],
+        "export": ["export", adapter, str(folder / "exported"), "--for", "peft"],
     }
     outputs = {}
     for command, args in commands.items():
@@ -113,7 +114,7 @@ def test_the_readme_documents_every_commands_json():
     assert set(documented_json_keys()) == set(typer.main.get_command(app).commands)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "merge", "info"])
+@pytest.mark.parametrize("command", ["train", "eval", "merge", "info", "export"])
 def test_every_commands_json_is_strict_and_has_the_documented_keys(printed, command):
     assert printed[command]["command"] == command
     assert printed[command]["lorafit_version"] == version("lorafit")

@@ -88,6 +88,10 @@ def test_train_json_prints_only_the_report_on_stdout(tiny_recipe, tmp_path):
     assert printed["adapter"] == str(tmp_path / "run" / "adapter")
     assert "eval after training" in completed.stderr
     assert "training" in completed.stderr
+    # the one readiness line: GPT-2's fused q/v adapter loads in peft, llama.cpp takes it as GGUF, vLLM/SGLang never
+    (serving,) = [line for line in completed.stderr.splitlines() if line.startswith("serving:")]
+    assert serving.startswith("serving: ready as written for peft; llama.cpp after `lorafit export ")
+    assert serving.endswith("not as an adapter for vLLM, SGLang (lorafit export --check-only says why)")
 
 
 def test_missing_recipe_is_exit_two(tmp_path):

@@ -109,11 +109,11 @@ def stop_at_step(patch, step: int, command: Callable):
     """Run `command` with a SIGTERM sent to this process during optimizer step `step`."""
     real, calls = lorafit.model.loss.loss_sum, []
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *options):
         calls.append(1)
         if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, batch)
+        return real(model, batch, *options)
 
     patch.setattr(lorafit.model.loss, "loss_sum", loss_sum)
     return command()

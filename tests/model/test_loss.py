@@ -194,3 +194,43 @@ def test_sequence_logprobs_sums_each_rows_token_logprobs():
     model = tiny_model("gpt_neox")
     batch = _batch()
     torch.testing.assert_close(sequence_logprobs(model, batch), _expected_logprobs(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_head_cross_entropy_with_label_smoothing_matches_f_cross_entropy(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 50)  # several chunks of 3 rows
+    torch.manual_seed(1)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight, bias = torch.randn(50, 8), torch.randn(50)
+    targets = torch.randint(0, 50, (10,))
+    ours = HeadCrossEntropy.apply(hidden, weight, bias, targets, 0.1)
+    (ours * 3.0).backward()
+    grad_ours = hidden.grad.clone()
+    hidden.grad = None
+    reference = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum", label_smoothing=0.1)
+    (reference * 3.0).backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, hidden.grad)
+    assert not torch.allclose(ours, F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])  # the head-only path, and a model scored on its own logits
+def test_label_smoothed_loss_and_lora_gradients_match_f_cross_entropy_on_the_full_logits(arch):
+    if arch == "gemma2":
+        model = tiny_softcapped_gemma2()
+    else:
+        model = tiny_model("gpt2")
+        inject_lora(model, ["q", "v"], rank=2, alpha=4)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param)
+    assert (plain_head(model) is None) == (arch == "gemma2")
+    batch = _batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ours, count = loss_sum(model, batch, label_smoothing=0.1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    theirs = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum",
+                             label_smoothing=0.1)
+    assert count == supervised_count(batch["labels"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, trainable), torch.autograd.grad(theirs, trainable)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -21,7 +21,7 @@ from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import inject_lora
 from lorafit.model.load import resolve_precision
 from lorafit.model.loss import SupervisedLoss
-from lorafit.recipe import DataSection
+from lorafit.recipe import DataSection, validate
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_precision_resolves_per_device(dtype, mixed, cuda_bf16, expected):
 @pytest.mark.parametrize("mixed", ["auto", "no", "bf16"])
 def test_fp16_weights_without_loss_scaling_are_refused(mixed):
     with pytest.raises(LorafitError, match="mixed_precision = 'fp16'"):
-        resolve_precision("float16", mixed, cuda_bf16=True)
+        validate({"model": {"dtype": "float16"}, "train": {"mixed_precision": mixed}})
 
 
 def test_fp16_weights_without_loss_scaling_are_one_line_exit_2_with_nothing_written(tiny_recipe, tmp_path):

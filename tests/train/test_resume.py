@@ -48,13 +48,13 @@ def pause_in_step():
     import lorafit.model.loss
     real, calls = lorafit.model.loss.loss_sum, []
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *options):
         calls.append(1)
         if len(calls) == step:
             (marker / "paused").touch()
             while not (marker / "go").exists():
                 time.sleep(0.01)
-        return real(model, batch)
+        return real(model, batch, *options)
 
     lorafit.model.loss.loss_sum = loss_sum
 
@@ -180,8 +180,8 @@ def patch_loss(monkeypatch, at_step: int, action) -> None:
     """Call `action(summed_loss)` in place of returning the loss of optimizer step `at_step` (in-process runs)."""
     real, calls = lorafit.model.loss.loss_sum, []
 
-    def loss_sum(model, batch):
-        summed, count = real(model, batch)
+    def loss_sum(model, batch, *options):
+        summed, count = real(model, batch, *options)
         calls.append(1)
         return (action(summed) if len(calls) == at_step else summed), count
 
