@@ -69,7 +69,7 @@ def data_start(recipe_path: str) -> dict:
     from lorafit.data.plan import plan_training
     from lorafit.data.tokenize import tokenize_split
     from lorafit.model.load import load_tokenizer
-    from lorafit.recipe import load_recipe
+    from lorafit.recipe_file import load_recipe
 
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.name)

@@ -50,7 +50,7 @@ def read_rows(name: str) -> list[dict]:
 
 def lorafit_run(seed: int, steps: int, run_dir: Path) -> dict:
     """lorafit's report for one seed: the recipe a user would write, built in code."""
-    from lorafit.recipe import validate
+    from lorafit.recipe_file import validate
     from lorafit.train.loop import train
 
     recipe = validate({

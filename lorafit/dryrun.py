@@ -21,7 +21,8 @@ from lorafit.data.plan import plan_training, stream_draw
 from lorafit.data.rows import no_evaluation_rows
 from lorafit.data.tasks import IGNORE
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
-from lorafit.recipe import Recipe, recipe_toml
+from lorafit.recipe import Recipe
+from lorafit.recipe_file import recipe_toml
 from lorafit.report.tables import draws_bars
 
 SAMPLE_ROWS = 3

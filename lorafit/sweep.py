@@ -20,7 +20,8 @@ from rich.markup import escape
 
 from lorafit.errors import LorafitError
 from lorafit.messages import note
-from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys
+from lorafit.recipe import Recipe, changed_keys, resumable_keys
+from lorafit.recipe_file import load_recipe
 from lorafit.report.curves import MISSING, pyplot, save_figure
 from lorafit.storage import write_json
 from lorafit.train.checkpoint import latest_checkpoint

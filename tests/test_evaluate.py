@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from lorafit.cli import app
 from lorafit.evaluate import evaluate_recipe
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 
 TEMPLATE = "Review: {text}\nSentiment:"

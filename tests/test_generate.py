@@ -18,7 +18,8 @@ from lorafit.cli import app
 from lorafit.generate import generate, prompt_ids
 from lorafit.generation.decoding import Decoding
 from lorafit.model.inject import inject_lora
-from lorafit.recipe import DataSection, load_recipe
+from lorafit.recipe import DataSection
+from lorafit.recipe_file import load_recipe
 
 TEMPLATE = "Question: {text}\nAnswer:"
 

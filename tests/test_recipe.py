@@ -8,7 +8,8 @@ import pytest
 import tomli_w
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe, load_recipe, recipe_toml, validate
+from lorafit.recipe import Recipe
+from lorafit.recipe_file import load_recipe, recipe_toml, validate
 
 REPO = Path(__file__).resolve().parents[1]
 

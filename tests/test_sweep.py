@@ -11,7 +11,7 @@ from conftest import TINY_MODEL, assert_one_line_error, snapshot
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.sweep import run_folder_name
 
 runner = CliRunner()

@@ -62,7 +62,7 @@ def train(
         start_missing_processes()
 
     def action():
-        from lorafit.recipe import load_recipe
+        from lorafit.recipe_file import load_recipe
         from lorafit.train.loop import train as run_training
         from lorafit.train.resume import resume_recipe
 
@@ -108,7 +108,7 @@ def evaluate(
 
     def action():
         from lorafit.evaluate import evaluate_recipe
-        from lorafit.recipe import load_recipe
+        from lorafit.recipe_file import load_recipe
 
         one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
@@ -180,7 +180,7 @@ def generate(
     def action():
         from lorafit.generate import generate as run_generation
         from lorafit.generate import read_prompts, recipe_decoding
-        from lorafit.recipe import load_recipe
+        from lorafit.recipe_file import load_recipe
 
         one_model(adapter, model)
         chosen = load_recipe(recipe, list(overrides or []))
@@ -291,7 +291,7 @@ def info(
     """Trainable parameters, adapter size and memory estimates; reads only the model's config."""
 
     def action():
-        from lorafit.recipe import load_recipe, validate
+        from lorafit.recipe_file import load_recipe, validate
         from lorafit.report.counts import describe
 
         if (recipe is None) == (model is None):

@@ -37,7 +37,8 @@ from lorafit.lora.variants import allocator_for
 from lorafit.messages import note
 from lorafit.model.load import load_model
 from lorafit.model.loss import SupervisedLoss
-from lorafit.recipe import Recipe, recipe_toml
+from lorafit.recipe import Recipe
+from lorafit.recipe_file import recipe_toml
 from lorafit.report.curves import loss_sparkline, save_curves
 from lorafit.report.tables import draws_bars, print_eval, print_fitting, progress_bar, summary_tables
 from lorafit.report.throughput import run_report, training_flops_per_token

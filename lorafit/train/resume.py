@@ -15,7 +15,8 @@ from pathlib import Path
 from lorafit.data.plan import FINGERPRINT_PREFIX
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS
-from lorafit.recipe import Recipe, changed_keys, load_recipe, override_table, resumable_keys, validate, with_overrides
+from lorafit.recipe import Recipe, changed_keys, resumable_keys
+from lorafit.recipe_file import load_recipe, override_table, validate, with_overrides
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
 
 # Keys that set the schedule's length: a --resume may change them where `check_length` allows it.

@@ -8,7 +8,7 @@ import pytest
 import transformers
 from conftest import REPO
 
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}

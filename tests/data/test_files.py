@@ -22,7 +22,8 @@ from lorafit.cli import app
 from lorafit.data.plan import plan_training, stream_draw
 from lorafit.data.tokenize import tokenize_eval, tokenize_split
 from lorafit.errors import LorafitError
-from lorafit.recipe import DataSection, validate
+from lorafit.recipe import DataSection
+from lorafit.recipe_file import validate
 from lorafit.report.tables import draws_bars
 
 ROWS = [{"prompt": f"question {i} " + "about the film " * (i % 4), "response": f" answer {i}" + " yes" * (i % 3)}

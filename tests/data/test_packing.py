@@ -23,7 +23,7 @@ from lorafit.data.tasks import IGNORE
 from lorafit.errors import LorafitError
 from lorafit.model.inject import inject_lora
 from lorafit.model.loss import loss_sum
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 
 

@@ -24,7 +24,7 @@ import datasets
 from lorafit.data.batches import collate
 from lorafit.data.plan import plan_training
 from lorafit.data.tokenize import TokenizedSplit
-from lorafit.recipe import validate
+from lorafit.recipe_file import validate
 
 def kib(field):
     for line in open("/proc/self/status"):

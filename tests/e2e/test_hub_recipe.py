@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from lorafit.cli import app
 from lorafit.data.rows import load_rows
 from lorafit.errors import LorafitError
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 
 HUB_RECIPE = REPO / "recipes" / "gpt2-sst2.toml"
 GLUE_README = """---

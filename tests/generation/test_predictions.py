@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from lorafit.cli import app
 from lorafit.generate import recipe_decoding
 from lorafit.generation.decoding import Decoding
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 
 E2E = REPO / "data" / "e2e-tiny"

@@ -16,7 +16,8 @@ from lorafit.adapter.save import save_adapter
 from lorafit.data.batches import collate
 from lorafit.errors import LorafitError
 from lorafit.lora.adalora import AdaLoRALinear, rank_allocator
-from lorafit.recipe import LoraSection, load_recipe, recipe_toml, validate
+from lorafit.recipe import LoraSection
+from lorafit.recipe_file import load_recipe, recipe_toml, validate
 from lorafit.train.step import prepare_model, train_step
 
 peft = pytest.importorskip("peft")

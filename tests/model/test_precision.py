@@ -21,7 +21,8 @@ from lorafit.lora.linear import LoRALinear
 from lorafit.model.inject import inject_lora
 from lorafit.model.load import resolve_precision
 from lorafit.model.loss import SupervisedLoss
-from lorafit.recipe import DataSection, validate
+from lorafit.recipe import DataSection
+from lorafit.recipe_file import validate
 
 
 @pytest.mark.parametrize(

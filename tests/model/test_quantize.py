@@ -160,7 +160,7 @@ def test_cli_trains_on_nf4_and_report_counts_the_4_bit_weights(tiny_recipe, tmp_
 
 
 def test_nf4_with_fsdp_is_refused_in_one_line(tiny_recipe):
-    from lorafit.recipe import load_recipe
+    from lorafit.recipe_file import load_recipe
 
     with pytest.raises(LorafitError, match="quantize with \\[train\\] parallel = 'fsdp'"):
         load_recipe(tiny_recipe(model={"quantize": "nf4"}, train={"parallel": "fsdp"}))

@@ -117,7 +117,7 @@ def test_tableless_models_train_and_peft_loads_the_adapter_with_equal_logits(arc
     recipe_path = write_recipe(tmp_path, model={"name": str(base_dir)}, lora={"targets": target},
                                train={"max_steps": 2, "batch_size": 2, "lr": 1e-2, "log_every": 1},
                                data={"max_eval_examples": 4})
-    from lorafit.recipe import load_recipe
+    from lorafit.recipe_file import load_recipe
 
     report = train(load_recipe(recipe_path), console=None)
     assert report["trainable_params"] > 0

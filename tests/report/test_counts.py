@@ -8,7 +8,7 @@ import transformers
 from conftest import GPT2_MEDIUM_SHAPE, GPT3_SHAPE, gpt2_closed_form, tiny_config, tiny_model
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import validate
+from lorafit.recipe_file import validate
 from lorafit.report.counts import describe as describe_recipe
 
 

@@ -11,7 +11,8 @@ from conftest import RANK, tiny_model, write_recipe
 from safetensors.torch import load_file
 
 from lorafit.model.inject import inject_lora
-from lorafit.recipe import TrainSection, load_recipe
+from lorafit.recipe import TrainSection
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 from lorafit.train.optimizer import build_optimizer, lr_factor
 

@@ -286,7 +286,7 @@ def test_adalora_is_checked_at_the_rank_it_starts_from_not_at_lora_rank():
     """AdaLoRA's layers start at [lora.adalora] init_rank; [lora] rank is not used, so it is not checked either."""
     import transformers
 
-    from lorafit.recipe import validate
+    from lorafit.recipe_file import validate
     from lorafit.train.preflight import check_lora
 
     config = transformers.AutoConfig.from_pretrained(TINY_MODEL)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]

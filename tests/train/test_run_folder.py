@@ -21,7 +21,7 @@ import lorafit.model.inject as inject_module
 from lorafit.adapter.load import load_adapter
 from lorafit.cli import app
 from lorafit.model.inject import inject_lora, lora_layers
-from lorafit.recipe import load_recipe
+from lorafit.recipe_file import load_recipe
 from lorafit.train.loop import train
 from lorafit.train.optimizer import lr_factor
 

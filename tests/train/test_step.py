@@ -151,7 +151,7 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_log_step(tiny_recipe, 
     from rich.console import Console
 
     import lorafit.train.loop as train_module
-    from lorafit.recipe import load_recipe
+    from lorafit.recipe_file import load_recipe
 
     reads = []
     real_step = train_module.train_step
