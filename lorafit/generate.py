@@ -56,8 +56,12 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
     with accelerator.autocast():
         if candidates is not None:
             return classify(SupervisedLoss(model), recipe.data, prompts, encoded, candidates, tokenizer.pad_token_id)
-        return [complete(model, tokenizer, prompt, ids, decoding, index, stream)
-                for index, (prompt, ids) in enumerate(zip(prompts, encoded))]
+        results = [complete(model, tokenizer, prompt, ids, decoding, index, stream)
+                   for index, (prompt, ids) in enumerate(zip(prompts, encoded))]
+    for number, result in enumerate(results, start=1):
+        if why := empty_reason(result):
+            note(f"prompt {number}'s completion is empty: {why}")
+    return results
 
 
 def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0) -> list[int]:

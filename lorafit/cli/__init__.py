@@ -62,21 +62,14 @@ def train(
         start_missing_processes()
 
     def action():
-        from lorafit.recipe_file import load_recipe
         from lorafit.train.loop import train as run_training
-        from lorafit.train.resume import resume_recipe
+        from lorafit.train.resume import train_recipe
 
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
         console = stderr if as_json else Console()
-        changes: list[str] = []
-        if resume:
-            chosen, changes = resume_recipe(recipe, settings)
-        elif recipe is None:
-            raise LorafitError("give --recipe PATH, or --resume --output DIR to continue a run")
-        else:
-            chosen = load_recipe(recipe, settings)
+        chosen, changes = train_recipe(recipe, settings, resume)
         if dry_run:
             from lorafit.dryrun import dry_run as show_plan
 
@@ -161,7 +154,7 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Complete prompts with the recipe's template, streaming the text; classification prints label and probability."""
-    from lorafit.generate import empty_reason, prompt_header
+    from lorafit.generate import prompt_header
 
     out = Console(highlight=False, soft_wrap=True)
     given: list = list(prompts or [])
@@ -191,9 +184,6 @@ def generate(
         return run_generation(chosen, given, adapter=adapter, model_dir=model, decoding=decoding, stream=show)
 
     results = run_command(action, debug)
-    for number, result in enumerate(results, start=1):
-        if why := empty_reason(result):
-            note(f"prompt {number}'s completion is empty: {why}")
     if as_json:
         print_json("generate", {"completions": results})
         return

@@ -23,6 +23,16 @@ from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoin
 LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 
 
+def train_recipe(recipe_path: Path | None, overrides: list[str], resume: bool) -> tuple[Recipe, list[str]]:
+    """The recipe `train` runs and what a resume changes in it: the run's own with --resume (resume_recipe), else
+    the file's."""
+    if resume:
+        return resume_recipe(recipe_path, overrides)
+    if recipe_path is None:
+        raise LorafitError("give --recipe PATH, or --resume --output DIR to continue a run; see lorafit train --help")
+    return load_recipe(recipe_path, overrides), []
+
+
 def resume_recipe(recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, list[str]]:
     """The recipe `train --resume` continues with: the run's own (the one its newest checkpoint recorded), with
     the changes `--recipe` and `--set` make to it; and a line for each change, to print once the checks that need
