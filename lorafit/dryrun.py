@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -28,8 +29,9 @@ MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
 
 
 def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_split: str | None = None,
-            adapter: Path | None = None, model_dir: Path | None = None) -> dict:
+            adapter: Path | None = None, model_dir: Path | None = None, changes: list[str] = ()) -> dict:
     """What `train` (or, given `eval_split`, `eval`) would do with `recipe`: printed to `console` and returned.
+    `changes`: what a resume changes in the run's recipe (lorafit.train.resume.resume_recipe).
 
     The same checks as the real command run first, so a dry run refuses what the run would refuse.
     """
@@ -37,11 +39,11 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
 
     training = eval_split is None
     checked = None
-    if training:  # train's own checks, run folder and resume included; the folder's lock is let go at once
+    if training:  # train's own checks, run folder and resume included (what the folder refuses is described)
         from lorafit.train.preflight import check_run
 
         with ExitStack() as held:
-            checked = check_run(recipe, resume, console, held)
+            checked = check_run(recipe, resume, console, held, dry_run=True)
     name = str(model_dir) if model_dir is not None else recipe.model.name
     weights, mixed_precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     model = model_table(recipe, name, adapter)
@@ -74,7 +76,8 @@ def dry_run(recipe: Recipe, console: Console, *, resume: bool = False, eval_spli
         from lorafit.report.activations import recipe_activations
 
         result["model"]["memory"]["activations"] = recipe_activations(recipe)
-        result["plan"] = training_plan(recipe, splits[recipe.data.train_split], checked)
+        result["plan"] = {**training_plan(recipe, splits[recipe.data.train_split], checked),
+                          "resume_changes": list(changes)}
     show(console, recipe, result, [marked_row(row, tokenizer, colour=has_colour(console)) for row in samples])
     return result
 
@@ -122,6 +125,8 @@ def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
         "output_dir": recipe.output.dir,
         "resume_from": str(checked.resume_from) if checked.resume_from else None,
         "gradient_checkpointing": checked.checkpointing,
+        "finished": checked.finished is not None,  # a finished run that --resume leaves as it is
+        "refused": checked.refused,  # why train would refuse the run folder, or None
     }
 
 
@@ -165,7 +170,9 @@ def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> No
         memory = result["model"]["memory"]["lora_estimate"]["total"]
         activations = result["model"]["memory"]["activations"]
         checkpointing = plan["gradient_checkpointing"]
-        start = f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run"
+        start = (f"train would refuse: {plan['refused']}" if plan["refused"] else
+                 "nothing to do: the run there is finished" if plan["finished"] else
+                 f"resume from {Path(plan['resume_from']).name}" if plan["resume_from"] else "a new run")
         console.rule("plan")
         console.print(
             f"{plan['steps']:,} steps ({plan['steps_per_epoch']:,} per epoch) of {plan['global_batch']} "
@@ -173,9 +180,11 @@ def show(console: Console, recipe: Recipe, result: dict, rows: list[Text]) -> No
             f"(batch_size {plan['batch_size']} × grad_accum {plan['grad_accum']} × {plan['world_size']} processes); "
             f"static memory estimate {human_bytes(memory)}, activations about "
             f"{human_bytes(activations['checkpointed' if checkpointing else 'total'])} per micro-batch (gradient "
-            f"checkpointing {'on' if checkpointing else 'off'}); {start} in {plan['output_dir']}",
+            f"checkpointing {'on' if checkpointing else 'off'}); in {plan['output_dir']}: {start}",
             markup=False, highlight=False,
         )
+        for line in plan["resume_changes"]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print("dry run: nothing was trained or written", style="bold")
 
 
@@ -184,7 +193,7 @@ def data_table(data: dict) -> Table:
     table = Table(title="Data (after tokenizing)")
     table.add_column("")
     for split in data:
-        table.add_column(split, justify="right")
+        table.add_column(escape(split), justify="right")
     names = {"rows": "rows read", "examples": "examples (rows, or windows of long documents)",
              "shortened": "rows shortened, supervision kept", "cut": "rows that lost supervised tokens",
              "cut_tokens": "supervised tokens lost", "windowed": "documents split into windows",

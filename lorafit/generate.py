@@ -21,7 +21,8 @@ from lorafit.data.chat import TEMPLATE_FILE
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.evaluate import checked_source, inference_model, label_logprobs
-from lorafit.generation.decoding import Decoding, decode, held_back, room
+from lorafit.generation.decoding import END_TOKEN, Decoding, decode, held_back, room
+from lorafit.messages import note
 from lorafit.model.loss import SupervisedLoss
 from lorafit.recipe import DataSection, Recipe
 from lorafit.storage import input_file
@@ -47,14 +48,20 @@ def generate(recipe: Recipe, prompts: list[str | dict], *, adapter: Path | None 
     saved = Path(adapter) / TEMPLATE_FILE if adapter is not None else None
     if saved is not None and saved.is_file():  # the chat template training used, saved beside the adapter
         tokenizer.chat_template = saved.read_text(encoding="utf-8")
+    if any(isinstance(prompt, str) for prompt in prompts):
+        text_fills(recipe.data)
     encoded = [prompt_ids(recipe.data, tokenizer, prompt, index) for index, prompt in enumerate(prompts)]
     candidates = label_token_ids(recipe.data, tokenizer) if recipe.data.task == "classification" else None
     model, accelerator = inference_model(recipe, name, adapter)
     with accelerator.autocast():
         if candidates is not None:
             return classify(SupervisedLoss(model), recipe.data, prompts, encoded, candidates, tokenizer.pad_token_id)
-        return [complete(model, tokenizer, prompt, ids, decoding, index, stream)
-                for index, (prompt, ids) in enumerate(zip(prompts, encoded))]
+        results = [complete(model, tokenizer, prompt, ids, decoding, index, stream)
+                   for index, (prompt, ids) in enumerate(zip(prompts, encoded))]
+    for number, result in enumerate(results, start=1):
+        if why := empty_reason(result):
+            note(f"prompt {number}'s completion is empty: {why}")
+    return results
 
 
 def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0) -> list[int]:
@@ -63,9 +70,42 @@ def prompt_ids(data: DataSection, tokenizer, prompt: str | dict, index: int = 0)
     try:
         return prompts.prompt_ids(data, tokenizer, prompt)
     except KeyError as missing:
-        raise LorafitError(
-            f"prompt {index + 1} has no field {missing}; give each prompt row the fields [data] template names"
-        ) from None
+        raise LorafitError(f"prompt {index + 1} has no field {missing}; give every field the template names: "
+                           f"{prompts_form(data)}") from None
+
+
+def text_fills(data: DataSection) -> None:
+    """Say which field a plain-text prompt fills when the template has others, which it leaves empty."""
+    if data.task == "chat":
+        return
+    main = prompts.main_field(data)
+    others = [f"{{{name}}}" for name in prompts.template_fields(data) if name != main]
+    if others:
+        note(f"a plain prompt fills the template's {{{main}}} and leaves {', '.join(others)} empty; to give every "
+             f"field: {prompts_form(data)}")
+
+
+def prompts_form(data: DataSection) -> str:
+    """How to give prompt rows with every field of the template: --prompts FILE.jsonl, and a line of it."""
+    example = {field: "..." for field in prompts.template_fields(data).values()}
+    return f"--prompts FILE.jsonl with one row per line, such as {json.dumps(example)}"
+
+
+def prompt_header(prompt: str | dict) -> str:
+    """A prompt as the one line of text named above its completion: the text, or a row's fields as name: value."""
+    if isinstance(prompt, str):
+        return prompt
+    return "  ".join(f"{name}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+                     for name, value in prompt.items())
+
+
+def empty_reason(result: dict) -> str | None:
+    """Why a completion holds no text, or None when it holds some."""
+    if "completion" not in result or result["completion"].strip():
+        return None
+    if result["stop"] == END_TOKEN and result["new_tokens"] == 1:
+        return "the model's first new token was its end token, so it stopped at once"
+    return f"its {result['new_tokens']} new tokens decode to no text (stopped by {result['stop']})"
 
 
 @torch.no_grad()

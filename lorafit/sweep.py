@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lorafit.errors import LorafitError
 from lorafit.messages import note
@@ -71,11 +72,12 @@ def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str
         for value, run_dir, settings, recipe in runs:
             if (run_dir / "report.json").is_file():
                 check_unchanged(run_dir, recipe)
-                console.print(f"[bold]{key} = {value}[/]: finished in {run_dir}, kept", highlight=False)
+                console.print(f"[bold]{escape(key)} = {escape(value)}[/]: finished in {escape(str(run_dir))}, kept",
+                              highlight=False)
                 continue
             resume = latest_checkpoint(run_dir) is not None
-            console.print(f"[bold]{key} = {value}[/]: {'resuming' if resume else 'training'} in {run_dir}",
-                          highlight=False)
+            console.print(f"[bold]{escape(key)} = {escape(value)}[/]: {'resuming' if resume else 'training'} in "
+                          f"{escape(str(run_dir))}", highlight=False)
             code = train_one(recipe_path, settings, resume, stdout=train_output)
             if code == 130:
                 how = dead_end(key, value, run_dir, recipe) if not_resumable(recipe) else (
@@ -84,7 +86,7 @@ def sweep(recipe_path: Path, key: str, values: list[str], *, overrides: list[str
             if code:
                 raise LorafitError(f"the {key} = {value} run failed (exit {code}, see above); fix it and run the "
                                    "sweep again: finished runs are kept", exit_code=code if code == 2 else 1)
-        rows = [table_row(value, run_dir) for value, run_dir, _, _ in runs]
+        rows = [table_row(recipe_value(recipe, key, value), run_dir) for value, run_dir, _, recipe in runs]
         result = {"key": key, "folder": str(folder), "metric": rows[0]["metric"], "runs": rows}
         write_json(folder / "sweep.json", result)
         if not save_sweep_plot(result, folder / "sweep.png"):
@@ -120,7 +122,23 @@ def train_one(recipe_path: Path, settings: list[str], resume: bool, stdout=None)
             child.send_signal(signal.SIGTERM)
 
 
-def table_row(value: str, run_dir: Path) -> dict:
+def recipe_value(recipe: Recipe, key: str, given: str):
+    """The value of `key` as the recipe holds it (8, not "8"; ["q", "v"]), for sweep.json; `given` where the
+    recipe holds none (a sub-table the variant does not read)."""
+    value = recipe.model_dump()
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return given
+        value = value[part]
+    return value
+
+
+def shown(value) -> str:
+    """A swept value as the table and the plot show it: 8, or a list as ["q", "v"]."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def table_row(value, run_dir: Path) -> dict:
     """One run's line of the sweep table, from its report.json."""
     report = json.loads((run_dir / "report.json").read_text())
     evaluation = report["eval"]
@@ -150,12 +168,12 @@ def sweep_table(result: dict):
 
     name = result["key"].split(".")[-1]
     gained = "accuracy gained" if result["metric"] == "accuracy" else "loss drop"
-    table = Table(title=f"sweep over {result['key']}: {result['folder']}")
+    table = Table(title=escape(f"sweep over {result['key']}: {result['folder']}"))
     for column in (name, "trainable", "adapter", "eval loss", "accuracy", "time", "peak memory", f"{gained} / M params"):
         table.add_column(column, justify="right")
     for row in result["runs"]:
         accuracy, per_million = row["eval_accuracy"], row["gained_per_million_params"]
-        table.add_row(row["value"], f"{row['trainable_params']:,}", human_bytes(row["adapter_bytes"]),
+        table.add_row(escape(shown(row["value"])), f"{row['trainable_params']:,}", human_bytes(row["adapter_bytes"]),
                       f"{row['eval_loss']:.4f}", "" if accuracy is None else f"{accuracy:.4f}", f"{row['train_s']:.1f} s",
                       human_bytes(row["peak_bytes"]), "" if per_million is None else f"{per_million:+.3f}")
     return table
@@ -167,7 +185,7 @@ def save_sweep_plot(result: dict, path: Path) -> bool:
     if plt is None:
         return False
     runs, metric = result["runs"], result["metric"]
-    labels = [row["value"] for row in runs]
+    labels = [shown(row["value"]) for row in runs]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     left.plot(labels, [row[f"eval_{metric}"] for row in runs], marker="o", label="after training")
     first = runs[0]

@@ -88,6 +88,49 @@ def test_colour_marks_exactly_the_supervised_tokens():
     assert text.plain == "Q: hi\nA: yes" and supervised == [" yes"]
 
 
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished 3-step run without evaluation ([data] eval_split = ""), logging every 10 steps, and its output."""
+    from conftest import write_recipe
+
+    folder = tmp_path_factory.mktemp("short")
+    recipe = write_recipe(folder, train={"max_steps": 3, "log_every": 10, "batch_size": 2}, data={"eval_split": ""})
+    result = runner.invoke(app, ["train", "--recipe", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return recipe, folder / "run", result.stdout
+
+
+def test_a_dry_run_on_a_finished_run_describes_it_and_writes_nothing(short_run, no_weights):
+    recipe, run, _ = short_run
+    before = snapshot(run)
+    fresh = runner.invoke(app, ["train", "--recipe", str(recipe), "--dry-run"], env={"COLUMNS": "400"})
+    assert fresh.exit_code == 0, fresh.output
+    assert f"in {run}: train would refuse: {run} already holds a run, finished at step 3" in fresh.stdout
+    resumed = runner.invoke(app, ["train", "--resume", "--output", str(run), "--dry-run", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    plan = json.loads(resumed.stdout)["plan"]
+    assert (plan["finished"], plan["refused"], plan["steps"]) == (True, None, 3)
+    assert snapshot(run) == before
+
+
+def test_a_short_runs_end_table_shows_its_first_and_last_log_window_and_its_notes_as_written(short_run):
+    _, run, printed = short_run
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in losses] == [1, 3]  # one log window of 10 steps would hold them all
+    row = next(line for line in printed.splitlines() if "training loss" in line)
+    assert f"step 1: {losses[0]['loss']:.4f} -> steps 2-3: {losses[1]['loss']:.4f}" in row
+    assert "none: [data] eval_split is empty" in printed  # rich markup would swallow "[data]"
+
+
+def test_a_plain_lora_dry_run_shows_no_adalora_keys(completion_recipe, no_weights):
+    result = runner.invoke(app, ["train", "--recipe", str(completion_recipe), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    lora = json.loads(result.stdout)["recipe"]["lora"]
+    assert lora["variant"] == "lora" and "adalora" not in lora
+    printed = runner.invoke(app, ["train", "--recipe", str(completion_recipe), "--dry-run"]).stdout
+    assert "[lora.adalora]" not in printed and "init_rank" not in printed and "target_rank" not in printed
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_dry_run_plans_as_many_steps_per_epoch_as_the_run_takes(tiny_recipe, tmp_path, packing):
     """One planner for both: with packing the plan counts packed sequences, not rows (it once counted rows)."""

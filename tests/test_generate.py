@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODEL, assert_one_line_error, randomize, write_recipe
+from conftest import REPO, TINY_MODEL, assert_one_line_error, randomize, write_jsonl, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -157,6 +157,58 @@ def test_a_chat_prompt_is_a_user_turn_with_the_assistants_turn_opened():
     row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the film was"}]}
     assert prompt_ids(data, tokenizer, row) == tokenizer(
         "<system>be brief\n<user>the film was\n<assistant>", add_special_tokens=False)["input_ids"]
+
+
+ALPACA = REPO / "recipes" / "tiny-alpaca.toml"
+
+
+def test_a_plain_prompt_fills_the_main_field_of_a_template_with_several_and_says_how_to_give_them_all(adapter_dir):
+    recipe = load_recipe(ALPACA)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    expected = tokenizer(recipe.data.template.format(instruction="Name a colour.", input=""))["input_ids"]
+    assert prompt_ids(recipe.data, tokenizer, "Name a colour.") == expected
+    result = CliRunner().invoke(app, ["generate", "-r", str(ALPACA), "--adapter", str(adapter_dir), "Name a colour.",
+                                      "--max-new-tokens", "2"], terminal_width=400)
+    assert result.exit_code == 0, result.stderr
+    assert ("note: a plain prompt fills the template's {instruction} and leaves {input} empty; to give every field: "
+            '--prompts FILE.jsonl with one row per line, such as {"instruction": "...", "input": "..."}') in result.stderr
+
+
+def test_a_prompt_row_without_a_field_of_the_template_is_refused_showing_the_prompts_form(tmp_path, adapter_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": "Name a colour."}])
+    result = CliRunner().invoke(app, ["generate", "-r", str(ALPACA), "--adapter", str(adapter_dir),
+                                      "--prompts", str(prompts)], terminal_width=400)
+    line = assert_one_line_error(result)
+    assert "prompt 1 has no field 'input'" in line and '--prompts FILE.jsonl with one row per line, such as ' \
+        '{"instruction": "...", "input": "..."}' in line
+
+
+def test_prompt_rows_are_named_as_text_above_their_completions(tmp_path, adapter_dir):
+    rows = [{"instruction": "Name a colour.", "input": "[b]sky"}, {"instruction": "Say hi.", "input": ""}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    result = CliRunner().invoke(app, ["generate", "-r", str(ALPACA), "--adapter", str(adapter_dir),
+                                      "--prompts", str(prompts), "--max-new-tokens", "2"], terminal_width=400)
+    assert result.exit_code == 0, result.stderr
+    assert "── 1: instruction: Name a colour.  input: [b]sky" in result.stderr
+    assert "── 2: instruction: Say hi.  input: " in result.stderr
+    assert "{'" not in result.stderr
+
+
+def test_an_empty_completion_says_that_the_model_ended_it_at_once(tmp_path, adapter_dir):
+    """A merged model whose tokenizer's end token is the first token greedy decoding gives: nothing to show."""
+    first = greedy_by_hand(adapter_dir, "a dull plot", 1, set())[0]
+    out = tmp_path / "merged"
+    merge_adapter(str(TINY_MODEL), adapter_dir, out, force=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)
+    tokenizer.save_pretrained(out)
+    recipe = write_recipe(tmp_path, data={"task": "completion", "template": TEMPLATE})
+    result = CliRunner().invoke(app, ["generate", "-r", str(recipe), "--model", str(out), "a dull plot",
+                                      "--max-new-tokens", "4"], terminal_width=400)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == ""
+    assert ("note: prompt 1's completion is empty: the model's first new token was its end token, so it stopped at "
+            "once") in result.stderr
 
 
 def test_streamed_text_stops_before_a_stop_string_and_beam_search_prints_when_done(tmp_path, adapter_dir):

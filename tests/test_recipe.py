@@ -275,6 +275,31 @@ def test_set_of_unknown_key_or_bad_value_is_refused(tmp_path, item, named):
     assert named in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("all-linear", ["all-linear"]), ("q,v", ["q", "v"]), ("q, v,", ["q", "v"]), ('["q", "v"]', ["q", "v"])],
+)
+def test_set_gives_a_list_key_as_comma_separated_words_or_a_toml_list(tmp_path, value, expected):
+    recipe = load_recipe(write_toml(tmp_path / "r.toml", {}), [f"lora.targets={value}", f"data.labels={value}"])
+    assert recipe.lora.targets == expected and recipe.data.labels == expected
+
+
+def test_set_of_an_empty_list_key_names_set_and_shows_how_to_write_a_list(tmp_path):
+    with pytest.raises(LorafitError) as caught:
+        load_recipe(write_toml(tmp_path / "r.toml", {}), ["lora.targets="])
+    message = str(caught.value)
+    assert message.startswith("--set lora.targets: [lora] targets")
+    assert "--set lora.targets=q,v or --set 'lora.targets=[\"q\", \"v\"]'" in message
+
+
+def test_set_of_a_misspelt_section_is_blamed_on_set_not_on_the_file(tmp_path):
+    path = write_toml(tmp_path / "r.toml", {})
+    with pytest.raises(LorafitError) as caught:
+        load_recipe(path, ["trian.lr=1e-3"])
+    assert str(caught.value).startswith("--set trian.lr: unknown key section [trian] (did you mean 'train'?)")
+    assert str(path) not in str(caught.value)
+
+
 # ---------------------------------------------------------------- paths
 
 

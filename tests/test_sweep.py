@@ -30,7 +30,7 @@ def test_sweep_over_two_ranks_tabulates_and_resumes_without_retraining_the_finis
     assert "trainable" in first.stdout and "peak memory" in first.stdout
     result = json.loads((folder / "sweep.json").read_text())
     config = transformers.AutoConfig.from_pretrained(TINY_MODEL)
-    assert [row["value"] for row in result["runs"]] == ["1", "2"]
+    assert [row["value"] for row in result["runs"]] == [1, 2]  # the recipe's values with their types, not text
     for row, rank in zip(result["runs"], (1, 2)):
         assert row["trainable_params"] == 4 * config.n_layer * rank * config.n_embd  # q and v: A and B each
         report = json.loads((folder / f"rank-{rank}" / "report.json").read_text())
@@ -50,7 +50,7 @@ def test_sweep_over_two_ranks_tabulates_and_resumes_without_retraining_the_finis
     assert "rank = 1: finished" in again.stderr and "rank = 2: resuming" in again.stderr
     assert snapshot(folder / "rank-1") == finished
     assert (folder / "rank-2" / "adapter" / "adapter_model.safetensors").read_bytes() == uninterrupted
-    assert [row["value"] for row in json.loads(again.stdout)["runs"]] == ["1", "2"]
+    assert [row["value"] for row in json.loads(again.stdout)["runs"]] == [1, 2]
 
 
 def test_sweep_refuses_a_bad_value_before_training_anything(tiny_recipe, tmp_path):

@@ -19,6 +19,7 @@ from lorafit.cli.options import (
     ModelDir,
     Overrides,
     RecipePath,
+    RunRecipePath,
     comma_list,
     global_options,
     one_model,
@@ -41,7 +42,7 @@ app = typer.Typer(
 
 @app.command()
 def train(
-    recipe: RecipePath,
+    recipe: RunRecipePath = None,
     # a str, not a Path: Path("") would turn an empty --output (an unset variable) into the current folder
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (overrides [output] dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
@@ -53,26 +54,26 @@ def train(
     """Fine-tune with LoRA as the recipe says; writes the adapter, checkpoints and report.json.
 
     Ctrl-C or SIGTERM stops after the current step, saves a checkpoint and exits with code 130;
-    continue with --resume. A second Ctrl-C stops at once.
+    continue with `lorafit train --resume -o DIR`, which takes the run's own recipe. A second Ctrl-C stops at once.
     """
 
     if not dry_run:
         start_missing_processes()
 
     def action():
-        from lorafit.recipe import load_recipe
         from lorafit.train.loop import train as run_training
+        from lorafit.train.resume import train_recipe
 
         settings = list(overrides or [])
         if output is not None:
             settings.append(f"output.dir={json.dumps(output)}")
         console = stderr if as_json else Console()
-        chosen = load_recipe(recipe, settings)
+        chosen, changes = train_recipe(recipe, settings, resume)
         if dry_run:
             from lorafit.dryrun import dry_run as show_plan
 
-            return show_plan(chosen, console, resume=resume)
-        report = run_training(chosen, resume=resume, console=console)
+            return show_plan(chosen, console, resume=resume, changes=changes)
+        report = run_training(chosen, resume=resume, console=console, changes=changes)
         return {"run_dir": chosen.output.dir, "adapter": str(Path(chosen.output.dir) / "adapter"), **report}
 
     result = run_command(action, debug)
@@ -152,6 +153,8 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Complete prompts with the recipe's template, streaming the text; classification prints label and probability."""
+    from lorafit.generate import prompt_header
+
     out = Console(highlight=False, soft_wrap=True)
     given: list = list(prompts or [])
     started: set[int] = set()
@@ -161,7 +164,8 @@ def generate(
         if as_json:
             return
         if index not in started and len(given) > 1:
-            stderr.print(f"[dim]── {index + 1}: {escape(str(given[index]))}[/]", highlight=False, soft_wrap=True)
+            header = escape(prompt_header(given[index]))  # its fields as "field: value"
+            stderr.print(f"[dim]── {index + 1}: {header}[/]", highlight=False, soft_wrap=True)
         started.add(index)
         out.print(escape(text), end="\n" if done else "")
 
@@ -184,7 +188,7 @@ def generate(
         return
     for result in results:
         if "label" in result:
-            out.print(f"{escape(result['label'])}  {result['probability']:.3f}  {escape(str(result['prompt']))}")
+            out.print(f"{escape(result['label'])}  {result['probability']:.3f}  {escape(prompt_header(result['prompt']))}")
 
 
 @app.command()
@@ -208,11 +212,9 @@ def merge(
         print_json("merge", result)
     else:
         Console().print(
-            f"merged {result['adapter']} into {result['base']} -> [bold]{result['out']}[/]\n"
+            f"merged {escape(result['adapter'])} into {escape(result['base'])} -> [bold]{escape(result['out'])}[/]\n"
             f"largest |logit difference| merged vs. unmerged on {result['probe_tokens']} probe tokens: "
-            f"{result['max_logit_diff']:.3g}",
-            highlight=False,
-        )
+            f"{result['max_logit_diff']:.3g}", highlight=False)
         for text in result.get("notes", []):
             note(text)
 
@@ -300,7 +302,8 @@ def info(
         from lorafit.report.tables import info_tables
 
         console = Console()
-        console.print(f"[bold]{report['model']}[/] ({report['model_type']}, {report['dtype']} weights)", highlight=False)
+        console.print(f"[bold]{escape(report['model'])}[/] ({report['model_type']}, {report['dtype']} weights)",
+                      highlight=False)
         for table in info_tables(report):
             console.print(table)
         for text in report["notes"]:

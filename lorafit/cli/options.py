@@ -68,6 +68,8 @@ def global_options(
 Debug = Annotated[bool, typer.Option("--debug", help="Show library logs and full tracebacks.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 RecipePath = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file.")]
+RunRecipePath = Annotated[Optional[Path], typer.Option(
+    "--recipe", "-r", help="Recipe TOML file (with --resume: the run's own, if not given).")]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", help="Show the resolved recipe, model, data, first tokenized rows and plan, then stop; writes nothing."
 )]

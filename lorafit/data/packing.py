@@ -66,11 +66,23 @@ class Packed:
         return int(self.lengths.sum()) / (len(self) * self.max_length)
 
     def describe(self) -> str:
+        why = self.packed_nothing()
         return (f"packing {self.rows:,} rows into {len(self):,} sequences of up to {self.max_length} "
-                f"tokens ({self.fill:.1%} of their room filled)")
+                f"tokens ({self.fill:.1%} of their room filled)" + (f"; {why}" if why else ""))
 
     def summary(self) -> dict:
-        return {"rows": self.rows, "sequences": len(self), "fill": self.fill}
+        why = self.packed_nothing()
+        return {"rows": self.rows, "sequences": len(self), "fill": self.fill, **({"note": why} if why else {})}
+
+    def packed_nothing(self) -> str | None:
+        """Why no sequence holds two rows, and what would help; None when packing put rows together."""
+        if len(self) != self.rows or self.rows < 2:
+            return None
+        lengths = np.sort(self.lengths)  # one row each
+        shortest, median = int(lengths[0] + lengths[1]), int(lengths[len(lengths) // 2])
+        return (f"no two rows fit in one sequence (the two shortest hold {shortest} tokens together, "
+                f"the median row {median}), so packing saves nothing; raise [data] max_length (to {2 * median} for "
+                "about two rows a sequence) where the model's context allows it, or set packing = false")
 
 
 def check_packing(config) -> None:

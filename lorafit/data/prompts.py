@@ -73,16 +73,18 @@ def prompt_ids(data: DataSection, tokenizer, row: str | dict) -> list[int]:
 
 
 def prompt_row(data: DataSection, text: str) -> dict:
-    """A row holding only `text`: the field {text} names, or (chat) one user message."""
+    """A row of plain `text`: the template's main field (`main_field`) holds it and its other fields are empty;
+    for chat, one user message."""
     if data.task == "chat":
         return {data.messages_field: [{"role": "user", "content": text}]}
+    main = main_field(data)
+    return {field: text if name == main else "" for name, field in template_fields(data).items()}
+
+
+def main_field(data: DataSection) -> str:
+    """The placeholder that a prompt given as plain text fills: {text}, else the template's first {field}."""
     fields = template_fields(data)
-    others = sorted(name for name in fields if name != "text")
-    if others or "text" not in fields:
-        raise LorafitError(
-            f"[data] template needs the fields {', '.join(others or list(fields))}; give the prompt as a row with them"
-        )
-    return {fields["text"]: text}
+    return "text" if "text" in fields else next(iter(fields))
 
 
 def start_id(tokenizer) -> int:

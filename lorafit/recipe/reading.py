@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import tomllib
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
@@ -41,14 +42,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except UnicodeDecodeError as error:
         raise LorafitError(f"{path} is not UTF-8 text; save the recipe as UTF-8") from error
     _resolve_paths(raw, path.parent)
-    override_paths: dict = {}
+    return with_overrides(raw, overrides, where=str(path))
+
+
+def with_overrides(raw: dict, overrides: list[str], where: str = "recipe") -> Recipe:
+    """`raw` (its paths resolved) with each `section.key=value` of `overrides` set, validated."""
+    given, raw = override_table(overrides), copy.deepcopy(raw)
+    _merge(raw, given)
+    return validate(raw, where=where, overridden={f"{section}.{key}" for section in given for key in given[section]})
+
+
+def override_table(overrides: list[str]) -> dict:
+    """{section: {key: value}} of `section.key=value` items, paths resolved against the current folder."""
+    table: dict = {}
     for item in overrides:
-        _apply_override(raw, item)
-        _apply_override(override_paths, item)
-    _resolve_paths(override_paths, Path.cwd())
-    _merge(raw, override_paths)
-    given = {f"{section}.{key}" for section, keys in override_paths.items() for key in keys}
-    return validate(raw, where=str(path), overridden=given)
+        _apply_override(table, item)
+    _resolve_paths(table, Path.cwd())
+    return table
 
 
 def validate(raw: dict, where: str = "recipe", overridden: set[str] = frozenset()) -> Recipe:
@@ -58,9 +68,11 @@ def validate(raw: dict, where: str = "recipe", overridden: set[str] = frozenset(
     except ValidationError as error:
         problem = error.errors()[0]
         key = ".".join(str(part) for part in problem["loc"][:2])
-        if key in overridden:
-            where = "--output" if key == "output.dir" else f"--set {key}"
-        raise LorafitError(f"{where}: {_describe(problem)}") from error
+        given, hint = [name for name in sorted(overridden) if name == key or name.startswith(f"{key}.")], ""
+        if given:  # a key, or a section that only --set names (--set trian.lr=1)
+            where = "--output" if given[0] == "output.dir" else f"--set {given[0]}"
+            hint = f"; write a list as --set {key}=q,v or --set '{key}=[\"q\", \"v\"]'" if _is_list(key) else ""
+        raise LorafitError(f"{where}: {_describe(problem)}{hint}") from error
     refuse_undefined(recipe, where)
     return recipe
 
@@ -109,7 +121,7 @@ def _keys_at(location: list[str]) -> list[str] | None:
 
 def _apply_override(raw: dict, item: str) -> None:
     """`train.lr=1e-3`, or `lora.adalora.init_rank=4` for a sub-table's key: the value is read as TOML (numbers,
-    booleans, lists), else taken as a plain string."""
+    booleans, lists), else taken as a plain string; a list key also takes comma-separated words (q,v)."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     sub_table_key = len(parts) == 3 and _keys_at(parts[:2]) is not None  # e.g. lora.adalora.init_rank
@@ -119,6 +131,8 @@ def _apply_override(raw: dict, item: str) -> None:
         value = tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         value = text
+    if _is_list(key.strip()) and not isinstance(value, list):  # q,v or all-linear
+        value = [word.strip() for word in text.split(",") if word.strip()]
     section = raw
     for depth, name in enumerate(parts[:-1], start=1):
         section = section.setdefault(name, {})
@@ -127,11 +141,21 @@ def _apply_override(raw: dict, item: str) -> None:
     section[parts[-1]] = value
 
 
+def _is_list(key: str) -> bool:
+    """Whether `section.key` is a list in the schema (lora.targets, data.labels, train.report_to)."""
+    section, _, name = key.partition(".")
+    field = Recipe.model_fields[section].annotation.model_fields.get(name) if section in Recipe.model_fields else None
+    return field is not None and get_origin(field.annotation) is list
+
+
 def _merge(raw: dict, updates: dict) -> None:
-    """Overrides with their paths resolved over `raw`, which holds them already: a sub-table's keys are set one by
-    one, so `--set lora.adalora.init_rank=4` keeps the recipe's other [lora.adalora] keys."""
+    """Overrides over `raw`: a sub-table's keys are set one by one, so `--set lora.adalora.init_rank=4` keeps the
+    recipe's other [lora.adalora] keys."""
     for section, values in updates.items():
         target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise LorafitError(f"--set {section}.{next(iter(values))}: [{section}] is not a section of the recipe; "
+                               f"fix its {section} = ... line")
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(target.get(key), dict):
                 target[key].update(value)

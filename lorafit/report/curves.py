@@ -31,12 +31,22 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(BARS[round((v - low) / span * (len(BARS) - 1))] for v in values)
 
 
-def loss_sparkline(history: list[dict]) -> str:
-    """The training loss of metrics.jsonl lines as a sparkline with its first and last values, "" without any."""
-    losses = [line["loss"] for line in history if "loss" in line]
-    if not losses:
+def loss_sparkline(history: list[dict], width: int = 24) -> str:
+    """The training loss of metrics.jsonl lines: its first and last log windows (each the mean over the steps it
+    names) over a sparkline of them all, "" without any; a single window says that it is the only one."""
+    lines = [line for line in history if "loss" in line]
+    if not lines:
         return ""
-    return f"{sparkline(losses)} {losses[0]:.4f} -> {losses[-1]:.4f}"
+    first = f"{log_window(0, lines[0]['step'])}: {lines[0]['loss']:.4f}"
+    if len(lines) == 1:
+        return f"{first} (the only log window)"
+    last = f"{log_window(lines[-2]['step'], lines[-1]['step'])}: {lines[-1]['loss']:.4f}"
+    return f"{first} -> {last}\n{sparkline([line['loss'] for line in lines], width)}"
+
+
+def log_window(previous: int, step: int) -> str:
+    """The steps a metrics line's means are over: those after the previous line's step, up to its own."""
+    return f"step {step}" if step == previous + 1 else f"steps {previous + 1}-{step}"
 
 
 def pyplot():
@@ -74,7 +84,7 @@ def save_curves(history: list[dict], path: Path, console: Console) -> bool:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
     for axis, (title, lines, key) in zip(axes[0], panels):
         axis.plot([line["step"] for line in lines], [line[key] for line in lines], marker="o" if len(lines) < 30 else None)
-        axis.set_title(title)
+        axis.set_title(title if len(lines) != 1 else f"{title}: one point (step {lines[0]['step']})")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorafit.recipe import GENERATION_METRICS
@@ -25,8 +26,9 @@ def info_tables(report: dict) -> list:
     from lorafit.lora.variants import VARIANTS
 
     lora = report["lora"]
+    exports = lora.get("exports")
     modules = Table(title=f"{VARIANTS[lora['variant']].title} targets (rank {lora['rank']}, alpha {lora['alpha']:g})",
-                    caption=lora.get("exports"))
+                    caption=escape(exports) if exports else None)
     for column in ("module", "shape (d_out x d_in)", "LoRA params"):
         modules.add_column(column, justify="right" if column != "module" else "left")
     rows = report["modules"]
@@ -36,7 +38,7 @@ def info_tables(report: dict) -> list:
             modules.add_row(f"... {len(rows) - 9} more", "", "")
         else:
             experts = f" ({row['experts']} experts)" if "experts" in row else ""
-            modules.add_row(row["name"], " x ".join(map(str, row["shape"])) + experts, f"{row['lora_params']:,}")
+            modules.add_row(escape(row["name"]), " x ".join(map(str, row["shape"])) + experts, f"{row['lora_params']:,}")
     modules.add_row(f"[bold]{len(rows)} modules", "", f"[bold]{report['trainable_params']:,}")
 
     totals = Table(title="Parameters and memory", show_header=False)
@@ -77,10 +79,11 @@ def eval_table(result: dict, title: str = "Evaluation"):
 
 
 def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
-    """The end-of-run box: what was trained, how fast, how much memory, and how it scores (and the loss's shape)."""
+    """The end-of-run box: what was trained, how fast, how much memory, and how it scores (and the loss's shape).
+    Text that comes from the recipe, the data or the machine is escaped: "[data] eval_split" is not markup."""
     from rich.table import Table
 
-    table = Table(title=f"lorafit run: {run_dir}", show_header=False)
+    table = Table(title=f"lorafit run: {escape(str(run_dir))}", show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
     table.add_row("trainable / total params", f"{report['trainable_params']:,} / {report['total_params']:,} ({report['trainable_ratio']:.3%})")
@@ -104,11 +107,13 @@ def summary_tables(report: dict, run_dir, loss_curve: str = "") -> list:
         if key in evaluation:
             was = f"{before[key]:.4f}{other_rows} -> " if key in before else ""
             table.add_row(f"eval {key}", f"{was}{evaluation[key]:.4f}")
+    if before.get("examples", evaluation.get("examples")) != evaluation.get("examples"):  # max_eval_examples changed
+        table.add_row("eval examples", f"{before['examples']:,} -> {evaluation['examples']:,}")
     if "skipped" in evaluation:
-        table.add_row("eval", f"none: {evaluation['skipped']}")
+        table.add_row("eval", f"none: {escape(evaluation['skipped'])}")
     if loss_curve:
         table.add_row("training loss", loss_curve)
-    table.add_row("device", report["device"])
+    table.add_row("device", escape(report["device"]))
     return [table]
 
 

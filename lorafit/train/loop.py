@@ -94,8 +94,9 @@ class Run:
         return files
 
 
-def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None) -> dict:
-    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json.
+def train(recipe: Recipe, *, resume: bool = False, console: Console | None = None, changes: list[str] = ()) -> dict:
+    """Fine-tune per `recipe`; returns the report that is also written to <run>/report.json. `changes`: what a
+    resume changes in the run's recipe (lorafit.train.resume.resume_recipe), printed once every check has passed.
 
     SIGINT/SIGTERM during the steps stop after the current one and save a checkpoint; in any other phase
     (or a second signal) they stop at once. Either way the exit is 130 with a line that says what is saved.
@@ -106,6 +107,8 @@ def train(recipe: Recipe, *, resume: bool = False, console: Console | None = Non
             if checked.finished is not None:
                 return checked.finished
             run = set_up(recipe, checked)
+            for line in changes:
+                run.console.print(line, markup=False, highlight=False, soft_wrap=True)
             held.callback(metrics.stop_trackers, run.accelerator)
             start_or_resume(run)
             stop.deferred = True
@@ -137,7 +140,7 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     prompts = eval_prompts(recipe, tokenizer, eval_split, console)
     plan = plan_training(recipe, train_split, global_batch)
     if plan.packed is not None:
-        console.print(plan.packed.describe(), highlight=False)
+        console.print(plan.packed.describe(), markup=False, highlight=False)
     total_steps = plan.total_steps
     state = replace(checked.state, data_fingerprint=plan.fingerprint(), total_steps=total_steps,
                     eval_fingerprint=fingerprint(eval_split.columns("digest")["digest"]) if eval_split else "")
@@ -182,8 +185,9 @@ def start_or_resume(run: Run) -> None:
     )
     extended = saved.total_steps and saved.total_steps != run.total_steps
     if eval_rows_changed(saved, run.state):  # scores from before this launch are on other rows: said everywhere
-        note(f"the evaluation rows differ from those {run.run_dir} started with (data file or tokenizer changed); "
-             "scores from before now (the base model's, keep_best's best) were on the old rows", run.console)
+        note(f"the evaluation rows differ from those {run.run_dir} started with (max_eval_examples, the data file "
+             "or the tokenizer changed); scores from before now (the base model's, keep_best's best) were on the "
+             "old rows", run.console)
         saved.eval_before = saved.eval_before and {**saved.eval_before, "rows_changed": True}
     # what is done so far, on this launch's processes and schedule
     run.state = replace(saved, world_size=run.state.world_size, total_steps=run.total_steps,
@@ -217,7 +221,9 @@ def run_steps(run: Run, stop: StopRequest) -> None:
                 layers=run.layers.values(), seed=settings.seed, ranks=run.ranks,
             )
             done = step + 1
-            logged = done % settings.log_every == 0 or done == run.total_steps
+            # a run of one log window also logs its first step, so that its loss has a start and an end
+            logged = (done % settings.log_every == 0 or done == run.total_steps
+                      or (done == 1 and run.total_steps <= settings.log_every))
             stops = any_rank(bool(stop))  # a CPU vote: it does not wait for the device
             # the last step's state is always kept: a finished run can be trained longer from it
             saving = stops or done == run.total_steps or (settings.save_every and done % settings.save_every == 0)

@@ -43,14 +43,14 @@ from lorafit.model.load import (
     weights_fingerprint,
 )
 from lorafit.model.quantize import check_quantizable, require_torchao
-from lorafit.recipe import Recipe
+from lorafit.recipe import Recipe, TrainSection
 from lorafit.report.counts import wrap_with_notes
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.launch import hsdp_shape
 from lorafit.train.optimizer import parameter_groups
 from lorafit.train.processes import all_gather_objects, make_accelerator
-from lorafit.train.resume import check_resume, finished_report
+from lorafit.train.resume import check_resume, continue_command, finished_report
 from lorafit.train.run_folder import RunLock, check_output
 
 
@@ -67,11 +67,13 @@ class Checked:
     resume_from: Path | None
     finished: dict | None  # the report of a finished run that this recipe would not train further
     checkpointing: bool = False  # [train] gradient_checkpointing, "auto" decided for this device
+    refused: str | None = None  # a dry run: why the run folder would refuse this launch (a run raises it)
 
 
-def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -> Checked:
+def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack, *, dry_run: bool = False) -> Checked:
     """Check the recipe, the model, the tokenizer and the run folder; the main process locks the folder (the
-    lock is released when `held` closes). Nothing is tokenized, loaded or written."""
+    lock is released when `held` closes). Nothing is tokenized, loaded or written. A dry run only reads: it takes
+    no lock, and what the folder would refuse is returned as `refused` instead of raised."""
     settings, name, remote_code = recipe.train, recipe.model.name, recipe.model.trust_remote_code
     precision = resolve_precision(recipe.model.dtype, settings.mixed_precision)
     metrics.check_settings(settings)
@@ -83,6 +85,8 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
         hsdp_shape(world, settings.shard_size)
     if not accelerator.is_main_process:
         console = Console(quiet=True)
+    if world > 1 and not settings.global_batch:
+        note(batch_of_processes(settings, world), console)
     run_dir = check_output(recipe.output.dir, name)
     if not resume:  # a resumed run is told in set_up, where its evaluation rows are known
         check_keep_best(recipe, resume=False)
@@ -110,21 +114,28 @@ def check_run(recipe: Recipe, resume: bool, console: Console, held: ExitStack) -
                      model_fingerprint=weights_fingerprint(name, config))
 
     def decide() -> tuple[dict | None, str | None]:
-        lock = RunLock(run_dir)
-        held.callback(lock.release)
+        if not dry_run:
+            lock = RunLock(run_dir)
+            held.callback(lock.release)
         finished = finished_report(run_dir, recipe) if resume else None
         resume_from = None if finished else check_resume(run_dir, recipe, resume, state)
         if resume_from is not None:
             checkpoint.verify(resume_from, trainable)
         return finished, str(resume_from) if resume_from else None
 
-    finished, resume_from = on_main(accelerator, decide)
+    refused = None
+    try:
+        finished, resume_from = on_main(accelerator, decide)
+    except LorafitError as refusal:
+        if not dry_run:
+            raise
+        finished, resume_from, refused = None, None, str(refusal)
     if finished is not None:
         steps = finished["throughput"]["steps"]
         note(f"{run_dir} is finished ({steps} steps), nothing to do; to train it longer: "
-             f"lorafit train --resume --set train.max_steps=<more than {steps}>", console)
+             f"{continue_command(run_dir)} --set train.max_steps=<more than {steps}>", console)
     return Checked(accelerator, console, precision, grad_accum, tokenizer, state,
-                   Path(resume_from) if resume_from else None, finished, checkpointing)
+                   Path(resume_from) if resume_from else None, finished, checkpointing, refused)
 
 
 def device_memory(device) -> int | None:
@@ -160,6 +171,20 @@ def choose_checkpointing(recipe: Recipe, config, device_bytes: int | None, world
          f"{human_bytes(weights)} of weights in the device's {human_bytes(device_bytes)}; "
          "[train] gradient_checkpointing = false keeps it off")
     return True
+
+
+def batch_of_processes(settings: TrainSection, world: int) -> str:
+    """What a recipe without global_batch means on `world` processes, and the keys that train as one process does."""
+    rows = settings.batch_size * settings.grad_accum
+    said = (f"{world} processes take batch_size {settings.batch_size} × grad_accum {settings.grad_accum} rows each: "
+            f"a global batch of {rows * world} rows a step, {world} times one process's {rows}")
+    fits = [size for size in range(settings.batch_size, 0, -1) if rows % (size * world) == 0]
+    if not fits:
+        return f"{said}; {rows} rows cannot be split over {world} processes, so no global_batch trains as one does"
+    keys = [f"global_batch={rows}", *([f"batch_size={fits[0]}"] if fits[0] != settings.batch_size else []),
+            *(["grad_accum=1"] if settings.grad_accum != 1 else [])]  # global_batch derives grad_accum
+    return (f"{said}; to train as one process does, {' '.join(f'--set train.{key}' for key in keys)} "
+            "(or [train] global_batch in the recipe)")
 
 
 def check_keep_best(recipe: Recipe, resume: bool, evaluation: bool | None = None) -> None:

@@ -1,4 +1,5 @@
-"""What an existing run folder allows: a fresh start, a resume from its newest checkpoint, or nothing (finished).
+"""What an existing run folder allows: a fresh start, a resume from its newest checkpoint, or nothing (finished);
+and the recipe a resume continues with, the run's own.
 
 Every rule compares what the checkpoint recorded (its recipe, base-weight fingerprint, global batch, data
 fingerprint, schedule length) with this launch, and refuses with one line that says what to restore.
@@ -7,16 +8,103 @@ fingerprint, schedule length) with this launch, and refuses with one line that s
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
 from lorafit.data.plan import FINGERPRINT_PREFIX
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS
-from lorafit.recipe import Recipe, changed_keys, load_recipe, resumable_keys, validate
+from lorafit.recipe import Recipe, changed_keys, load_recipe, override_table, resumable_keys, validate, with_overrides
 from lorafit.train.checkpoint import RunState, checkpoint_step, latest_checkpoint, read_progress, unreadable
 
 # Keys that set the schedule's length: a --resume may change them where `check_length` allows it.
 LENGTH_KEYS = {"train.max_steps", "train.epochs"}
+
+
+def train_recipe(recipe_path: Path | None, overrides: list[str], resume: bool) -> tuple[Recipe, list[str]]:
+    """The recipe `train` runs and what a resume changes in it: the run's own with --resume (resume_recipe), else
+    the file's."""
+    if resume:
+        return resume_recipe(recipe_path, overrides)
+    if recipe_path is None:
+        raise LorafitError("give --recipe PATH, or --resume --output DIR to continue a run; see lorafit train --help")
+    return load_recipe(recipe_path, overrides), []
+
+
+def resume_recipe(recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, list[str]]:
+    """The recipe `train --resume` continues with: the run's own (the one its newest checkpoint recorded), with
+    the changes `--recipe` and `--set` make to it; and a line for each change, to print once the checks that need
+    the data have passed (a refused run prints nothing on stdout).
+
+    A value of the file or of --set that differs from the run's is a change: keys marked resumable may change;
+    the schedule's length only by --set (a file's other max_steps is more likely another version of the recipe
+    than a wish to train longer), and then as `check_length` allows; any other key is refused.
+    """
+    given = override_table(overrides)
+    from_file = load_recipe(recipe_path, overrides) if recipe_path is not None else None
+    run_dir = given.get("output", {}).get("dir", from_file.output.dir if from_file else None)
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise LorafitError("--resume without --recipe needs the run folder; give it as --output DIR")
+    saved = run_recipe(Path(run_dir))
+    if saved is None:
+        if from_file is not None:
+            return from_file, []  # check_resume says what the folder holds instead
+        raise LorafitError(f"{run_dir} holds no lorafit run to resume; start one with --recipe PATH --output "
+                           f"{shown_path(run_dir)} (without --resume)")
+    raw = saved.model_dump(exclude_none=True)
+    raw["output"]["dir"] = run_dir  # where the run is now
+    recipe = from_file or with_overrides(raw, overrides, where=f"{run_dir}'s recipe")
+    by_set = {f"{section}.{key}" for section in given for key in given[section]}
+    before, after = saved.model_dump(), recipe.model_dump()
+    changes = []
+    for key in sorted(changed_keys(saved, recipe) - {"output.dir"}):  # all checked before any is printed
+        section, name = key.split(".")
+        changes.append((key, json.dumps(before[section][name]), json.dumps(after[section][name]),
+                        "--set" if key in by_set else str(recipe_path)))
+        _check_change(*changes[-1], run_dir)
+    return recipe, [f"resume changes {key}: {old} -> {new} (from {source})" for key, old, new, source in changes]
+
+
+def _check_change(key: str, old: str, new: str, source: str, run_dir: str) -> None:
+    """Refuse a change that a resume cannot make, or that only --set may ask for (values as TOML writes them)."""
+    continue_as_started = f"drop --recipe to continue with the run's own recipe ({continue_command(run_dir)})"
+    if key in LENGTH_KEYS and source != "--set":
+        raise LorafitError(
+            f"{source} gives {key} = {new}, and the run in {run_dir} was started with {old}; "
+            f"{continue_as_started}, or to train it to that length pass --set {key}={new}"
+        )
+    if key not in LENGTH_KEYS | resumable_keys():
+        why = "a resume cannot change it (it changes what the steps compute)"
+        if source == "--set":
+            raise LorafitError(f"--set {key}: {why}; drop it, or give another --output for a new run")
+        raise LorafitError(f"{source} gives {key} = {new} where the run in {run_dir} has {old}, and {why}; "
+                           f"{continue_as_started}, or give another --output for a new run")
+
+
+def run_recipe(run_dir: Path) -> Recipe | None:
+    """The recipe of the run in `run_dir`: its newest checkpoint's, else its recipe.toml; None for a folder
+    without either."""
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        return checkpoint_recipe(latest, run_dir)
+    if (run_dir / "recipe.toml").is_file():
+        return load_recipe(run_dir / "recipe.toml")
+    return None
+
+
+def continue_command(run_dir: str | Path) -> str:
+    """The command that continues the run in `run_dir`, to copy and paste."""
+    return f"lorafit train --resume -o {shlex.quote(shown_path(run_dir))}"
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` relative to the current folder when it lies inside it, else as it is."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> Path | None:
@@ -32,8 +120,8 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
     report = _finished_report(run_dir)
     if not resume and report is not None:
         raise LorafitError(
-            f"{run_dir} already holds a run, finished at step {report['throughput']['steps']}; to train it longer "
-            "pass --resume --set train.max_steps=<more>, or give --output for a new run"
+            f"{run_dir} already holds a run, finished at step {report['throughput']['steps']}; to train it longer: "
+            f"{continue_command(run_dir)} --set train.max_steps=<more>, or give --output for a new run"
         )
     if latest is None:
         if report is not None:
@@ -51,8 +139,8 @@ def check_resume(run_dir: Path, recipe: Recipe, resume: bool, now: RunState) -> 
     if reason:
         raise LorafitError(f"{run_dir} holds a run stopped after {latest.name}, and {reason}; give --output for a new run")
     if not resume:
-        raise LorafitError(f"{run_dir} already holds a run (stopped after {latest.name}); pass --resume to continue "
-                           "it or --output for a new one")
+        raise LorafitError(f"{run_dir} already holds a run (stopped after {latest.name}); continue it with "
+                           f"{continue_command(run_dir)}, or give --output for a new one")
     _check_recipe(checkpoint_recipe(latest, run_dir), recipe, LENGTH_KEYS)
     saved = read_progress(latest)
     if saved.model_fingerprint and now.model_fingerprint and saved.model_fingerprint != now.model_fingerprint:
@@ -84,7 +172,11 @@ def saved_state(run_dir: Path, recipe: Recipe) -> str:
 
 def how_to_continue(recipe: Recipe) -> str:
     reason = not_resumable(recipe)
-    return f"but {reason}; start a new run with another --output" if reason else "continue with --resume"
+    if reason:
+        return f"but {reason}; start a new run with another --output"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = f" (launched as before, on {processes} processes)" if processes > 1 else ""
+    return f"continue with: {continue_command(recipe.output.dir)}{launch}"
 
 
 def finished_report(run_dir: Path, recipe: Recipe) -> dict | None:

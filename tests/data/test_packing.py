@@ -139,6 +139,21 @@ def test_best_fit_packs_every_row_once_within_capacity_and_deterministically():
     assert bins([3, 5, 2, 4], 7) == [[1, 2], [3, 0]]  # 5 + 2, then 4 + 3
 
 
+
+def test_packing_that_puts_no_two_rows_together_says_why_and_what_would_help():
+    lengths = [40, 33, 35, 31]
+    packed = pack(lengths, [1] * len(lengths), max_length=60)
+    assert len(packed) == len(lengths)  # 31 + 33 > 60: every row alone
+    two_shortest, median = sorted(lengths)[0] + sorted(lengths)[1], sorted(lengths)[len(lengths) // 2]
+    text = packed.describe()
+    assert f"no two rows fit in one sequence (the two shortest hold {two_shortest} tokens together" in text
+    assert f"raise [data] max_length (to {2 * median} for about two rows a sequence)" in text
+    assert "set packing = false" in text and packed.summary()["note"] in text
+    packs = pack(lengths, [1] * len(lengths), max_length=2 * median)
+    assert len(packs) < len(lengths)
+    assert "no two rows" not in packs.describe() and "note" not in packs.summary()
+
+
 def completion_recipe(tmp_path, **train):
     """A completion job with mixed lengths (prompts of 1-12 words, responses of 1-20) on the tiny model."""
     tmp_path.mkdir(parents=True, exist_ok=True)

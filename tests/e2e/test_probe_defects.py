@@ -648,7 +648,8 @@ CASES = {
     "6 file-size limit": Case(
         with_file_size_limit, 1,
         r"^error: \S+/checkpoints/step-000004/\S+: the file would pass the file-size limit; the newest checkpoint is "
-        r"step-000002, continue with --resume; raise the limit", writes=True, then=step_two_kept_whole),
+        r"step-000002, continue with: lorafit train --resume -o \S+; raise the limit", writes=True,
+        then=step_two_kept_whole),
     "6 only curves.png fails": Case(
         curves_fail, 0, r"^note: \S+/curves\.png: the disk is full; the run is complete without curves\.png; free some",
         writes=True, then=complete_without_curves),

@@ -83,6 +83,8 @@ def test_keep_best_keeps_the_adapter_of_the_best_scored_step(tracked):
     source = run / "adapter" if best_step == STEPS else run / "checkpoints" / f"step-{best_step:06d}" / "adapter"
     kept = (run / "adapter-best" / "adapter_model.safetensors").read_bytes()
     assert kept == (source / "adapter_model.safetensors").read_bytes()
+    facts = json.loads((run / "adapter-best" / "lorafit.json").read_text())  # a whole adapter: the recipe with it
+    assert facts == json.loads((source / "lorafit.json").read_text()) and facts["extra"]["recipe"]["train"]["keep_best"]
     assert json.loads((run / "report.json").read_text())["eval"]["best"]["step"] == best_step
 
 

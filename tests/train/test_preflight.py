@@ -204,12 +204,12 @@ CASES: dict[str, tuple[Callable, str]] = {
     ),
     # an existing run
     "fresh train into a finished run": (
-        run_copy(lambda run: None), r"already holds a run, finished at step 2.*--resume --set train.max_steps"
+        run_copy(lambda run: None), r"already holds a run, finished at step 2; to train it longer: lorafit train --resume -o \S+ --set train.max_steps"
     ),
     "fresh train into a stopped run": (run_copy(unfinished), r"already holds a run \(stopped after step-000002\)"),
     "resume with a changed lr and no recipe.toml": (
         run_copy(lambda run: (run / "recipe.toml").unlink(), "--resume", train={"lr": 1e-2}),
-        r"recipe key train.lr changed",
+        r"gives train.lr = 0.01 where the run in .* has 0.0002, and a resume cannot change it",
     ),
     "resume from a state without the LoRA tensors": (
         run_copy(keep_model_tensors(False), "--resume"),
@@ -357,6 +357,24 @@ def test_a_run_may_change_its_length_only_while_its_steps_keep_their_learning_ra
             if step <= warmup or schedule == "constant":
                 assert allowed, (step, after)
 
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum", "world"), [(16, 1, 2), (4, 2, 2), (6, 1, 4), (3, 1, 2)])
+def test_the_note_on_several_processes_gives_settings_that_train_as_one_process_does(batch_size, grad_accum, world):
+    """The global batch is batch_size × grad_accum × processes; the --set keys the note gives make it one process's."""
+    from lorafit.data.plan import global_batch_split
+    from lorafit.recipe import TrainSection
+    from lorafit.train.preflight import batch_of_processes
+
+    settings = TrainSection(batch_size=batch_size, grad_accum=grad_accum)
+    text = batch_of_processes(settings, world)
+    assert f"a global batch of {batch_size * grad_accum * world} rows a step" in text
+    advice = dict(re.findall(r"--set train\.(\w+)=(\d+)", text))
+    if batch_size * grad_accum % world:
+        assert advice == {} and "no global_batch trains as one does" in text
+        return
+    same = settings.model_copy(update={key: int(value) for key, value in advice.items()})
+    assert same.batch_size * global_batch_split(same, world) * world == batch_size * grad_accum
 
 # ---------------------------------------------------------------- the lock and the marker
 

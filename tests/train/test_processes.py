@@ -203,6 +203,8 @@ def test_two_processes_evaluate_like_one(runs):
 def test_only_the_main_process_writes_and_prints(runs):
     assert files(runs["ddp"]["run"]) == files(runs["one"]["run"])
     log = runs["ddp"]["log"]
+    said = "2 processes take batch_size 4 × grad_accum 1 rows each: a global batch of 8 rows a step, 2 times one"
+    assert log.count(said) == 1 and log.index(said) < log.index("eval before training")  # before any work
     assert log.count("eval before training") == 1
     assert log.count("eval after training") == 1
     assert log.count("lorafit run:") == 1

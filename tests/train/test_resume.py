@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -277,7 +278,7 @@ def test_sigterm_in_the_final_evaluation_exits_130_and_resume_writes_the_report(
     result = train_cli(recipe)
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == [
-        "stopped by a signal; the newest checkpoint is step-000008, continue with --resume"
+        f"stopped by a signal; the newest checkpoint is step-000008, continue with: lorafit train --resume -o {run}"
     ]
     assert not (run / "report.json").exists()
     monkeypatch.undo()
@@ -305,7 +306,8 @@ def test_sigterm_saves_a_checkpoint_at_that_step_and_resume_finishes_identically
     assert_matches_reference(run, reference)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(recipe, tmp_path, monkeypatch, main_thread):
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_prints_the_command_that_continues(recipe, reference, tmp_path,
+                                                                                   monkeypatch, main_thread):
     run = tmp_path / "run"
 
     def interrupt(summed):
@@ -316,9 +318,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(recipe, tmp_path, monkeypatch, 
     result = train_cli(recipe)
     assert result.exit_code == 130
     # a notice, not an error: the user asked for the stop
-    assert result.stderr.strip().splitlines() == ["stopped at step 5; checkpoint saved, continue with --resume"]
+    [line] = result.stderr.strip().splitlines()
+    assert line == f"stopped at step 5; checkpoint saved, continue with: lorafit train --resume -o {run}"
     assert checkpoint_entries(run) == ["step-000003", "step-000005"]
     assert not (run / "adapter").exists() and hidden_entries(run) == []
+    monkeypatch.undo()
+    command = shlex.split(line.split("continue with: ")[1])  # copied and pasted: no recipe needed
+    finished(runner.invoke(app, command[1:]))
+    assert_matches_reference(run, reference)
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(recipe, tmp_path, monkeypatch, main_thread):
@@ -334,7 +341,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(recipe, tmp_
     result = train_cli(recipe)
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == [
-        "stopped by a signal; the newest checkpoint is step-000003, continue with --resume"
+        f"stopped by a signal; the newest checkpoint is step-000003, continue with: lorafit train --resume -o {run}"
     ]
     assert checkpoint_entries(run) == ["step-000003"]
     assert hidden_entries(run) == []
