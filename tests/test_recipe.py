@@ -457,3 +457,32 @@ def test_lists_and_globs_of_files_resolve_against_the_recipes_folder(tmp_path):
     recipe = load_recipe(write_toml(folder / "s.toml", {"data": {"source": split}}))
     assert recipe.data.source == {"train": [str(folder / "a.jsonl"), str(folder / "b.jsonl")],
                                   "validation": str(folder / "c.jsonl")}
+
+
+# ---------------------------------------------------------------- keys valid alone that together mean nothing
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        ({"model": {"dtype": "float16"}}, "[model] dtype = 'float16'"),
+        ({"train": {"keep_best": True}}, "[train] keep_best"),
+        ({"data": {"task": "text", "text_field": "text", "max_length": 8, "stride": 7}}, "[data] stride = 7"),
+        ({"data": {"stride": 4}}, "[data] stride windows long documents of task = 'text' only"),
+        ({"train": {"shard_size": 2}}, "[train] shard_size groups processes for parallel = 'hsdp' only"),
+        ({"train": {"shard_size": 2, "parallel": "fsdp"}}, "parallel = 'fsdp' does not read it"),
+        ({"data": {"task": "chat", "template": "Q: {text}"}}, "[data] template is not used by task = 'chat'"),
+        ({"data": {"source": "notes/*.txt"}}, "[data] source has .txt files"),
+        ({"data": {"source": "rows.jsonl", "streaming": True}}, "[data] streaming draws rows from a hub data set"),
+        ({"data": {"streaming": True}}, "[data] streaming has no end"),
+        ({"data": {"streaming": True, "eval_fraction": 0.1}, "train": {"max_steps": 5}}, "[data] eval_fraction"),
+        ({"data": {"streaming": True, "eval_split": "validation"}, "train": {"max_steps": 5}}, "max_eval_examples"),
+    ],
+)
+def test_keys_valid_alone_that_together_mean_nothing_are_refused_naming_them(raw, named):
+    assert named in error_of(raw)
+
+
+def test_hsdp_reads_shard_size_and_text_reads_stride():
+    validate({"train": {"parallel": "hsdp", "shard_size": 2}})
+    validate({"data": {"task": "text", "text_field": "text", "max_length": 8, "stride": 2}})

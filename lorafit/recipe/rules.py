@@ -40,6 +40,12 @@ def _data_and_train_problem(recipe: Recipe) -> str | None:
     if data.task == "text" and data.stride >= data.max_length - 1:
         return (f"[data] stride = {data.stride} leaves no new tokens in a window of max_length = {data.max_length}; "
                 "make stride smaller than max_length - 1")
+    if data.task != "text" and data.stride:
+        return (f"[data] stride windows long documents of task = 'text' only, and task = {data.task!r} does not read "
+                "it; remove stride")
+    if train.shard_size and train.parallel != "hsdp":
+        return (f"[train] shard_size groups processes for parallel = 'hsdp' only, and parallel = {train.parallel!r} "
+                "does not read it; set parallel = 'hsdp' or remove shard_size")
     if data.task == "chat" and data.template != "{text}":
         return ("[data] template is not used by task = 'chat', whose rows the chat template formats; remove it "
                 "(or give [data] chat_template)")
