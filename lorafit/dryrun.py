@@ -23,6 +23,7 @@ from lorafit.data.tasks import IGNORE
 from lorafit.data.tokenize import TokenizedSplit, tokenize_eval, tokenize_split
 from lorafit.recipe import Recipe, recipe_toml
 from lorafit.report.tables import draws_bars
+from lorafit.train.optimizer import note_long_warmup
 
 SAMPLE_ROWS = 3
 MARKS = ("[[", "]]")  # around supervised tokens where the console has no colour
@@ -114,6 +115,7 @@ def training_plan(recipe: Recipe, train: TokenizedSplit, checked) -> dict:
     """Steps (train's own planner, packing included), global batch and the run folder's fate, as train's checks
     (lorafit.train.preflight.check_run) found them."""
     plan = plan_training(recipe, train, checked.state.global_batch)
+    note_long_warmup(recipe.train, plan.total_steps, checked.console)
     return {
         "steps": plan.total_steps,
         "steps_per_epoch": plan.steps.steps_per_epoch,

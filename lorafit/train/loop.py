@@ -45,6 +45,7 @@ from lorafit.storage import write_atomic, write_folder, write_json
 from lorafit.train import checkpoint, metrics
 from lorafit.train.checkpoint import RunState
 from lorafit.train.metrics import LogWindow, eval_record, improves
+from lorafit.train.optimizer import note_long_warmup
 from lorafit.train.preflight import Checked, check_keep_best, check_run
 from lorafit.train.processes import StopRequest, any_rank, mesh_shape, stop_on_signals
 from lorafit.train.resume import check_continuation, eval_rows_changed, how_to_continue, saved_state
@@ -142,14 +143,14 @@ def set_up(recipe: Recipe, checked: Checked) -> Run:
     if plan.packed is not None:
         console.print(plan.packed.describe(), markup=False, highlight=False)
     total_steps = plan.total_steps
+    note_long_warmup(settings, total_steps, console)
     state = replace(checked.state, data_fingerprint=plan.fingerprint(), total_steps=total_steps,
                     eval_fingerprint=fingerprint(eval_split.columns("digest")["digest"]) if eval_split else "")
     if checked.resume_from is not None:
         check_continuation(checked.resume_from, state, settings.schedule, settings.warmup_steps)
 
-    model_name, remote_code = recipe.model.name, recipe.model.trust_remote_code
-    model = load_model(model_name, checked.precision[0], trust_remote_code=remote_code, allow_pickle=recipe.model.allow_pickle,
-                       dropout=recipe.model.dropout)
+    model = load_model(recipe.model.name, checked.precision[0], trust_remote_code=recipe.model.trust_remote_code,
+                       allow_pickle=recipe.model.allow_pickle, dropout=recipe.model.dropout)
     layers = prepare_model(model, recipe.lora, gradient_checkpointing=checked.checkpointing,
                            compile=settings.compile, quantize=recipe.model.quantize, device=accelerator.device)
     ranks = allocator_for(recipe.lora, layers, total_steps)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.messages import note
 from lorafit.recipe import TrainSection
 
 
@@ -18,6 +19,15 @@ def build_optimizer(model: nn.Module, settings: TrainSection, total_steps: int) 
                                   weight_decay=settings.weight_decay, foreach=True)
     schedule = partial(lr_factor, warmup=settings.warmup_steps, total=total_steps, schedule=settings.schedule)
     return optimizer, LambdaLR(optimizer, schedule)
+
+
+def note_long_warmup(settings: TrainSection, total_steps: int, console) -> None:
+    """Say so when warmup outlasts the run: its learning rate never reaches [train] lr."""
+    if settings.warmup_steps >= total_steps:
+        peak = lr_factor(total_steps - 1, warmup=settings.warmup_steps, total=total_steps, schedule=settings.schedule)
+        note(f"[train] warmup_steps = {settings.warmup_steps} is not shorter than the run's {total_steps} steps, so the "
+             f"learning rate never reaches [train] lr (its last step runs at {peak:.0%} of it); lower warmup_steps",
+             console)
 
 
 def parameter_groups(model: nn.Module, settings: TrainSection) -> list[dict]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lorafit.model.inject import inject_lora
 from lorafit.recipe import TrainSection, load_recipe
 from lorafit.train.loop import train
-from lorafit.train.optimizer import build_optimizer, lr_factor
+from lorafit.train.optimizer import build_optimizer, lr_factor, note_long_warmup
 
 
 def test_loraplus_puts_b_in_its_own_group_at_lr_times_ratio():
@@ -67,3 +67,17 @@ def test_a_resumed_loraplus_run_keeps_its_groups_and_ends_with_the_uninterrupted
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_warmup_that_outlasts_the_run_is_said_with_the_share_of_lr_its_last_step_reaches():
+    import io
+
+    from rich.console import Console
+
+    said = io.StringIO()
+    console = Console(file=said, width=400)
+    note_long_warmup(TrainSection(warmup_steps=10), total_steps=11, console=console)
+    assert said.getvalue() == ""  # the 11th step runs at the full lr
+    note_long_warmup(TrainSection(warmup_steps=19), total_steps=10, console=console)
+    last = lr_factor(9, warmup=19, total=10, schedule="linear")  # step 10 of 10, inside the warmup
+    assert last == 0.5 and "never reaches [train] lr (its last step runs at 50% of it)" in said.getvalue()
