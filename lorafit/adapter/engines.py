@@ -143,7 +143,7 @@ def _architecture(adapter: Adapter, engine: Engine) -> list[Problem]:
 
 
 def _dora(adapter: Adapter, engine: Engine) -> list[Problem]:
-    if adapter.variant != "dora" or engine.dora:
+    if not adapter.has_magnitudes or engine.dora:
         return []
     return [Problem("dora", MERGE, f"{engine.label} does not apply DoRA (its magnitude vectors would be refused or "
                     "dropped), and DoRA cannot be rewritten as a plain LoRA")]

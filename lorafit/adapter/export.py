@@ -65,9 +65,9 @@ class Adapter:
         return bool(getattr(self.base, "tie_word_embeddings", False))
 
     @property
-    def variant(self) -> str:
-        dora = self.config.get("use_dora") or any("magnitude" in parts for _, parts in self.modules.values())
-        return "dora" if dora else "lora"
+    def has_magnitudes(self) -> bool:
+        """DoRA's: peft's use_dora, or magnitude vectors among the tensors."""
+        return bool(self.config.get("use_dora") or any("magnitude" in parts for _, parts in self.modules.values()))
 
     @property
     def recipe(self) -> dict:
