@@ -60,13 +60,13 @@ UNSUPPORTED = (
     "trainable_token_indices",
     "layer_replication",
     "alora_invocation_tokens",
-    "use_qalora",
-    "use_bdlora",
+    "use_qalora", "use_bdlora",
     "megatron_config",
     "arrow_config",
     "kasa_config",
     "velora_config",
     "monteclora_config",
+    "layers_to_transform",  # peft would adapt only those layers, whatever the file holds
 )
 
 
@@ -233,16 +233,19 @@ def check_values(file: Path, config: dict) -> None:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise LorafitError(f"{file} has r={rank!r}; it must be a positive integer")
-    if not isinstance(config.get("lora_alpha", 8), (int, float)):
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise LorafitError(f"{file} has a {key} that is not an object; fix it")
+    alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
+    if not all(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) for alpha in alphas):
         raise LorafitError(f"{file} has a non-numeric lora_alpha; fix it")
+    if min(alphas) <= 0:  # the scaling alpha/r would switch the update off or turn it around
+        raise LorafitError(f"{file} has lora_alpha = {min(alphas)!r}; it must be positive, as the adapter was trained")
     parameters = config.get("target_parameters")
     if parameters is not None and not (isinstance(parameters, list) and all(isinstance(p, str) for p in parameters)):
         raise LorafitError(f"{file} has a target_parameters that is not a list of names; fix it")
     if not isinstance(config.get("target_modules"), (str, list)) and not parameters:
         raise LorafitError(f"{file} names no target_modules; it is not a LoRA adapter for modules")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise LorafitError(f"{file} has a {key} that is not an object; fix it")
 
 
 def rank_and_alpha(config: dict, path: str, found_rank: int) -> tuple[int, float]:

@@ -69,12 +69,21 @@ def read_config_file(directory: Path) -> dict:
             f"{directory} is not an adapter directory (no {CONFIG_FILE}); pass the adapter/ folder of a run"
         )
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = json.loads((directory / CONFIG_FILE).read_text(), object_pairs_hook=_one_value_per_key)
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise LorafitError(f"{directory / CONFIG_FILE} is not valid JSON ({error}); re-save the adapter") from error
     if not isinstance(config, dict):
         raise LorafitError(f"{directory / CONFIG_FILE} is not a JSON object; re-save the adapter")
     return config
+
+
+def _one_value_per_key(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused when it gives a key twice (json keeps the last silently; other readers the first)."""
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"key {repeated!r} is given twice")
+    return dict(pairs)
 
 
 def _check_weights_file(directory: Path) -> None:
@@ -118,8 +127,8 @@ def read_facts(directory: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        facts = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        facts = json.loads(path.read_text(), object_pairs_hook=_one_value_per_key)
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise LorafitError(f"{path} is not valid JSON ({error}); delete it to load the adapter as plain LoRA") from error
     return facts if isinstance(facts, dict) else {}
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from lorafit.adapter.convert import is_parameter
 from lorafit.adapter.format import peft_notes
+from lorafit.errors import LorafitError
 from lorafit.lora.variants import VARIANTS, LoRALayer, layer_variant
 from lorafit.model.inject import count_parameters, target_notes, wrap_targets
 from lorafit.model.load import DTYPES, decoder_blocks, load_config, meta_model, resolve_precision
@@ -74,9 +75,14 @@ def parameter_report(
 
 def wrap_with_notes(model: nn.Module, lora) -> tuple[dict[str, LoRALayer], list[str]]:
     """The recipe's LoRA layers on `model`, and one line for each thing its targets do that one might not expect:
-    what "all-linear" adapts or leaves out, dropout that expert LoRA has none of, modules peft would not load."""
+    what "all-linear" adapts or leaves out, dropout that expert LoRA has none of, modules peft would not load. A rank
+    above a layer's smaller side is refused here, for train's preflight, `info` and the dry run alike."""
     notes = target_notes(model, lora.targets, lora.dropout)
     layers = wrap_targets(model, lora)
+    for path, layer in layers.items():  # above it the update is no longer low-rank (nor can a slice's rows be reached)
+        if layer.rank > layer.max_rank:
+            raise LorafitError(f"{VARIANTS[lora.variant].rank_name} = {layer.rank} is more than {path}'s smaller side "
+                               f"({layer.max_rank}); use a rank of at most {layer.max_rank}")
     modules = [key for key, layer in layers.items() if not is_parameter(layer)]
     return layers, notes + peft_notes(model.config.model_type, modules)
 

@@ -29,7 +29,6 @@ from lorafit.data.rows import (
 from lorafit.data.tasks import label_token_ids
 from lorafit.errors import LorafitError
 from lorafit.generation.scores import require_sacrebleu
-from lorafit.lora.variants import VARIANTS
 from lorafit.messages import note
 from lorafit.model.load import (
     check_context_length,
@@ -220,22 +219,15 @@ def check_lora(config, recipe: Recipe, console: Console | None = None) -> dict[s
     """Wrap the targets of the model built on the meta device: {trainable parameter: shape}.
 
     Refuses targets the model lacks, a rank (the one the variant's layers start at) above a wrapped module's
-    smaller side, where the update would no longer be low-rank (and a slice's rows could not all be reached), and
-    4-bit weights for a model whose experts NF4 cannot store. What the targets leave out is noted on `console`.
+    smaller side (wrap_with_notes), and 4-bit weights for a model whose experts NF4 cannot store. What the targets leave out is noted on `console`.
     """
     model = meta_model(config)
     lora = recipe.lora
     if recipe.model.quantize != "none":
         check_quantizable(model)
-    layers, notes = wrap_with_notes(model, lora)  # on the meta device an SVD start draws nothing
+    _, notes = wrap_with_notes(model, lora)  # on the meta device an SVD start draws nothing
     for text in notes:
         note(text, console or Console(stderr=True))
-    for path, layer in layers.items():
-        if layer.rank > layer.max_rank:
-            raise LorafitError(
-                f"{VARIANTS[lora.variant].rank_name} = {layer.rank} is more than {path}'s smaller side "
-                f"({layer.max_rank}); use a rank of at most {layer.max_rank}"
-            )
     # compile, FSDP and 4-bit weights work block by block
     if recipe.train.compile or recipe.train.parallel != "ddp" or recipe.model.quantize != "none":
         decoder_blocks(model)

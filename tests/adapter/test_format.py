@@ -114,6 +114,10 @@ REFUSED_CONFIGS = {
     "text-alpha": ({"lora_alpha": "16"}, "non-numeric lora_alpha"),
     "no-targets": ({"target_modules": None}, "no target_modules"),
     "pattern-list": ({"rank_pattern": ["o_proj"]}, "rank_pattern"),
+    "zero-alpha": ({"lora_alpha": 0}, "lora_alpha = 0; it must be positive"),
+    "negative-pattern-alpha": ({"alpha_pattern": {"o_proj": -8}}, "lora_alpha = -8; it must be positive"),
+    "bool-alpha": ({"lora_alpha": True}, "non-numeric lora_alpha"),
+    "some-layers": ({"layers_to_transform": [0]}, "uses layers_to_transform"),
 }
 
 

@@ -34,6 +34,14 @@ def edit_weights(directory: Path, change) -> Path:
     return directory
 
 
+def config_with_a_key_twice(directory: Path) -> Path:
+    """adapter_config.json whose "r" is given twice: json keeps the last value, other readers the first."""
+    good_adapter(directory)
+    text = (directory / "adapter_config.json").read_text()
+    (directory / "adapter_config.json").write_text(text.replace('"r":', '"r": 2, "r":', 1))
+    return directory
+
+
 def only_pickle(directory: Path) -> Path:
     good_adapter(directory)
     (directory / "adapter_model.safetensors").unlink()
@@ -61,6 +69,7 @@ REFUSALS = {
         "adapter for d_in=64 but base has 32",
     ),
     "not-selected": (lambda d: edit_config(good_adapter(d), target_modules=["c_proj"]), "does not select"),
+    "key-twice": (config_with_a_key_twice, "is not valid JSON (key 'r' is given twice)"),
 }
 
 

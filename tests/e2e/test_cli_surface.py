@@ -230,6 +230,7 @@ def test_info_dtype_sets_the_bytes_of_the_frozen_weights(tiny_dir):
         (["--rank", "0"], "[lora] rank"),
         (["--dtype", "bf16"], "bfloat16"),
         (["--targets", ","], "[lora] targets"),
+        (["--rank", "1000"], "[lora] rank = 1000 is more than transformer.h.0.attn.c_attn's smaller side"),  # as train
     ],
 )
 def test_info_refuses_what_a_recipe_refuses(tiny_dir, args, named):
