@@ -59,13 +59,20 @@ def test_conventional_names_give_what_the_table_gives(arch):
 
 
 @pytest.mark.parametrize("layout", list(FALCON))
-def test_falcon_fused_rows_are_the_rows_its_attention_uses(layout):
+def test_falcon_fused_rows_are_the_rows_its_attention_uses(layout, monkeypatch):
+    """The q, k and v that layer 0's attention receives (rotary mixes features within a head only, and repeated
+    key/value heads read the same rows), traced back to the fused projection's output features."""
     model = falcon(layout)
     attention = model.transformer.h[0].self_attention
     fused = output_of(attention.query_key_value)
     split = {}
-    own_split = attention._split_heads
-    attention._split_heads = lambda qkv: split.setdefault("qkv", own_split(qkv))
+    own_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def attend(query, key, value, *args, **kwargs):
+        split.setdefault("qkv", (query, key, value))  # the first call is layer 0's
+        return own_attention(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attend)
     model(sample_tokens())
     found = model_targets(model)
     for name, part in zip("qkv", split["qkv"]):
